@@ -1,0 +1,52 @@
+"""Shared fixtures: every test drives real git repositories made in tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "Test Author",
+    "GIT_AUTHOR_EMAIL": "author@example.invalid",
+    "GIT_COMMITTER_NAME": "Test Committer",
+    "GIT_COMMITTER_EMAIL": "committer@example.invalid",
+}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _git_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for key, value in GIT_ENV.items():
+        monkeypatch.setenv(key, value)
+    yield
+
+
+def git(cwd: Path, *args: str) -> str:
+    """Run a real git command and return its stdout (stripped)."""
+    env = {**os.environ, **GIT_ENV}
+    out = subprocess.run(
+        ["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True
+    )
+    return out.stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A real repository on branch main with one commit holding a small file tree."""
+    path = tmp_path / "repo"
+    path.mkdir()
+    git(path, "init", "-q", "-b", "main")
+    (path / "README.md").write_text("sample\n")
+    (path / "src").mkdir()
+    (path / "src" / "app.py").write_text("def answer():\n    return 42\n")
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", "initial")
+    return path
