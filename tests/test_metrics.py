@@ -1,0 +1,746 @@
+"""The metrics collectors, the HTTP endpoint and the Prometheus/Grafana deploy files.
+
+Everything runs for real: the endpoint is fetched over TCP, the exposition and the rule
+files go through promtool, and the slow test points a real Prometheus server at the
+endpoint. promtool and prometheus come from Debian's ``prometheus`` package; the tests that
+need them are skipped (saying so) when they are not on PATH.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import textwrap
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from email.message import Message
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator import metrics as metrics_module
+from orchestrator.metrics import (
+    HANDOFF_STATES,
+    MERGE_RESULTS,
+    Metrics,
+    parse_listen,
+    serve_http,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "orchestrator-dashboard.json"
+
+# The names DESIGN.md promises, with the type each must be exported as (counter names as
+# the text parser reports them, without the _total suffix).
+DESIGN_METRICS = {
+    "orchestrator_handoffs": "gauge",
+    "orchestrator_workers_connected": "gauge",
+    "orchestrator_leases_active": "gauge",
+    "orchestrator_lease_expirations": "counter",
+    "orchestrator_merges": "counter",
+    "orchestrator_merge_queue_depth": "gauge",
+    "orchestrator_gate_duration_seconds": "histogram",
+    "orchestrator_handoff_cycle_seconds": "histogram",
+    "orchestrator_protocol_errors": "counter",
+    "orchestrator_build_info": "gauge",
+}
+EXPOSED_NAMES = (
+    "orchestrator_handoffs",
+    "orchestrator_workers_connected",
+    "orchestrator_leases_active",
+    "orchestrator_lease_expirations_total",
+    "orchestrator_merges_total",
+    "orchestrator_merge_queue_depth",
+    "orchestrator_gate_duration_seconds",
+    "orchestrator_handoff_cycle_seconds",
+    "orchestrator_protocol_errors_total",
+    "orchestrator_build_info",
+)
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} not on PATH (install Debian's 'prometheus' package to run this)")
+    return path
+
+
+def exercised_metrics(version: str = "1.2.3-test") -> Metrics:
+    """A Metrics object with every collector touched, so each has samples to lint."""
+    m = Metrics(version)
+    m.set_handoff_counts({"queued": 3, "leased": 2, "merged": 7})
+    m.set_workers_connected(2)
+    m.set_leases_active(2)
+    m.lease_expired()
+    for result in MERGE_RESULTS:
+        m.merge_finished(result)
+    m.set_merge_queue_depth(1)
+    m.gate_finished("tests", 12.5)
+    m.gate_finished("lint", 0.3)
+    m.handoff_merged(3600.0)
+    m.protocol_error(-32600)
+    m.protocol_error(-32001)
+    return m
+
+
+# --- HTTP helpers -------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: Message
+    body: bytes
+
+
+# An explicit empty ProxyHandler: a proxy from the environment must not see these requests.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _http(url: str, method: str = "GET", data: bytes | None = None) -> Reply:
+    request = urllib.request.Request(url, method=method, data=data)
+    try:
+        with _OPENER.open(request, timeout=10) as response:
+            return Reply(response.status, response.headers, response.read())
+    except urllib.error.HTTPError as err:
+        with err:
+            return Reply(err.code, err.headers, err.read())
+
+
+async def fetch(port: int, path: str, method: str = "GET", data: bytes | None = None) -> Reply:
+    url = f"http://127.0.0.1:{port}{path}"
+    return await anyio.to_thread.run_sync(partial(_http, url, method, data))
+
+
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes on a fresh connection and return everything until the server closes."""
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(data)
+        chunks: list[bytes] = []
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    chunks.append(await stream.receive())
+                except anyio.EndOfStream:
+                    break
+    return b"".join(chunks)
+
+
+@asynccontextmanager
+async def endpoint(
+    metrics: Metrics, ready: Callable[[], bool] = lambda: True, listen: str = "127.0.0.1:0"
+) -> AsyncIterator[int]:
+    async with anyio.create_task_group() as tg:
+        port: int = await tg.start(partial(serve_http, listen, metrics, ready=ready))
+        try:
+            yield port
+        finally:
+            tg.cancel_scope.cancel()
+
+
+# --- Metrics ------------------------------------------------------------------------
+
+
+def test_every_state_and_result_is_exported_from_the_start() -> None:
+    m = Metrics("1.0.0")
+    for state in HANDOFF_STATES:
+        assert m.registry.get_sample_value("orchestrator_handoffs", {"state": state}) == 0
+    for result in MERGE_RESULTS:
+        assert m.registry.get_sample_value("orchestrator_merges_total", {"result": result}) == 0
+    assert m.registry.get_sample_value("orchestrator_build_info", {"version": "1.0.0"}) == 1
+    assert m.registry.get_sample_value("orchestrator_lease_expirations_total") == 0
+
+
+def test_handoff_counts_are_a_full_snapshot() -> None:
+    m = Metrics("1.0.0")
+    m.set_handoff_counts({"queued": 4, "merged": 2, "archived": 1})
+    assert m.registry.get_sample_value("orchestrator_handoffs", {"state": "queued"}) == 4
+    assert m.registry.get_sample_value("orchestrator_handoffs", {"state": "archived"}) == 1
+    m.set_handoff_counts({"merged": 3})
+    assert m.registry.get_sample_value("orchestrator_handoffs", {"state": "queued"}) == 0
+    assert m.registry.get_sample_value("orchestrator_handoffs", {"state": "merged"}) == 3
+    # A state that left the snapshot is gone, not frozen at its last value.
+    assert m.registry.get_sample_value("orchestrator_handoffs", {"state": "archived"}) is None
+
+
+def test_collectors_record_events() -> None:
+    m = exercised_metrics()
+    get = m.registry.get_sample_value
+    assert get("orchestrator_workers_connected") == 2
+    assert get("orchestrator_leases_active") == 2
+    assert get("orchestrator_lease_expirations_total") == 1
+    assert get("orchestrator_merges_total", {"result": "gate_failed"}) == 1
+    assert get("orchestrator_merge_queue_depth") == 1
+    assert get("orchestrator_gate_duration_seconds_count", {"gate": "tests"}) == 1
+    assert get("orchestrator_gate_duration_seconds_sum", {"gate": "lint"}) == 0.3
+    assert get("orchestrator_handoff_cycle_seconds_bucket", {"le": "3600.0"}) == 1
+    assert get("orchestrator_handoff_cycle_seconds_bucket", {"le": "1800.0"}) == 0
+    assert get("orchestrator_protocol_errors_total", {"code": "-32600"}) == 1
+
+
+def test_unknown_merge_result_is_refused() -> None:
+    m = Metrics("1.0.0")
+    with pytest.raises(ValueError, match="merge result must be one of"):
+        m.merge_finished("exploded")
+
+
+def test_histogram_buckets_cover_the_documented_ranges() -> None:
+    assert metrics_module.GATE_DURATION_BUCKETS[0] == 0.1
+    assert metrics_module.GATE_DURATION_BUCKETS[-1] == 3600
+    assert metrics_module.HANDOFF_CYCLE_BUCKETS[0] == 1
+    assert metrics_module.HANDOFF_CYCLE_BUCKETS[-1] == 86400
+
+
+def test_two_instances_in_one_process_do_not_clash() -> None:
+    a, b = Metrics("a"), Metrics("b")
+    a.lease_expired()
+    assert a.registry.get_sample_value("orchestrator_lease_expirations_total") == 1
+    assert b.registry.get_sample_value("orchestrator_lease_expirations_total") == 0
+
+
+def test_render_has_every_design_metric_with_its_type() -> None:
+    text = exercised_metrics().render().decode()
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    for name, kind in DESIGN_METRICS.items():
+        assert families.get(name) == kind, f"{name}: expected {kind}, got {families.get(name)}"
+    # Counters and histograms carry no *_created gauges (see metrics._Registry).
+    assert "_created" not in text
+
+
+# --- parse_listen -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+        ("0.0.0.0:80", ("0.0.0.0", 80)),
+        ("localhost:0", ("localhost", 0)),
+        ("metrics.example.org:9464", ("metrics.example.org", 9464)),
+        ("[::1]:9464", ("::1", 9464)),
+        ("[::]:65535", ("::", 65535)),
+    ],
+)
+def test_parse_listen_accepts(listen: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(listen) == expected
+
+
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ("", "empty"),
+        ("9464", "no port"),
+        (":9464", "no host"),
+        ("::1:9464", "brackets"),
+        ("[::1]", "needs a port"),
+        ("[::1]9464", "needs a port"),
+        ("[::1:9464", "without a matching"),
+        ("[localhost]:9464", "not an IPv6 address"),
+        ("127.0.0.1:", "not a number"),
+        ("127.0.0.1:http", "not a number"),
+        ("127.0.0.1:-1", "not a number"),
+        ("127.0.0.1:+1", "not a number"),
+        ("127.0.0.1:\u0661\u0662", "not a number"),
+        ("127.0.0.1:65536", "out of range"),
+        ("bad host:9464", "neither an IP address nor a host name"),
+        (" 127.0.0.1:9464", "whitespace"),
+        ("localhost\n:9464", "neither an IP address nor a host name"),
+        ("a" * 300 + ":9464", "neither an IP address nor a host name"),
+    ],
+)
+def test_parse_listen_rejects(listen: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_listen(listen)
+
+
+# --- the HTTP endpoint --------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_endpoint_serves_metrics_health_and_readiness() -> None:
+    is_ready = False
+    async with endpoint(exercised_metrics(), ready=lambda: is_ready) as port:
+        reply = await fetch(port, "/metrics")
+        assert reply.status == 200
+        assert reply.headers["Content-Type"] == metrics_module.METRICS_CONTENT_TYPE
+        assert reply.headers["Content-Length"] == str(len(reply.body))
+        text = reply.body.decode()
+        for name in EXPOSED_NAMES:
+            assert re.search(rf"^{name}(_bucket)?[{{ ]", text, re.M), f"{name} missing"
+
+        reply = await fetch(port, "/healthz")
+        assert (reply.status, reply.body) == (200, b"ok\n")
+
+        assert (await fetch(port, "/readyz")).status == 503
+        is_ready = True
+        assert (await fetch(port, "/readyz")).status == 200
+
+        assert (await fetch(port, "/")).status == 404
+        assert (await fetch(port, "/metrics/extra")).status == 404
+        # The query string does not change the route.
+        assert (await fetch(port, "/metrics?name[]=x")).status == 200
+
+
+@pytest.mark.anyio
+async def test_endpoint_methods() -> None:
+    async with endpoint(Metrics("1.0.0")) as port:
+        reply = await fetch(port, "/metrics", method="POST", data=b"x" * 100_000)
+        assert reply.status == 405
+        assert reply.headers["Allow"] == "GET, HEAD"
+        assert (await fetch(port, "/healthz", method="DELETE")).status == 405
+
+        reply = await fetch(port, "/metrics", method="HEAD")
+        assert reply.status == 200
+        assert reply.body == b""
+        assert int(reply.headers["Content-Length"]) > 0
+
+
+@pytest.mark.anyio
+async def test_endpoint_rejects_malformed_and_oversized_requests() -> None:
+    async with endpoint(Metrics("1.0.0")) as port:
+        reply = await raw_exchange(port, b"nonsense\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400 ")
+        reply = await raw_exchange(port, b"GET /metrics SMTP/2\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 400 ")
+        huge = b"GET /metrics HTTP/1.1\r\nX-Filler: " + b"a" * 20_000 + b"\r\n\r\n"
+        reply = await raw_exchange(port, huge)
+        assert reply.startswith(b"HTTP/1.1 431 ")
+        # An absolute-form target and bare-LF line endings still work.
+        reply = await raw_exchange(port, b"GET http://example.invalid/healthz HTTP/1.0\n\n")
+        assert reply.startswith(b"HTTP/1.1 200 ")
+        assert reply.endswith(b"\r\n\r\nok\n")
+        assert b"Connection: close\r\n" in reply
+
+
+@pytest.mark.anyio
+async def test_slow_client_does_not_stall_others_and_is_timed_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(metrics_module, "REQUEST_TIMEOUT_S", 0.5)
+    async with endpoint(Metrics("1.0.0")) as port:
+        async with await anyio.connect_tcp("127.0.0.1", port) as slow:
+            await slow.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # head never finishes
+            reply = await fetch(port, "/healthz")
+            assert reply.status == 200
+            chunks: list[bytes] = []
+            with anyio.fail_after(10):
+                while True:
+                    try:
+                        chunks.append(await slow.receive())
+                    except anyio.EndOfStream:
+                        break
+            assert b"".join(chunks).startswith(b"HTTP/1.1 408 ")
+
+
+@pytest.mark.anyio
+async def test_connections_beyond_the_limit_are_refused_not_queued(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(metrics_module, "MAX_CONNECTIONS", 2)
+    async with endpoint(Metrics("1.0.0")) as port:
+        idle = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(2)]
+        try:
+            assert (await fetch(port, "/healthz")).status == 503
+        finally:
+            for stream in idle:
+                await stream.aclose()
+        # The idle connections' slots come back once the server sees them close.
+        with anyio.fail_after(10):
+            while True:
+                if (await fetch(port, "/healthz")).status == 200:
+                    break
+                await anyio.sleep(0.05)
+
+
+@pytest.mark.anyio
+async def test_endpoint_on_ipv6_loopback() -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as err:
+        pytest.skip(f"no IPv6 loopback here: {err}")
+    async with endpoint(Metrics("1.0.0"), listen="[::1]:0") as port:
+        reply = await anyio.to_thread.run_sync(_http, f"http://[::1]:{port}/healthz")
+        assert reply.status == 200
+
+
+@pytest.mark.anyio
+async def test_serve_http_rejects_a_bad_listen_address() -> None:
+    with pytest.raises(ValueError, match="no port"):
+        await serve_http("127.0.0.1", Metrics("1.0.0"), ready=lambda: True)
+
+
+# --- promtool -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_scraped_metrics_pass_promtool() -> None:
+    promtool = need("promtool")
+    async with endpoint(exercised_metrics()) as port:
+        body = (await fetch(port, "/metrics")).body
+    result = await anyio.run_process([promtool, "check", "metrics"], input=body, check=False)
+    output = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0, output
+    assert output.strip() == "", output
+
+
+def test_alert_rules_pass_promtool() -> None:
+    promtool = need("promtool")
+    result = subprocess.run(
+        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_example_prometheus_config_passes_promtool() -> None:
+    promtool = need("promtool")
+    # rule_files are resolved relative to the config file, so this also loads alerts.yml.
+    result = subprocess.run(
+        [promtool, "check", "config", str(PROMETHEUS_CONFIG)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout
+
+
+# promtool's rule unit tests: synthetic series in, expected alerts out, checking that each
+# alert fires in the situation it is meant for and stays quiet in a healthy one. promtool
+# compares the rendered annotations too, which also exercises their templates. The file is
+# written as JSON, which YAML accepts, so no YAML library is needed.
+
+
+def series(metric: str, values: str, **labels: str) -> dict[str, str]:
+    rendered = ", ".join(f'{k}="{v}"' for k, v in {"job": "orchestrator", **labels}.items())
+    return {"series": f"{metric}{{{rendered}}}", "values": values}
+
+
+def firing(
+    alertname: str, eval_time: str, severity: str, summary: str, description: str, **labels: str
+) -> dict[str, Any]:
+    return {
+        "eval_time": eval_time,
+        "alertname": alertname,
+        "exp_alerts": [
+            {
+                "exp_labels": {"severity": severity, "job": "orchestrator", **labels},
+                "exp_annotations": {"summary": summary, "description": description},
+            }
+        ],
+    }
+
+
+def quiet(alertname: str, eval_time: str) -> dict[str, Any]:
+    return {"eval_time": eval_time, "alertname": alertname, "exp_alerts": []}
+
+
+RULE_TESTS: list[dict[str, Any]] = [
+    {
+        "interval": "1m",
+        "input_series": [
+            series("up", "0x20", instance="down:9464"),
+            series("up", "1x20", instance="idle:9464"),
+            series("orchestrator_workers_connected", "0x20", instance="idle:9464"),
+            series("orchestrator_handoffs", "3x20", instance="idle:9464", state="queued"),
+            series("up", "1x20", instance="busy:9464"),
+            series("orchestrator_workers_connected", "2x20", instance="busy:9464"),
+            series("orchestrator_handoffs", "3x20", instance="busy:9464", state="queued"),
+        ],
+        "alert_rule_test": [
+            quiet("OrchestratorDown", "1m"),
+            firing(
+                "OrchestratorDown",
+                "15m",
+                "critical",
+                "orchestrator on down:9464 is down",
+                "Prometheus has failed to scrape down:9464 for 2 minutes. The daemon is"
+                " stopped, crashed, or [metrics] listen does not match the scrape target."
+                " Check `systemctl status orchestrator` and its journal.",
+                instance="down:9464",
+            ),
+            quiet("OrchestratorNoWorkers", "5m"),
+            firing(
+                "OrchestratorNoWorkers",
+                "15m",
+                "warning",
+                "handoffs are queued on idle:9464 but no worker is connected",
+                "No agent worker has been attached to idle:9464 for 10 minutes while"
+                " handoffs wait in the queue, so nothing is being worked on. Start workers"
+                " (`orchestrator worker -- CMD...`) and check they can reach the socket.",
+                instance="idle:9464",
+            ),
+            quiet("OrchestratorMetricsAbsent", "15m"),
+        ],
+    },
+    {
+        "interval": "1m",
+        "input_series": [
+            series("orchestrator_merge_queue_depth", "2x60", instance="stuck:9464"),
+            series("orchestrator_merges_total", "5x60", instance="stuck:9464", result="merged"),
+            series("orchestrator_merges_total", "0x60", instance="stuck:9464", result="conflict"),
+            series("orchestrator_merge_queue_depth", "2x60", instance="moving:9464"),
+            series("orchestrator_merges_total", "0+1x60", instance="moving:9464", result="merged"),
+            series("orchestrator_merges_total", "0x60", instance="moving:9464", result="conflict"),
+        ],
+        "alert_rule_test": [
+            # Younger than 30 minutes: not enough history to call the queue stuck.
+            quiet("OrchestratorMergeQueueStuck", "25m"),
+            firing(
+                "OrchestratorMergeQueueStuck",
+                "45m",
+                "critical",
+                "merge queue on stuck:9464 has not moved for 30 minutes",
+                "2 candidates are waiting and none finished in 30 minutes. A gate may hang"
+                " longer than expected, or the merge task is wedged. Check the daemon log,"
+                " the gate timeouts and `orchestrator status`.",
+                instance="stuck:9464",
+            ),
+            firing(
+                "OrchestratorMetricsAbsent",
+                "45m",
+                "warning",
+                "no orchestrator scrape target in Prometheus",
+                'Prometheus has no target for job "orchestrator", so none of the other'
+                " orchestrator alerts can fire. Check the scrape configuration.",
+            ),
+        ],
+    },
+    {
+        "interval": "1m",
+        "input_series": [
+            series("orchestrator_merges_total", "0+1x120", instance="a:9464", result="gate_failed"),
+            series("orchestrator_merges_total", "0x120", instance="a:9464", result="merged"),
+            series("orchestrator_merges_total", "0+1x120", instance="b:9464", result="gate_failed"),
+            series("orchestrator_merges_total", "0+3x120", instance="b:9464", result="merged"),
+            series("orchestrator_lease_expirations_total", "0+1x120", instance="a:9464"),
+            series("orchestrator_lease_expirations_total", "0x120", instance="b:9464"),
+            series("orchestrator_protocol_errors_total", "0+60x120", instance="a:9464", code="1"),
+            series("orchestrator_protocol_errors_total", "0+1x120", instance="b:9464", code="1"),
+        ],
+        "alert_rule_test": [
+            firing(
+                "OrchestratorGateFailuresHigh",
+                "90m",
+                "warning",
+                "most merge candidates fail their gates on a:9464",
+                "100% of the merge candidates finished in the last hour failed a validation"
+                " gate. The integration branch itself may be broken, a gate may be flaky, or"
+                " agents are reporting unfinished work.",
+                instance="a:9464",
+            ),
+            firing(
+                "OrchestratorLeaseExpirationsRising",
+                "60m",
+                "warning",
+                "leases keep expiring on a:9464",
+                "30 leases expired in the last 30 minutes: workers are dying or stop"
+                " heartbeating within leases.ttl_s. Each expiry sends the handoff back to the"
+                " queue. Check the workers' logs and the lease TTL.",
+                instance="a:9464",
+            ),
+            firing(
+                "OrchestratorProtocolErrorsHigh",
+                "60m",
+                "warning",
+                "clients keep getting protocol errors from a:9464",
+                "Socket clients receive 1.00 JSON-RPC errors per second. A worker or tool"
+                " probably speaks an incompatible protocol version or sends stale fencing"
+                " tokens. The `code` label of orchestrator_protocol_errors_total tells which"
+                " error.",
+                instance="a:9464",
+            ),
+        ],
+    },
+]
+
+
+def test_alert_rules_fire_when_they_should(tmp_path: Path) -> None:
+    promtool = need("promtool")
+    tests = tmp_path / "alerts_test.yml"
+    document = {"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": RULE_TESTS}
+    tests.write_text(json.dumps(document, indent=2))
+    result = subprocess.run(
+        [promtool, "test", "rules", str(tests)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the Grafana dashboard ----------------------------------------------------------
+
+
+def dashboard_panels() -> Iterator[dict[str, Any]]:
+    def walk(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for panel in panels:
+            yield panel
+            yield from walk(panel.get("panels", []))
+
+    yield from walk(json.loads(DASHBOARD.read_text())["panels"])
+
+
+def dashboard_exprs() -> list[str]:
+    return [t["expr"] for p in dashboard_panels() for t in p.get("targets", [])]
+
+
+# Grafana fills these in before a query reaches Prometheus; stand-ins that keep the
+# expressions valid PromQL.
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__range": "5m",
+    "$job": ".*",
+    "$instance": ".*",
+}
+
+
+def as_promql(expr: str) -> str:
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    assert "$" not in expr, f"unsubstituted Grafana variable in {expr!r}"
+    return expr
+
+
+def test_dashboard_is_importable_and_covers_every_metric() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["id"] is None  # import must create a dashboard, not overwrite one
+    assert dashboard["uid"] and dashboard["title"]
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
+
+    panels = list(dashboard_panels())
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${DS_PROMETHEUS}"
+
+    exprs = "\n".join(dashboard_exprs())
+    for name in EXPOSED_NAMES:
+        assert name in exprs, f"no dashboard panel uses {name}"
+
+
+# --- a real Prometheus server -------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def prometheus_api(base: str, path: str, **params: str) -> dict[str, Any]:
+    url = f"{base}/api/v1/{path}"
+    if params:
+        url += "?" + urllib.parse.urlencode(params)
+    reply = await anyio.to_thread.run_sync(_http, url)
+    body: dict[str, Any] = json.loads(reply.body)
+    return body
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_real_prometheus_scrapes_the_endpoint_and_runs_every_query(
+    tmp_path: Path,
+) -> None:
+    prometheus = need("prometheus")
+    async with endpoint(exercised_metrics("7.7.7-test")) as port:
+        prom_port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            textwrap.dedent(
+                f"""\
+                global:
+                  scrape_interval: 1s
+                  evaluation_interval: 1s
+                rule_files:
+                  - {json.dumps(str(ALERTS))}
+                scrape_configs:
+                  - job_name: orchestrator
+                    static_configs:
+                      - targets: ["127.0.0.1:{port}"]
+                """
+            )
+        )
+        log_path = tmp_path / "prometheus.log"
+        with log_path.open("wb") as log:
+            process = await anyio.open_process(
+                [
+                    prometheus,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        base = f"http://127.0.0.1:{prom_port}"
+
+        def log_tail() -> str:
+            return log_path.read_text(errors="replace")[-4000:]
+
+        try:
+            # Bounded polling: Prometheus needs to start, scrape once and evaluate the
+            # rules once; none of that has a completion signal to wait on.
+            try:
+                with anyio.fail_after(60):
+                    while True:
+                        if process.returncode is not None:
+                            pytest.fail(f"prometheus exited early:\n{log_tail()}")
+                        try:
+                            built = await prometheus_api(
+                                base, "query", query="orchestrator_build_info"
+                            )
+                            rules = await prometheus_api(base, "rules")
+                        except (OSError, ValueError):
+                            built = rules = {}
+                        health = [
+                            r.get("health")
+                            for g in rules.get("data", {}).get("groups", [])
+                            for r in g["rules"]
+                        ]
+                        if (
+                            built.get("data", {}).get("result")
+                            and health
+                            and all(h == "ok" for h in health)
+                        ):
+                            break
+                        await anyio.sleep(0.25)
+            except TimeoutError:
+                pytest.fail(f"prometheus never scraped the endpoint:\n{log_tail()}")
+
+            (series,) = built["data"]["result"]
+            assert series["metric"]["version"] == "7.7.7-test"
+            assert series["metric"]["job"] == "orchestrator"
+            assert series["value"][1] == "1"
+            assert len(health) == 7
+
+            for expr in dashboard_exprs():
+                answer = await prometheus_api(base, "query", query=as_promql(expr))
+                assert answer["status"] == "success", (expr, answer.get("error"))
+        finally:
+            process.terminate()
+            with anyio.move_on_after(15):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
