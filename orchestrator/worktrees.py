@@ -519,14 +519,18 @@ class Workspace:
 
     # ------------------------------------------------------------------ gate worktree
 
-    def gate_checkout(self, commit: str) -> Path:
+    def gate_checkout(self, commit: str, *, slot: int = 0) -> Path:
         """Return the gate worktree, detached at ``commit`` with exactly its files.
 
         Created once, then moved by diff; untracked and ignored files are removed so build
-        leftovers of an earlier gate run cannot leak into this one.
+        leftovers of an earlier gate run cannot leak into this one. ``slot`` > 0 selects
+        another gate worktree (``.gate-<slot>``), for gating speculative candidates in
+        parallel.
         """
+        if slot < 0:
+            raise ValueError(f"gate slot must be >= 0, not {slot}")
         sha = str(self._commit(commit).id)
-        path = self.gate_path
+        path = self.gate_path if slot == 0 else self.worktrees_dir / f"{GATE_DIR}-{slot}"
         admin = self._adopt_or_discard(path)
         if admin is None:
             self.recover()

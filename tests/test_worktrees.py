@@ -679,6 +679,10 @@ def test_gate_checkout_moves_by_diff_and_cleans(big_repo: Path, ws: Workspace) -
     assert ws.pool_size() == 0
     with pytest.raises(GitError):
         ws.gate_checkout("not-a-commit")
+    # more gate worktrees, for speculative candidates gated side by side
+    second = ws.gate_checkout(c1, slot=1)
+    assert second != gate and git(second, "rev-parse", "HEAD") == c1
+    assert git(gate, "rev-parse", "HEAD") == c2
 
 
 # ----------------------------------------------------------------------------- recovery
