@@ -1,0 +1,344 @@
+"""The TOML configuration: where it is found, its defaults, and validation with clear errors.
+
+Every problem names the file and the key, and says what is expected, so a user can fix the
+file without reading this code. ``check-config`` prints the same messages.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+SYSTEM_CONFIG = Path("/etc/orchestrator/orchestrator.toml")
+MERGE_STRATEGIES = ("merge", "squash", "ff-only")
+FAILURE_POLICIES = ("requeue", "hold")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; ``problems`` lists each thing to fix."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        super().__init__(f"{source}: " + "; ".join(self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(f"{self.source}: {p}" for p in self.problems)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """One validation gate: a command (argv, never a shell string) run on each candidate."""
+
+    name: str
+    run: tuple[str, ...]
+    timeout_s: float = 900.0
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, with defaults filled in and paths made absolute."""
+
+    source: str
+    repository_path: Path
+    integration_branch: str = "main"
+    state_dir: Path = Path(".orchestrator")
+    socket: Path = Path(".orchestrator/orchestrator.sock")
+    socket_mode: int = 0o660
+    allowed_uids: tuple[int, ...] = ()
+    allowed_gids: tuple[int, ...] = ()
+    max_message_bytes: int = 1024 * 1024
+    send_timeout_s: float = 10.0
+    lease_ttl_s: float = 60.0
+    heartbeat_interval_s: float = 15.0
+    max_attempts: int = 3
+    gates: tuple[GateConfig, ...] = ()
+    merge_strategy: str = "merge"
+    on_conflict: str = "requeue"
+    on_gate_failure: str = "requeue"
+    gate_output_tail_bytes: int = 64 * 1024
+    metrics_listen: str = "127.0.0.1:9464"
+    merge_paused: bool = False
+
+    @property
+    def worktrees_dir(self) -> Path:
+        return self.state_dir / "worktrees"
+
+    @property
+    def database(self) -> Path:
+        return self.state_dir / "orchestrator.sqlite3"
+
+
+def find_config_path(explicit: str | None = None) -> Path | None:
+    """Find the config file: ``--config``, ``$ORCHESTRATOR_CONFIG``, ``./orchestrator.toml``,
+    then ``/etc/orchestrator/orchestrator.toml``. ``None`` when none exists."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("ORCHESTRATOR_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in (Path("orchestrator.toml"), SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load(path: Path) -> Config:
+    """Read and validate a config file; raises :class:`ConfigError` listing every problem."""
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            source, ["file not found (pass --config or set ORCHESTRATOR_CONFIG)"]
+        ) from None
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [f"not UTF-8 text (byte {exc.start})"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [f"invalid TOML: {exc}"]) from exc
+    return from_mapping(data, source=source, base_dir=path.resolve().parent)
+
+
+class _Reader:
+    """Collects problems instead of stopping at the first, so one run shows them all."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self.data = data
+        self.problems: list[str] = []
+        self.seen: dict[str, set[str]] = {}
+
+    def table(self, name: str) -> Mapping[str, Any]:
+        value = self.data.get(name, {})
+        if not isinstance(value, Mapping):
+            self.problems.append(f"[{name}] must be a table")
+            return {}
+        self.seen.setdefault(name, set())
+        return value
+
+    def get(self, table: str, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        section = self.table(table)
+        self.seen.setdefault(table, set()).add(key)
+        if key not in section:
+            return default
+        value = section[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python; a TOML `true` where a number belongs is a mistake.
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        else:
+            ok = isinstance(value, kinds)
+        if not ok:
+            names = (
+                "a number"
+                if set(kinds) == {int, float}
+                else " or ".join(_type_name(k) for k in kinds)
+            )
+            self.problems.append(f"{table}.{key} must be {names}, got {value!r}")
+            return default
+        return value
+
+    def unknown_keys(self) -> None:
+        known_tables = {"repository", "daemon", "leases", "gates", "merge", "metrics"}
+        for name in self.data:
+            if name not in known_tables:
+                self.problems.append(
+                    f"unknown table [{name}] (known: {', '.join(sorted(known_tables))})"
+                )
+        for table, keys in self.seen.items():
+            section = self.data.get(table, {})
+            if isinstance(section, Mapping):
+                for key in section:
+                    if key not in keys:
+                        self.problems.append(f"unknown key {table}.{key} (a typo?)")
+
+
+def _type_name(kind: type) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        kind, kind.__name__
+    )
+
+
+def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Config:
+    """Build a :class:`Config` from parsed TOML; relative paths are taken from ``base_dir``."""
+    r = _Reader(data)
+    problems = r.problems
+
+    def path_of(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base_dir / p)
+
+    repo_value = r.get("repository", "path", str, None)
+    if repo_value is None:
+        problems.append("repository.path is required (the repository to integrate into)")
+        repo_path = base_dir
+    else:
+        repo_path = path_of(repo_value)
+    branch = r.get("repository", "integration_branch", str, "main")
+    if not branch or branch.startswith("refs/") or " " in branch:
+        problems.append(
+            f'repository.integration_branch must be a short branch name like "main", got {branch!r}'
+        )
+
+    state_default = os.environ.get("STATE_DIRECTORY", "").split(":")[0] or ".orchestrator"
+    state_dir = path_of(r.get("daemon", "state_dir", str, state_default))
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    socket_default = str(Path(runtime) / "orchestrator.sock") if runtime else ""
+    socket_value = r.get("daemon", "socket", str, socket_default)
+    socket = path_of(socket_value) if socket_value else state_dir / "orchestrator.sock"
+    # AF_UNIX paths are limited to 108 bytes on Linux; fail here rather than at bind time.
+    if len(os.fsencode(str(socket))) > 107:
+        problems.append(
+            f"daemon.socket path is {len(str(socket))} bytes; Unix sockets allow at most 107 "
+            "(choose a shorter path)"
+        )
+    mode_value = r.get("daemon", "socket_mode", (str, int), "0660")
+    socket_mode = 0o660
+    try:
+        socket_mode = int(mode_value, 8) if isinstance(mode_value, str) else int(mode_value)
+        if not 0 <= socket_mode <= 0o777:
+            raise ValueError
+    except ValueError:
+        problems.append(
+            f'daemon.socket_mode must be an octal string like "0660", got {mode_value!r}'
+        )
+    uids = _int_list(r, "daemon", "allowed_uids")
+    gids = _int_list(r, "daemon", "allowed_gids")
+    max_bytes = r.get("daemon", "max_message_bytes", int, 1024 * 1024)
+    send_timeout = float(r.get("daemon", "send_timeout_s", (int, float), 10))
+    if send_timeout <= 0:
+        problems.append(f"daemon.send_timeout_s must be positive, got {send_timeout}")
+    if max_bytes < 1024:
+        problems.append(f"daemon.max_message_bytes must be at least 1024, got {max_bytes}")
+
+    ttl = float(r.get("leases", "ttl_s", (int, float), 60))
+    if ttl <= 0:
+        problems.append(f"leases.ttl_s must be positive, got {ttl}")
+    heartbeat = float(r.get("leases", "heartbeat_interval_s", (int, float), max(ttl / 4, 0.05)))
+    if not 0 < heartbeat < ttl:
+        problems.append(
+            f"leases.heartbeat_interval_s must be positive and below leases.ttl_s ({ttl}), "
+            f"got {heartbeat}"
+        )
+    attempts = r.get("leases", "max_attempts", int, 3)
+    if attempts < 1:
+        problems.append(f"leases.max_attempts must be at least 1, got {attempts}")
+
+    strategy = r.get("merge", "strategy", str, "merge")
+    if strategy not in MERGE_STRATEGIES:
+        problems.append(
+            f"merge.strategy must be one of {', '.join(MERGE_STRATEGIES)}, got {strategy!r}"
+        )
+    on_conflict = r.get("merge", "on_conflict", str, "requeue")
+    on_gate_failure = r.get("merge", "on_gate_failure", str, "requeue")
+    for key, value in (("on_conflict", on_conflict), ("on_gate_failure", on_gate_failure)):
+        if value not in FAILURE_POLICIES:
+            problems.append(
+                f"merge.{key} must be one of {', '.join(FAILURE_POLICIES)}, got {value!r}"
+            )
+    paused = r.get("merge", "paused", bool, False)
+    tail = r.get("merge", "gate_output_tail_bytes", int, 64 * 1024)
+    if tail < 256:
+        problems.append(f"merge.gate_output_tail_bytes must be at least 256, got {tail}")
+
+    listen = r.get("metrics", "listen", str, "127.0.0.1:9464")
+    if listen:
+        from orchestrator.metrics import parse_listen
+
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            problems.append(f"metrics.listen: {exc}")
+    gates = _gates(data.get("gates", []), problems)
+    r.unknown_keys()
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(
+        source=source,
+        repository_path=repo_path,
+        integration_branch=branch,
+        state_dir=state_dir,
+        socket=socket,
+        socket_mode=socket_mode,
+        allowed_uids=uids,
+        allowed_gids=gids,
+        max_message_bytes=max_bytes,
+        send_timeout_s=send_timeout,
+        lease_ttl_s=ttl,
+        heartbeat_interval_s=heartbeat,
+        max_attempts=attempts,
+        gates=gates,
+        merge_strategy=strategy,
+        on_conflict=on_conflict,
+        on_gate_failure=on_gate_failure,
+        gate_output_tail_bytes=tail,
+        metrics_listen=listen,
+        merge_paused=paused,
+    )
+
+
+def _int_list(r: _Reader, table: str, key: str) -> tuple[int, ...]:
+    value = r.get(table, key, list, [])
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        r.problems.append(f"{table}.{key} must be a list of non-negative integers, got {value!r}")
+        return ()
+    return tuple(value)
+
+
+def _gates(raw: Any, problems: list[str]) -> tuple[GateConfig, ...]:
+    if not isinstance(raw, list):
+        problems.append("gates must be an array of tables: write each gate as [[gates]]")
+        return ()
+    gates: list[GateConfig] = []
+    names: set[str] = set()
+    for index, item in enumerate(raw, start=1):
+        where = f"gates #{index}"
+        if not isinstance(item, Mapping):
+            problems.append(f"{where} must be a table")
+            continue
+        unknown = set(item) - {"name", "run", "timeout_s", "env"}
+        for key in sorted(unknown):
+            problems.append(f"{where}: unknown key {key!r} (known: name, run, timeout_s, env)")
+        name = item.get("name")
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f'{where}: name is required, e.g. name = "tests"')
+            name = f"gate-{index}"
+        elif name in names:
+            problems.append(f"{where}: duplicate gate name {name!r}")
+        names.add(name)
+        run = item.get("run")
+        if isinstance(run, str):
+            problems.append(
+                f'{where} ({name}): run must be an argv list, e.g. ["make", "test"], not a '
+                'shell string (wrap it as ["sh", "-c", ...] if you need a shell)'
+            )
+            run = None
+        elif not (isinstance(run, list) and run and all(isinstance(a, str) for a in run)):
+            problems.append(f"{where} ({name}): run must be a non-empty list of strings")
+            run = None
+        timeout = item.get("timeout_s", 900)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            problems.append(f"{where} ({name}): timeout_s must be a positive number")
+            timeout = 900
+        env = item.get("env", {})
+        if not (isinstance(env, Mapping) and all(isinstance(v, str) for v in env.values())):
+            problems.append(f"{where} ({name}): env must be a table of strings")
+            env = {}
+        if run is not None:
+            gates.append(
+                GateConfig(name=name, run=tuple(run), timeout_s=float(timeout), env=dict(env))
+            )
+    return tuple(gates)

@@ -1,0 +1,105 @@
+"""The demo's scripted agent, run by ``orchestrator worker -- python -m orchestrator.demo.agent``.
+
+It does what a real coding agent would, minus the thinking: reads the handoff from stdin,
+edits files in ``$ORCHESTRATOR_WORKTREE``, reports progress, and leaves a completed
+handoff document in ``$ORCHESTRATOR_REPORT_FILE``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from orchestrator import handoff as handoff_model
+from orchestrator.demo import sample
+
+
+def _write(files: dict[str, str]) -> None:
+    root = Path(os.environ["ORCHESTRATOR_WORKTREE"])
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+
+def _progress(percent: int, message: str) -> None:
+    with open(os.environ["ORCHESTRATOR_PROGRESS_FILE"], "a", encoding="utf-8") as f:
+        f.write(f"{percent} {message}\n")
+    time.sleep(0.4)  # long enough for the demo's watcher to show it
+
+
+def _commit(message: str) -> None:
+    subprocess.run(["git", "add", "-A"], check=True)
+    subprocess.run(
+        [
+            "git",
+            "-c",
+            "user.name=demo agent",
+            "-c",
+            "user.email=agent@demo.invalid",
+            "commit",
+            "-q",
+            "-m",
+            message,
+        ],
+        check=True,
+    )
+
+
+def _report(doc: handoff_model.Handoff, summary: str) -> None:
+    phases = [
+        handoff_model.CompletedPhase(
+            name=p.name,
+            done=True,
+            objectives=tuple(handoff_model.CompletedObjective(o, True) for o in p.objectives),
+        )
+        for p in doc.phases
+    ]
+    metrics = [
+        handoff_model.MetricResult(m.name, f"done: {m.criteria}", True) for m in doc.success_metrics
+    ]
+    done = handoff_model.complete(doc, summary=summary, phases=phases, metrics=metrics)
+    Path(os.environ["ORCHESTRATOR_REPORT_FILE"]).write_text(
+        handoff_model.render(done), encoding="utf-8"
+    )
+
+
+def main() -> int:
+    body = sys.stdin.read()
+    doc = handoff_model.parse(body)
+    feedback_file = Path(os.environ["ORCHESTRATOR_FEEDBACK_FILE"])
+    feedback = json.loads(feedback_file.read_text()) if feedback_file.is_file() else None
+    name = doc.name
+    _progress(10, "reading the code")
+    if name == "handoff-1-critical":
+        _progress(40, "regression test written")
+        _write(sample.FIX_EMPTY_INPUT)
+        _progress(80, "parser fixed")
+        _commit("Reject empty input with a clear error")
+        _report(doc, "Empty input is now a clear ValueError; regression test added.")
+    elif name == "handoff-2-patterns":
+        if feedback is None:
+            _progress(50, "extracting the shared validation")
+            _write(sample.EXTRACT_PATTERN_BROKEN)  # left uncommitted: the worker commits it
+        else:
+            _progress(50, f"repairing after feedback: {feedback['detail'][:60]}")
+            _write(sample.EXTRACT_PATTERN_FIXED)
+            _commit("Fix spread() after the gate failure")
+            _report(doc, "Validation lives in one helper; spread() repaired from gate feedback.")
+    elif name == "handoff-3-ux":
+        _progress(50, "wrapping errors for people")
+        _write(sample.FRIENDLY_ERRORS)
+        _commit("Friendly command-line errors")
+    else:
+        print(f"demo agent: no script for {name}", file=sys.stderr)
+        return 1
+    _progress(100, "done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

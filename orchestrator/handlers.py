@@ -1,0 +1,415 @@
+"""The protocol's methods: each request is checked, then handed to the store, the lease
+manager or the merge queue. Store refusals become the error codes of PROTOCOL.md."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from orchestrator import handoff as handoff_model
+from orchestrator import logs
+from orchestrator.blocking import Offload
+from orchestrator.config import Config
+from orchestrator.leases import LeaseManager
+from orchestrator.merge import MergeQueue
+from orchestrator.protocol import (
+    DUPLICATE_HANDOFF,
+    INVALID_HANDOFF,
+    INVALID_PARAMS,
+    LEASE_NOT_HELD,
+    REPORT_REJECTED,
+    UNKNOWN_HANDOFF,
+    Request,
+    RpcError,
+    param_int,
+    param_number,
+    param_str,
+    rfc3339,
+)
+from orchestrator.server import Session
+from orchestrator.store import (
+    STATES,
+    DuplicateHandoff,
+    InvalidSubmission,
+    InvalidTransition,
+    LeaseNotHeld,
+    NewHandoff,
+    Store,
+    UnknownHandoff,
+)
+from orchestrator.worktrees import Workspace
+
+log = logs.get("handlers")
+
+Handler = Callable[[Session, dict[str, Any]], Awaitable[Any]]
+REPORT_STATUSES = ("completed", "failed", "blocked")
+
+
+class Handlers:
+    """One coroutine per protocol method; the daemon's state lives in its parts."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        workspace: Workspace,
+        offload: Offload,
+        leases: LeaseManager,
+        merges: MergeQueue,
+        sessions: Callable[[], list[Session]],
+        on_change: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.workspace = workspace
+        self.offload = offload
+        self.leases = leases
+        self.merges = merges
+        self.sessions = sessions
+        self.on_change = on_change
+        self.table: dict[str, Handler] = {
+            "lease.acquire": self.lease_acquire,
+            "lease.heartbeat": self.lease_heartbeat,
+            "lease.release": self.lease_release,
+            "handoff.report": self.handoff_report,
+            "handoff.submit": self.handoff_submit,
+            "handoff.list": self.handoff_list,
+            "handoff.get": self.handoff_get,
+            "handoff.cancel": self.handoff_cancel,
+            "handoff.retry": self.handoff_retry,
+            "status": self.status,
+        }
+
+    async def dispatch(self, session: Session, request: Request) -> Any:
+        try:
+            return await self.table[request.method](session, request.params)
+        except LeaseNotHeld as exc:
+            raise RpcError(LEASE_NOT_HELD, str(exc)) from exc
+        except UnknownHandoff as exc:
+            raise RpcError(UNKNOWN_HANDOFF, str(exc)) from exc
+        except DuplicateHandoff as exc:
+            raise RpcError(DUPLICATE_HANDOFF, str(exc), {"names": exc.names}) from exc
+        except InvalidSubmission as exc:
+            raise RpcError(
+                INVALID_HANDOFF, f"invalid handoff: {exc}", {"errors": exc.problems}
+            ) from exc
+        except InvalidTransition as exc:
+            raise RpcError(INVALID_PARAMS, str(exc)) from exc
+
+    # ---- worker methods ---------------------------------------------------------------
+
+    async def lease_acquire(self, session: Session, params: dict[str, Any]) -> Any:
+        wait_s = param_number(params, "waitS", 0.0, 0.0, 300.0)
+        return {"lease": await self.leases.acquire(session, wait_s)}
+
+    async def lease_heartbeat(self, session: Session, params: dict[str, Any]) -> Any:
+        lease_id = param_str(params, "leaseId")
+        token = param_int(params, "token")
+        progress = params.get("progress")
+        if progress is not None:
+            progress = _progress(progress)
+        expires = await self.offload.db(
+            self.store.renew,
+            lease_id,
+            token,
+            ttl_s=self.config.lease_ttl_s,
+            progress=progress,
+            now=time.time(),
+        )
+        # A worker that reconnected (e.g. after a daemon restart) is now the one to notify.
+        self.leases.track(lease_id, session)
+        return {"expiresAt": rfc3339(expires)}
+
+    async def lease_release(self, session: Session, params: dict[str, Any]) -> Any:
+        lease_id = param_str(params, "leaseId")
+        token = param_int(params, "token")
+        reason = params.get("reason") or ""
+        if not isinstance(reason, str):
+            raise RpcError(INVALID_PARAMS, 'invalid params: "reason" must be a string')
+        state = await self.offload.db(
+            self.store.release, lease_id, token, reason=reason, now=time.time()
+        )
+        self.leases.forget(lease_id)
+        log.info("lease_released", lease=lease_id, reason=reason, new_state=state)
+        self.on_change()
+        return {}
+
+    async def handoff_report(self, session: Session, params: dict[str, Any]) -> Any:
+        lease_id = param_str(params, "leaseId")
+        token = param_int(params, "token")
+        report = params.get("report")
+        if not isinstance(report, dict):
+            raise RpcError(INVALID_PARAMS, 'invalid params: "report" must be an object')
+        status = report.get("status")
+        if status not in REPORT_STATUSES:
+            raise RpcError(
+                INVALID_PARAMS,
+                f"invalid params: report.status must be one of {', '.join(REPORT_STATUSES)}",
+            )
+        head = report.get("head")
+        if not isinstance(head, str) or not head:
+            raise RpcError(INVALID_PARAMS, "invalid params: report.head must be the branch tip sha")
+        for key in ("summary", "markdown"):
+            if report.get(key) is not None and not isinstance(report[key], str):
+                raise RpcError(INVALID_PARAMS, f"invalid params: report.{key} must be a string")
+        for key in ("phases", "metrics"):
+            if report.get(key) is not None and not isinstance(report[key], list):
+                raise RpcError(INVALID_PARAMS, f"invalid params: report.{key} must be a list")
+        lease = await self.offload.db(self.store.lease, lease_id, token, now=time.time())
+        reason = await self.offload.git(self._check_worktree, lease, head)
+        if reason:
+            log.info("report_rejected", handoff=lease["handoff"], lease=lease_id, reason=reason)
+            raise RpcError(REPORT_REJECTED, f"report rejected: {reason}", {"reason": reason})
+        state = await self.offload.db(
+            self.store.accept_report, lease_id, token, report=report, head=head, now=time.time()
+        )
+        self.leases.forget(lease_id)
+        log.info(
+            "report_accepted",
+            handoff=lease["handoff"],
+            lease=lease_id,
+            status=status,
+            head=head,
+            new_state=state,
+        )
+        self.merges.wake()
+        self.on_change()
+        return {"accepted": True}
+
+    def _check_worktree(self, lease: dict[str, Any], head: str) -> str:
+        """Why the worktree does not match the report, or "" when it does."""
+        tip = self.workspace.branch_tip(lease["branch"]) if lease["branch"] else None
+        if tip is None:
+            return f"branch {lease['branch']} does not exist"
+        if tip != head:
+            return (
+                f"head {head[:12]} is not the tip of {lease['branch']} ({tip[:12]}); "
+                "commit your work on the branch and report its tip"
+            )
+        if lease["worktree"]:
+            from pathlib import Path
+
+            dirty = self.workspace.dirty_paths(Path(lease["worktree"]))
+            if dirty:
+                shown = ", ".join(dirty[:10]) + (" ..." if len(dirty) > 10 else "")
+                return f"the worktree has uncommitted changes ({shown}); commit or remove them"
+        return ""
+
+    # ---- control methods --------------------------------------------------------------
+
+    async def handoff_submit(self, session: Session, params: dict[str, Any]) -> Any:
+        documents = params.get("markdown")
+        objects = params.get("handoffs")
+        if (documents is None) == (objects is None):
+            raise RpcError(
+                INVALID_PARAMS, 'invalid params: give exactly one of "markdown" or "handoffs"'
+            )
+        items = documents if documents is not None else objects
+        if not isinstance(items, list) or not items:
+            raise RpcError(INVALID_PARAMS, "invalid params: a non-empty list is required")
+        problems: list[dict[str, Any]] = []
+        parsed: list[NewHandoff] = []
+        for index, item in enumerate(items):
+            try:
+                if documents is not None:
+                    if not isinstance(item, str):
+                        raise handoff_model.HandoffError(
+                            [handoff_model.Problem(0, "each markdown entry must be a string")]
+                        )
+                    model = handoff_model.parse(item)
+                    body = item
+                else:
+                    model = _from_object(item)
+                    body = handoff_model.render(model)
+            except handoff_model.HandoffError as exc:
+                for problem in exc.problems:
+                    problems.append(
+                        {"document": index, "line": problem.line, "message": problem.message}
+                    )
+                continue
+            parsed.append(
+                NewHandoff(
+                    name=model.name,
+                    title=model.title,
+                    priority=model.priority.value,
+                    dependencies=model.dependencies,
+                    labels=model.labels,
+                    body=body,
+                    wire=handoff_model.to_wire(model, body),
+                )
+            )
+        if problems:
+            summary = "; ".join(
+                f"document {p['document']} line {p['line']}: {p['message']}" for p in problems[:5]
+            )
+            raise RpcError(INVALID_HANDOFF, f"invalid handoff: {summary}", {"errors": problems})
+        names = await self.offload.db(
+            self.store.submit, parsed, max_attempts=self.config.max_attempts, now=time.time()
+        )
+        log.info("handoffs_submitted", names=names)
+        self.on_change()
+        return {"names": names}
+
+    async def handoff_list(self, session: Session, params: dict[str, Any]) -> Any:
+        state = params.get("state")
+        if state is not None and state not in STATES:
+            raise RpcError(
+                INVALID_PARAMS,
+                f'invalid params: "state" must be null or one of {", ".join(STATES)}',
+            )
+        return {"handoffs": await self.offload.db(self.store.summaries, state)}
+
+    async def handoff_get(self, session: Session, params: dict[str, Any]) -> Any:
+        name = param_str(params, "name")
+        record = await self.offload.db(self.store.detail, name)
+        if self.merges.current == name and self.merges.blocked_reason:
+            record["detail"] = self.merges.blocked_reason
+        return record
+
+    async def handoff_cancel(self, session: Session, params: dict[str, Any]) -> Any:
+        name = param_str(params, "name")
+        lease_id = await self.offload.db(self.store.cancel, name, now=time.time())
+        if lease_id is not None:
+            await self.leases.revoke(lease_id, "cancelled")
+        log.info("handoff_cancelled", handoff=name, revoked_lease=lease_id)
+        self.on_change()
+        return {}
+
+    async def handoff_retry(self, session: Session, params: dict[str, Any]) -> Any:
+        name = param_str(params, "name")
+        state = await self.offload.db(
+            self.store.retry, name, max_attempts=self.config.max_attempts, now=time.time()
+        )
+        log.info("handoff_retried", handoff=name, new_state=state)
+        self.on_change()
+        return {}
+
+    async def status(self, session: Session, params: dict[str, Any]) -> Any:
+        now = time.time()
+
+        def read() -> tuple[dict[str, int], list[dict[str, Any]], list[str]]:
+            return self.store.counts(), self.store.active_leases(now=now), self.store.merge_queue()
+
+        counts, leases, queue = await self.offload.db(read)
+        tip = await self.offload.git(self.workspace.integration_tip)
+        workers = [
+            {
+                "sessionId": s.id,
+                "name": s.worker_name,
+                "labels": list(s.labels),
+                "pid": s.pid,
+                "connectedAt": rfc3339(s.connected_at),
+            }
+            for s in self.sessions()
+            if s.role == "worker"
+        ]
+        return {
+            "counts": counts,
+            "workers": workers,
+            "leases": [
+                {
+                    "id": lease["id"],
+                    "token": lease["token"],
+                    "handoff": lease["handoff"],
+                    "worker": lease["worker"],
+                    "attempt": lease["attempt"],
+                    "expiresAt": rfc3339(lease["expires_at"]),
+                }
+                for lease in leases
+            ],
+            "mergeQueue": queue,
+            "mergeBlocked": self.merges.blocked_reason,
+            "integrationBranch": self.config.integration_branch,
+            "integrationTip": tip,
+        }
+
+
+def _progress(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise RpcError(INVALID_PARAMS, 'invalid params: "progress" must be an object')
+    percent = value.get("percent")
+    if percent is not None and (
+        isinstance(percent, bool)
+        or not isinstance(percent, (int, float))
+        or not 0 <= percent <= 100
+    ):
+        raise RpcError(INVALID_PARAMS, 'invalid params: "progress.percent" must be 0-100')
+    for key in ("phase", "message"):
+        if value.get(key) is not None and not isinstance(value[key], str):
+            raise RpcError(INVALID_PARAMS, f'invalid params: "progress.{key}" must be a string')
+    return {
+        "percent": percent,
+        "phase": value.get("phase"),
+        "message": (value.get("message") or "")[:2000] or None,
+    }
+
+
+def _from_object(item: Any) -> handoff_model.Handoff:
+    """A structured handoff (the wire shape) as a model; problems as a HandoffError."""
+    problem = handoff_model.Problem
+    if not isinstance(item, dict):
+        raise handoff_model.HandoffError([problem(0, "each handoff must be an object")])
+    errors = []
+    name = item.get("name")
+    if not isinstance(name, str):
+        errors.append(problem(0, '"name" is required and must be a string'))
+        name = ""
+    else:
+        try:
+            handoff_model.validate_name(name)
+        except handoff_model.InvalidNameError as exc:
+            errors.append(problem(0, str(exc)))
+    priority_text = str(item.get("priority", "MEDIUM")).upper()
+    try:
+        priority = handoff_model.Priority(priority_text)
+    except ValueError:
+        errors.append(problem(0, f'priority "{priority_text}" is not one of HIGH, MEDIUM, LOW'))
+        priority = handoff_model.Priority.MEDIUM
+
+    def strings(key: str) -> tuple[str, ...]:
+        value = item.get(key) or []
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            errors.append(problem(0, f'"{key}" must be a list of strings'))
+            return ()
+        return tuple(value)
+
+    phases = []
+    for raw in item.get("phases") or []:
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            errors.append(problem(0, 'each phase needs a "name" and "objectives"'))
+            continue
+        objectives = raw.get("objectives") or []
+        if not (
+            isinstance(objectives, list)
+            and objectives
+            and all(isinstance(o, str) for o in objectives)
+        ):
+            errors.append(problem(0, f'phase {raw["name"]!r} needs a non-empty "objectives" list'))
+            continue
+        phases.append(handoff_model.Phase(raw["name"], tuple(objectives)))
+    metrics = []
+    for raw in item.get("successMetrics") or []:
+        if not isinstance(raw, dict) or not all(
+            isinstance(raw.get(k), str) for k in ("name", "criteria")
+        ):
+            errors.append(problem(0, 'each success metric needs a "name" and "criteria"'))
+            continue
+        metrics.append(handoff_model.SuccessMetric(raw["name"], raw["criteria"]))
+    title = item.get("title") or ""
+    if not isinstance(title, str):
+        errors.append(problem(0, '"title" must be a string'))
+        title = ""
+    model = handoff_model.Handoff(
+        name=name,
+        priority=priority,
+        priority_note=title,
+        dependencies=strings("dependencies"),
+        labels=strings("labels"),
+        phases=tuple(phases),
+        success_metrics=tuple(metrics),
+    )
+    if errors:
+        raise handoff_model.HandoffError(errors)
+    # Round-trip through the template so a structured submission obeys the same rules.
+    return handoff_model.parse(handoff_model.render(model))

@@ -1,0 +1,170 @@
+"""Leases: grant (with the worktree prepared), renew, release, expire, revoke.
+
+The store decides *which* handoff a worker gets (dependencies merged, priority, then
+submission order, labels) and issues the fencing token in the same transaction; this
+module adds the parts that are not SQL: long-polling, preparing the worktree, expiry on a
+clock, and telling a worker its lease was revoked.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+
+from orchestrator import handoff as handoff_model
+from orchestrator import logs
+from orchestrator.blocking import Offload
+from orchestrator.config import Config
+from orchestrator.metrics import Metrics
+from orchestrator.protocol import INTERNAL_ERROR, RpcError, rfc3339
+from orchestrator.server import Session
+from orchestrator.store import Grant, Store
+from orchestrator.worktrees import Workspace
+
+log = logs.get("leases")
+
+
+class LeaseManager:
+    """Owns the dispatch wake-ups and the map of which session holds which lease."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        workspace: Workspace,
+        offload: Offload,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.workspace = workspace
+        self.offload = offload
+        self.metrics = metrics
+        self._changed = anyio.Event()
+        self._holders: dict[str, Session] = {}
+
+    def wake(self) -> None:
+        """Something may have become dispatchable: wake every long-polling acquire."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def track(self, lease_id: str, session: Session) -> None:
+        """Remember which connection to notify if this lease is revoked."""
+        self._holders[lease_id] = session
+
+    def forget(self, lease_id: str) -> None:
+        self._holders.pop(lease_id, None)
+
+    async def acquire(self, session: Session, wait_s: float) -> dict[str, Any] | None:
+        """Long-poll up to ``wait_s`` for a handoff; returns the protocol's lease object."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            changed = self._changed
+            grant = await self.offload.db(
+                self.store.grant,
+                worker=session.worker_name,
+                labels=session.labels,
+                ttl_s=self.config.lease_ttl_s,
+                now=time.time(),
+            )
+            if grant is not None:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            with anyio.move_on_after(remaining):
+                await changed.wait()
+        try:
+            return await self._prepare(session, grant)
+        except BaseException as exc:
+            # The worker will never hear of this lease (its connection went away, or git
+            # failed): give the handoff straight back rather than waiting out the TTL.
+            with anyio.CancelScope(shield=True):
+                await self.offload.db(
+                    self.store.release,
+                    grant.lease_id,
+                    grant.token,
+                    reason=f"lease could not be handed over: {type(exc).__name__}",
+                    now=time.time(),
+                )
+                self.wake()
+            if isinstance(exc, Exception) and not isinstance(exc, RpcError):
+                log.exception(
+                    "worktree_prepare_failed", handoff=grant.handoff, lease=grant.lease_id
+                )
+                raise RpcError(
+                    INTERNAL_ERROR,
+                    f"could not prepare the worktree for {grant.handoff}: {exc}",
+                ) from exc
+            raise
+
+    async def _prepare(self, session: Session, grant: Grant) -> dict[str, Any]:
+        branch = handoff_model.branch_name(grant.handoff)
+
+        def prepare() -> tuple[str, str]:
+            # A branch from an earlier attempt is kept as it is: its commits are the work
+            # done so far. A new branch starts at the integration tip, which holds every
+            # dependency, since a handoff is dispatched only once they are merged.
+            tip = self.workspace.integration_tip()
+            base = self.workspace.ensure_branch(branch, tip)
+            path = self.workspace.checkout_for_lease(grant.handoff, branch)
+            return base, str(path)
+
+        base, worktree = await self.offload.git(prepare)
+        expires = time.time() + self.config.lease_ttl_s
+        await self.offload.db(
+            self.store.set_lease_workspace,
+            grant.lease_id,
+            base_commit=base,
+            worktree=worktree,
+            branch=branch,
+            expires_at=expires,
+        )
+        self.track(grant.lease_id, session)
+        log.info(
+            "lease_granted",
+            handoff=grant.handoff,
+            lease=grant.lease_id,
+            token=grant.token,
+            worker=session.worker_name,
+            attempt=grant.attempt,
+            base=base,
+        )
+        handoff = dict(grant.wire)
+        handoff["feedback"] = grant.feedback
+        return {
+            "id": grant.lease_id,
+            "token": grant.token,
+            "handoff": handoff,
+            "worktree": worktree,
+            "branch": branch,
+            "baseCommit": base,
+            "attempt": grant.attempt,
+            "expiresAt": rfc3339(expires),
+        }
+
+    async def expire_forever(self) -> None:
+        """Expire leases that missed their heartbeats; runs for the daemon's lifetime."""
+        interval = min(1.0, self.config.lease_ttl_s / 10)
+        while True:
+            expired = await self.offload.db(self.store.expire_due, now=time.time())
+            for item in expired:
+                self.metrics.lease_expired()
+                log.warning(
+                    "lease_expired",
+                    handoff=item.handoff,
+                    lease=item.lease_id,
+                    new_state=item.new_state,
+                )
+                await self.revoke(item.lease_id, "expired")
+            if expired:
+                self.wake()
+            await anyio.sleep(interval)
+
+    async def revoke(self, lease_id: str, reason: str) -> None:
+        """Tell the holder (if still connected) to stop working on ``lease_id``."""
+        session = self._holders.pop(lease_id, None)
+        if session is not None:
+            await session.notify("lease.revoked", {"leaseId": lease_id, "reason": reason})

@@ -1,0 +1,276 @@
+"""The merge queue: integrate reported handoffs one at a time, each behind every gate.
+
+For each handoff, in priority then report order: build the candidate in memory on the
+current integration tip, check it out in the gate worktree, run every configured gate on
+exactly that commit, and only then move the branch with a compare-and-swap. If the branch
+moved meanwhile, the candidate is rebuilt and gated again; nothing unvalidated lands.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from orchestrator import handoff as handoff_model
+from orchestrator import logs
+from orchestrator.blocking import Offload
+from orchestrator.config import Config
+from orchestrator.gates import GateResult, run_gate
+from orchestrator.metrics import Metrics
+from orchestrator.store import MergeJob, Store
+from orchestrator.worktrees import IntegrationTreeDirty, Workspace
+
+log = logs.get("merge")
+
+# How often a merge held back by a dirty integration checkout is tried again.
+BLOCKED_RETRY_S = 2.0
+# How much of a gate log goes into an agent's feedback.
+FEEDBACK_LOG_BYTES = 8 * 1024
+
+
+class MergeQueue:
+    """The single integrator. ``run`` is one long-lived task of the daemon."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        workspace: Workspace,
+        offload: Offload,
+        metrics: Metrics,
+        on_change: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.workspace = workspace
+        self.offload = offload
+        self.metrics = metrics
+        self.on_change = on_change
+        self.blocked_reason: str | None = None
+        self.current: str | None = None
+        self._wakeup = anyio.Event()
+
+    def wake(self) -> None:
+        """A report arrived or a handoff was retried: look at the queue again."""
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        if self.config.merge_paused:
+            self.blocked_reason = "merging is paused (merge.paused = true in the config)"
+            await anyio.sleep_forever()
+        while True:
+            self._wakeup = anyio.Event()
+            job = await self.offload.db(self.store.next_merge_job, now=time.time())
+            if job is None:
+                with anyio.move_on_after(5.0):  # also a safety net against a missed wake-up
+                    await self._wakeup.wait()
+                continue
+            self.current = job.name
+            try:
+                await self.integrate(job)
+            finally:
+                self.current = None
+                # Whatever happened, a job left in ``gating`` (e.g. on shutdown) goes back.
+                with anyio.CancelScope(shield=True):
+                    await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
+                    self.on_change()
+
+    async def integrate(self, job: MergeJob) -> None:
+        """Take one handoff from ``gating`` to ``merged``, ``conflict`` or ``failed``."""
+        bound = log.bind(handoff=job.name, attempt=job.attempt)
+        branch = handoff_model.branch_name(job.name)
+        intent = await self.offload.db(self.store.landing_intent, job.name)
+        if intent is not None:
+            base, candidate = intent
+            tip = await self.offload.git(self.workspace.integration_tip)
+            if await self.offload.git(self.workspace.is_ancestor, candidate, tip):
+                # The daemon died after moving the ref and before recording it: it landed.
+                bound.info("merge_recovered", commit=candidate)
+                await self._merged(job, base, candidate, bound)
+                return
+        message = self._message(job)
+        while True:
+            result = await self.offload.git(
+                self.workspace.merge_candidate,
+                branch,
+                strategy=self.config.merge_strategy,
+                message=message,
+            )
+            if result.candidate is None and result.detail == "already merged":
+                bound.info("already_merged", base=result.base)
+                await self._merged(job, result.base, result.base, bound)
+                return
+            if result.candidate is None:
+                await self._conflict(job, result.base, list(result.conflicts), result.detail, bound)
+                return
+            bound.info("candidate_built", candidate=result.candidate, base=result.base)
+            failed = await self._run_gates(job, result.candidate, bound)
+            if failed is not None:
+                await self._gate_failed(job, result.base, result.candidate, failed, bound)
+                return
+            await self.offload.db(
+                self.store.record_landing_intent,
+                job.name,
+                attempt=job.attempt,
+                base=result.base,
+                candidate=result.candidate,
+                now=time.time(),
+            )
+            landed = await self._advance(result.base, result.candidate, job, bound)
+            if landed:
+                await self._merged(job, result.base, result.candidate, bound)
+                return
+            detail = "the integration branch moved while gating; rebuilding the candidate"
+            await self.offload.db(
+                self.store.landing_superseded, job.name, detail=detail, now=time.time()
+            )
+            bound.warning("integration_moved", expected=result.base, detail=detail)
+
+    def _message(self, job: MergeJob) -> str:
+        gates = ", ".join(g.name for g in self.config.gates) or "none configured"
+        summary = job.summary.strip() or "(no summary)"
+        return (
+            f"Merge handoff {job.name}: {job.title}\n\n{summary}\n\n"
+            f"Handoff: {job.name}\nAttempt: {job.attempt}\nGates: {gates}\n"
+        )
+
+    async def _run_gates(self, job: MergeJob, candidate: str, bound: Any) -> GateResult | None:
+        """Run every gate on the candidate; the first failure, or None when all passed."""
+        if not self.config.gates:
+            return None
+        checkout = await self.offload.git(self.workspace.gate_checkout, candidate)
+        env = {"ORCHESTRATOR_HANDOFF": job.name, "ORCHESTRATOR_CANDIDATE": candidate}
+        for gate in self.config.gates:
+            bound.info("gate_started", gate=gate.name, candidate=candidate)
+            result = await run_gate(
+                gate, checkout, tail_bytes=self.config.gate_output_tail_bytes, env=env
+            )
+            await self.offload.db(
+                self.store.record_gate,
+                job.name,
+                attempt=job.attempt,
+                candidate=candidate,
+                gate=gate.name,
+                exit_status=result.exit_status,
+                timed_out=result.timed_out,
+                duration_s=result.duration_s,
+                output_tail=result.output_tail,
+                started_at=result.started_at,
+            )
+            self.metrics.gate_finished(gate.name, result.duration_s)
+            bound.info(
+                "gate_finished",
+                gate=gate.name,
+                passed=result.passed,
+                exit_status=result.exit_status,
+                timed_out=result.timed_out,
+                duration_s=round(result.duration_s, 3),
+            )
+            if not result.passed:
+                return result
+        return None
+
+    async def _advance(self, base: str, candidate: str, job: MergeJob, bound: Any) -> bool:
+        """Compare-and-swap the branch; waits (and says so) while a checkout is dirty."""
+        reflog = f"orchestrator: merge handoff {job.name} (attempt {job.attempt})"
+        while True:
+            try:
+                moved = await self.offload.git(
+                    self.workspace.advance_integration, base, candidate, reflog
+                )
+            except IntegrationTreeDirty as exc:
+                reason = (
+                    f"not merging {job.name}: {exc.path} has {self.config.integration_branch} "
+                    "checked out with local changes; commit, stash or discard them"
+                )
+                if self.blocked_reason != reason:
+                    bound.error("merge_blocked", reason=reason, path=str(exc.path))
+                self.blocked_reason = reason
+                await anyio.sleep(BLOCKED_RETRY_S)
+                continue
+            if self.blocked_reason is not None:
+                bound.info("merge_unblocked")
+            self.blocked_reason = None
+            return moved
+
+    async def _merged(self, job: MergeJob, base: str, commit: str, bound: Any) -> None:
+        cycle = await self.offload.db(
+            self.store.mark_merged,
+            job.name,
+            attempt=job.attempt,
+            base=base,
+            commit=commit,
+            now=time.time(),
+        )
+        self.metrics.merge_finished("merged")
+        self.metrics.handoff_merged(cycle)
+        bound.info("merged", commit=commit, base=base, cycle_s=round(cycle, 3))
+        try:
+            await self.offload.git(self.workspace.release_worktree, job.name)
+        except Exception:  # the pool is an optimisation; a stuck worktree is not an error
+            bound.exception("worktree_release_failed")
+        self.on_change()
+
+    async def _conflict(
+        self, job: MergeJob, base: str, paths: list[str], detail: str, bound: Any
+    ) -> None:
+        integration = self.config.integration_branch
+        text = detail or (
+            f"merging {handoff_model.branch_name(job.name)} onto {integration} ({base[:12]}) "
+            f"conflicts in {len(paths)} path(s); merge {integration} into your branch, resolve "
+            "them, commit, and report again"
+        )
+        feedback = {"reason": "conflict", "detail": text, "log": "\n".join(paths)}
+        state = await self.offload.db(
+            self.store.mark_merge_failed,
+            job.name,
+            attempt=job.attempt,
+            result="conflict",
+            base=base,
+            candidate=None,
+            detail=text,
+            feedback=feedback,
+            conflicts=paths,
+            hold=self.config.on_conflict == "hold",
+            now=time.time(),
+        )
+        self.metrics.merge_finished("conflict")
+        bound.warning("merge_conflict", paths=paths, new_state=state, base=base)
+        self.on_change()
+
+    async def _gate_failed(
+        self, job: MergeJob, base: str, candidate: str, result: GateResult, bound: Any
+    ) -> None:
+        how = (
+            f"timed out after {result.duration_s:.1f} s"
+            if result.timed_out
+            else f"exited with status {result.exit_status}"
+        )
+        text = (
+            f"gate {result.name!r} {how} on candidate {candidate[:12]}; "
+            "fix the cause and report again"
+        )
+        feedback = {
+            "reason": "gate_failed",
+            "detail": text,
+            "log": result.output_tail[-FEEDBACK_LOG_BYTES:],
+        }
+        state = await self.offload.db(
+            self.store.mark_merge_failed,
+            job.name,
+            attempt=job.attempt,
+            result="gate_failed",
+            base=base,
+            candidate=candidate,
+            detail=text,
+            feedback=feedback,
+            conflicts=(),
+            hold=self.config.on_gate_failure == "hold",
+            now=time.time(),
+        )
+        self.metrics.merge_finished("gate_failed")
+        bound.warning("gate_failed", gate=result.name, new_state=state, candidate=candidate)
+        self.on_change()

@@ -1,0 +1,371 @@
+"""The Unix socket server: framing, peer credentials, sessions, and the ``initialize`` gate.
+
+It knows the transport rules of PROTOCOL.md and nothing about leases or handoffs: each
+request of an initialized session is passed to a :class:`Dispatcher` in its own task, so a
+long-polling ``lease.acquire`` never delays a heartbeat on the same connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+from anyio.abc import SocketStream, TaskStatus
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from orchestrator import __version__, logs
+from orchestrator.config import Config
+from orchestrator.protocol import (
+    CONTROL_METHODS,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    NOT_AUTHORIZED,
+    PROTOCOL_VERSION,
+    SHUTTING_DOWN,
+    SUPPORTED_VERSIONS,
+    UNSUPPORTED_VERSION,
+    WORKER_METHODS,
+    Request,
+    RpcError,
+    decode_line,
+    encode,
+    error_response,
+    notification,
+    parse_request,
+    response,
+)
+
+log = logs.get("server")
+
+_session_ids = itertools.count(1)
+
+
+@dataclass
+class Session:
+    """One connection's identity and role, set by ``initialize``."""
+
+    id: str
+    uid: int
+    gid: int
+    pid: int
+    send: Callable[[dict[str, Any]], Awaitable[None]]
+    role: str | None = None
+    client: dict[str, Any] = field(default_factory=dict)
+    worker_name: str = ""
+    labels: tuple[str, ...] = ()
+    connected_at: float = field(default_factory=time.time)
+    closed: bool = False
+
+    async def notify(self, method: str, params: dict[str, Any]) -> None:
+        """Send a notification; a peer that is gone is simply skipped."""
+        if self.closed:
+            return
+        try:
+            await self.send(notification(method, params))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, TimeoutError, OSError):
+            self.closed = True
+
+
+class Dispatcher(Protocol):
+    """What the server needs from the daemon."""
+
+    async def dispatch(self, session: Session, request: Request) -> Any: ...
+
+    def session_opened(self, session: Session) -> None: ...
+
+    def session_closed(self, session: Session) -> None: ...
+
+    def protocol_error(self, code: int) -> None: ...
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer, from the kernel (``SO_PEERCRED``), not from the peer."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class SocketServer:
+    """Serves protocol v1 on ``config.socket`` until cancelled."""
+
+    def __init__(self, config: Config, dispatcher: Dispatcher) -> None:
+        self.config = config
+        self.dispatcher = dispatcher
+        self.shutting_down = False
+        self.sessions: dict[str, Session] = {}
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        path = self.config.socket
+        await _clear_stale_socket(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Bind under a tight umask, then chmod: the socket is never reachable with wider
+        # permissions than configured, not even for an instant.
+        old_umask = os.umask(0o177)
+        try:
+            listener = await anyio.create_unix_listener(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, self.config.socket_mode)
+        log.info("socket_listening", socket=str(path), mode=oct(self.config.socket_mode))
+        try:
+            async with listener:
+                task_status.started()
+                await listener.serve(self._connection)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _authorized(self, uid: int, gid: int) -> bool:
+        return (
+            uid == os.getuid() or uid in self.config.allowed_uids or gid in self.config.allowed_gids
+        )
+
+    async def _connection(self, stream: SocketStream) -> None:
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        try:
+            pid, uid, gid = peer_credentials(raw)
+        except OSError:
+            await stream.aclose()
+            return
+        send_lock = anyio.Lock()
+        connection_scope = anyio.CancelScope()
+
+        async def send(message: dict[str, Any]) -> None:
+            data = encode(message)
+            async with send_lock:
+                try:
+                    with anyio.fail_after(self.config.send_timeout_s):
+                        await stream.send(data)
+                except TimeoutError:
+                    # A peer that does not read its replies is hung up on, so it can't
+                    # hold buffers or tasks here (PROTOCOL.md: never block on a slow peer).
+                    bound.warning("slow_peer_disconnected", timeout_s=self.config.send_timeout_s)
+                    connection_scope.cancel()
+                    raise
+
+        session = Session(id=f"s-{next(_session_ids)}", uid=uid, gid=gid, pid=pid, send=send)
+        bound = log.bind(session=session.id, peer_pid=pid, peer_uid=uid)
+        reader = BufferedByteReceiveStream(stream)
+        self.sessions[session.id] = session
+        try:
+            with connection_scope:
+                async with stream, anyio.create_task_group() as tg:
+                    await self._read_loop(session, reader, tg, bound)
+                    tg.cancel_scope.cancel()
+        except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            bound.info("peer_dropped")
+        finally:
+            session.closed = True
+            self.sessions.pop(session.id, None)
+            if session.role is not None:
+                self.dispatcher.session_closed(session)
+
+    async def _read_loop(
+        self,
+        session: Session,
+        reader: BufferedByteReceiveStream,
+        tg: anyio.abc.TaskGroup,
+        bound: Any,
+    ) -> None:
+        authorized = self._authorized(session.uid, session.gid)
+        limit = self.config.max_message_bytes
+        while True:
+            try:
+                line = await reader.receive_until(b"\n", limit)
+                # receive_until only enforces the limit while it is still looking for the
+                # delimiter; a long frame that arrived in one read must be caught here.
+                if len(line) > limit:
+                    raise anyio.DelimiterNotFound(limit)
+            except anyio.DelimiterNotFound:
+                await self._error(
+                    session,
+                    None,
+                    RpcError(
+                        INVALID_REQUEST,
+                        f"message longer than daemon.max_message_bytes ({limit} bytes); "
+                        "closing the connection",
+                    ),
+                )
+                bound.warning("oversized_frame", limit=limit)
+                return
+            except (anyio.EndOfStream, anyio.IncompleteRead):
+                return
+            if not line.strip():
+                continue
+            if not authorized:
+                await self._error(
+                    session,
+                    _peek_id(line),
+                    RpcError(
+                        NOT_AUTHORIZED,
+                        f"uid {session.uid} / gid {session.gid} may not use this daemon; "
+                        "add it to daemon.allowed_uids or daemon.allowed_gids",
+                    ),
+                )
+                bound.warning("peer_refused", uid=session.uid, gid=session.gid)
+                return
+            try:
+                request = parse_request(decode_line(line))
+            except RpcError as exc:
+                await self._error(session, _peek_id(line), exc)
+                continue
+            if session.role is None:
+                # initialize runs inline: nothing else may start before it finished.
+                await self._initialize(session, request, bound)
+                continue
+            tg.start_soon(self._call, session, request, bound)
+
+    async def _initialize(self, session: Session, request: Request, bound: Any) -> None:
+        if request.method != "initialize":
+            await self._error(
+                session,
+                request.id,
+                RpcError(
+                    INVALID_REQUEST,
+                    f"call initialize first (got {request.method!r} before initialize)",
+                ),
+            )
+            return
+        try:
+            result = self._handshake(session, request.params)
+        except RpcError as exc:
+            await self._error(session, request.id, exc)
+            return
+        self.dispatcher.session_opened(session)
+        bound.info(
+            "session_started",
+            role=session.role,
+            worker=session.worker_name or None,
+            client=session.client.get("name"),
+        )
+        if not request.is_notification:
+            await session.send(response(request.id, result))
+
+    def _handshake(self, session: Session, params: dict[str, Any]) -> dict[str, Any]:
+        version = params.get("protocolVersion")
+        if version not in SUPPORTED_VERSIONS:
+            raise RpcError(
+                UNSUPPORTED_VERSION,
+                f"protocol version {version!r} is not supported; this daemon speaks "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))}",
+                {"supported": list(SUPPORTED_VERSIONS)},
+            )
+        role = params.get("role")
+        if role not in ("worker", "control"):
+            raise RpcError(INVALID_PARAMS, 'invalid params: "role" must be "worker" or "control"')
+        client = params.get("client") or {}
+        worker = params.get("worker") or {}
+        if not isinstance(client, dict) or not isinstance(worker, dict):
+            raise RpcError(INVALID_PARAMS, 'invalid params: "client" and "worker" must be objects')
+        labels = worker.get("labels") or []
+        if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+            raise RpcError(INVALID_PARAMS, 'invalid params: "worker.labels" must be strings')
+        name = worker.get("name") or client.get("name") or f"pid-{session.pid}"
+        if not isinstance(name, str):
+            raise RpcError(INVALID_PARAMS, 'invalid params: "worker.name" must be a string')
+        session.role = role
+        session.client = client
+        session.worker_name = name
+        session.labels = tuple(labels)
+        return {
+            "protocolVersion": PROTOCOL_VERSION,
+            "server": {"name": "orchestrator", "version": __version__},
+            "sessionId": session.id,
+            "leaseTtlS": self.config.lease_ttl_s,
+            "heartbeatIntervalS": self.config.heartbeat_interval_s,
+        }
+
+    async def _call(self, session: Session, request: Request, bound: Any) -> None:
+        try:
+            if self.shutting_down:
+                raise RpcError(SHUTTING_DOWN, "the daemon is shutting down; retry shortly")
+            if request.method == "initialize":
+                raise RpcError(INVALID_REQUEST, "initialize was already called on this connection")
+            if request.method in CONTROL_METHODS and session.role != "control":
+                raise RpcError(
+                    NOT_AUTHORIZED,
+                    f'{request.method} is a control method; connect with role "control"',
+                )
+            if request.method in WORKER_METHODS and session.role != "worker":
+                raise RpcError(
+                    NOT_AUTHORIZED,
+                    f'{request.method} is a worker method; connect with role "worker"',
+                )
+            if request.method not in CONTROL_METHODS | WORKER_METHODS:
+                raise RpcError(METHOD_NOT_FOUND, f"unknown method {request.method!r}")
+            result = await self.dispatcher.dispatch(session, request)
+        except RpcError as exc:
+            await self._error(session, request.id, exc, notify=request.is_notification)
+            if exc.code not in (INVALID_PARAMS,):
+                bound.info(
+                    "request_refused", method=request.method, code=exc.code, error=exc.message
+                )
+            return
+        except Exception as exc:  # a bug must cost one request, never the daemon
+            bound.exception("request_failed", method=request.method)
+            await self._error(
+                session,
+                request.id,
+                RpcError(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}"),
+                notify=request.is_notification,
+            )
+            return
+        if not request.is_notification:
+            try:
+                await session.send(response(request.id, result))
+            except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                session.closed = True
+                bound.warning("reply_undelivered", method=request.method)
+
+    async def _error(
+        self, session: Session, request_id: Any, error: RpcError, *, notify: bool = False
+    ) -> None:
+        self.dispatcher.protocol_error(error.code)
+        if notify:
+            return  # JSON-RPC: notifications get no reply, not even an error
+        try:
+            await session.send(error_response(request_id, error))
+        except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            session.closed = True
+
+
+def _peek_id(line: bytes) -> Any:
+    """The request id, if the frame is JSON enough to have one (for error replies)."""
+    import json
+
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return obj.get("id") if isinstance(obj, dict) else None
+
+
+async def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket file left by a dead daemon; refuse if a live one answers on it."""
+    try:
+        mode = path.lstat().st_mode  # noqa: ASYNC240 - one syscall, at start-up
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise RuntimeError(
+            f"{path} exists and is not a socket; move it away or change daemon.socket"
+        )
+    try:
+        stream = await anyio.connect_unix(path)
+    except OSError:
+        path.unlink(missing_ok=True)  # noqa: ASYNC240 - one syscall, at start-up
+        return
+    await stream.aclose()
+    raise RuntimeError(
+        f"another daemon is listening on {path}; stop it or configure another daemon.socket"
+    )

@@ -1,0 +1,994 @@
+"""Durable state in SQLite (WAL): handoffs, leases, reports, gate runs, merges and events.
+
+Every method is one transaction, so a state change is either wholly on disk or not at all;
+a reply that says "accepted" is sent only after the transaction committed with
+``synchronous=FULL``. Methods are blocking: the daemon calls them from a worker thread, one
+at a time (the store's connection is not shared concurrently), which also makes each
+read-modify-write here atomic with respect to every other.
+
+The state machine of a handoff::
+
+    waiting -> queued -> leased -> reported -> gating -> merged
+                  ^         |                     |
+                  +---------+ (expired/released)  +-> conflict / failed -> queued (requeue)
+    any live state -> cancelled;  failed/conflict/cancelled -> queued (retry)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STATES = (
+    "queued",
+    "waiting",
+    "leased",
+    "reported",
+    "gating",
+    "merged",
+    "conflict",
+    "failed",
+    "cancelled",
+)
+LIVE_STATES = ("queued", "waiting", "leased", "reported", "gating")
+RETRYABLE_STATES = ("failed", "conflict", "cancelled")
+PRIORITY_RANK = {"HIGH": 0, "MEDIUM": 1, "LOW": 2}
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS handoffs (
+    name TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL UNIQUE,
+    title TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    priority_rank INTEGER NOT NULL,
+    dependencies TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    body TEXT NOT NULL,
+    wire TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 1,
+    attempt_limit INTEGER NOT NULL,
+    progress TEXT,
+    feedback TEXT,
+    detail TEXT,
+    conflicts TEXT,
+    report_seq INTEGER,
+    merge_commit TEXT,
+    submitted_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    merged_at REAL
+);
+CREATE INDEX IF NOT EXISTS handoffs_state ON handoffs(state, priority_rank, seq);
+CREATE TABLE IF NOT EXISTS leases (
+    id TEXT PRIMARY KEY,
+    token INTEGER NOT NULL UNIQUE,
+    handoff TEXT NOT NULL REFERENCES handoffs(name),
+    worker TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    granted_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    base_commit TEXT,
+    worktree TEXT,
+    branch TEXT,
+    ended_at REAL,
+    end_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS leases_active ON leases(ended_at, expires_at);
+CREATE TABLE IF NOT EXISTS reports (
+    id INTEGER PRIMARY KEY,
+    handoff TEXT NOT NULL REFERENCES handoffs(name),
+    lease_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    head TEXT NOT NULL,
+    report TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gate_runs (
+    id INTEGER PRIMARY KEY,
+    handoff TEXT NOT NULL REFERENCES handoffs(name),
+    attempt INTEGER NOT NULL,
+    candidate TEXT NOT NULL,
+    gate TEXT NOT NULL,
+    exit_status INTEGER,
+    timed_out INTEGER NOT NULL,
+    duration_s REAL NOT NULL,
+    output_tail TEXT NOT NULL,
+    started_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS merges (
+    id INTEGER PRIMARY KEY,
+    handoff TEXT NOT NULL REFERENCES handoffs(name),
+    attempt INTEGER NOT NULL,
+    result TEXT NOT NULL,
+    base TEXT,
+    candidate TEXT,
+    detail TEXT NOT NULL DEFAULT '',
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    handoff TEXT,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"""
+
+
+class StoreError(Exception):
+    """Base of the store's refusals; each maps to one protocol error code."""
+
+
+class StateLocked(StoreError):
+    """Another daemon holds the state directory."""
+
+
+class UnknownHandoff(StoreError):
+    pass
+
+
+class DuplicateHandoff(StoreError):
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        super().__init__(
+            "handoff name already submitted: "
+            + ", ".join(self.names)
+            + " (choose another name, or `orchestrator retry` the existing one)"
+        )
+
+
+class InvalidSubmission(StoreError):
+    def __init__(self, problems: Sequence[dict[str, Any]]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(str(p.get("message")) for p in self.problems))
+
+
+class LeaseNotHeld(StoreError):
+    pass
+
+
+class InvalidTransition(StoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class NewHandoff:
+    """A validated handoff ready to store (the caller parsed and checked it)."""
+
+    name: str
+    title: str
+    priority: str
+    dependencies: tuple[str, ...]
+    labels: tuple[str, ...]
+    body: str
+    wire: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A lease just granted: what the daemon needs to prepare the worktree and reply."""
+
+    lease_id: str
+    token: int
+    handoff: str
+    attempt: int
+    expires_at: float
+    wire: dict[str, Any]
+    feedback: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Expired:
+    lease_id: str
+    handoff: str
+    new_state: str
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    """The next reported handoff the merge queue should integrate."""
+
+    name: str
+    title: str
+    attempt: int
+    submitted_at: float
+    head: str
+    summary: str
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Take the exclusive lock that makes a second daemon on ``state_dir`` refuse to start.
+
+    ``flock`` is released by the kernel when the process dies, so a crash never leaves a
+    stale lock behind (unlike a pid file). Returns the fd to keep open."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "daemon.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise StateLocked(
+            f"another orchestrator daemon (pid {holder}) is already using state dir "
+            f"{state_dir}; stop it first, or give this one its own daemon.state_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _loads(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def new_lease_id() -> str:
+    # Time-prefixed so ids sort by grant time in logs; random part makes them unguessable.
+    return f"l-{int(time.time() * 1000):x}{secrets.token_hex(6)}"
+
+
+class Store:
+    """The SQLite store. Open with :meth:`open`; close with :meth:`close`."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is fsynced before we reply "accepted" (NORMAL could lose the last
+        # transactions on power loss in WAL mode).
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.executescript(SCHEMA)
+        store = cls(conn, path)
+        with store._tx() as c:
+            row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                c.execute("INSERT INTO meta VALUES ('fencing_token', '0')")
+                c.execute("INSERT INTO meta VALUES ('report_seq', '0')")
+                c.execute("INSERT INTO meta VALUES ('handoff_seq', '0')")
+            elif int(row["value"]) > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{path} was written by a newer orchestrator (schema {row['value']}); "
+                    "upgrade this one"
+                )
+        return store
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes the write lock up front, so a read-then-write can't be
+        # interleaved with another writer (e.g. a CLI reading while the daemon writes).
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        else:
+            self._conn.execute("COMMIT")
+
+    def _event(
+        self, c: sqlite3.Connection, now: float, handoff: str | None, kind: str, **detail: Any
+    ) -> None:
+        c.execute(
+            "INSERT INTO events(at, handoff, kind, detail) VALUES (?,?,?,?)",
+            (now, handoff, kind, json.dumps(detail, ensure_ascii=False, sort_keys=True)),
+        )
+
+    def _counter(self, c: sqlite3.Connection, key: str) -> int:
+        c.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = ?", (key,))
+        return int(c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+
+    def _row(self, c: sqlite3.Connection, name: str) -> sqlite3.Row:
+        row = c.execute("SELECT * FROM handoffs WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise UnknownHandoff(f"unknown handoff {name!r} (see `orchestrator status`)")
+        return row  # type: ignore[no-any-return]
+
+    def _set_state(
+        self, c: sqlite3.Connection, name: str, state: str, now: float, **fields: Any
+    ) -> None:
+        assigns = ", ".join(f"{k} = ?" for k in fields)
+        extra = f", {assigns}" if assigns else ""
+        sql = f"UPDATE handoffs SET state = ?, updated_at = ?{extra} WHERE name = ?"
+        c.execute(sql, (state, now, *fields.values(), name))
+        self._event(c, now, name, "state", state=state)
+
+    # ---- submission -------------------------------------------------------------------
+
+    def submit(self, handoffs: Sequence[NewHandoff], *, max_attempts: int, now: float) -> list[str]:
+        """Store all of ``handoffs`` or none of them."""
+        with self._tx() as c:
+            names = [h.name for h in handoffs]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            existing = [
+                n
+                for n in names
+                if c.execute("SELECT 1 FROM handoffs WHERE name = ?", (n,)).fetchone()
+            ]
+            if dupes or existing:
+                raise DuplicateHandoff(sorted(set(dupes) | set(existing)))
+            batch = {h.name: h for h in handoffs}
+            problems: list[dict[str, Any]] = []
+            for h in handoffs:
+                for dep in h.dependencies:
+                    if dep in batch:
+                        continue
+                    if not c.execute("SELECT 1 FROM handoffs WHERE name = ?", (dep,)).fetchone():
+                        problems.append(
+                            {
+                                "line": 0,
+                                "handoff": h.name,
+                                "message": f"{h.name} depends on unknown handoff {dep!r}: "
+                                "submit it first or in the same batch",
+                            }
+                        )
+            cycle = _find_cycle({h.name: h.dependencies for h in handoffs})
+            if cycle:
+                problems.append(
+                    {
+                        "line": 0,
+                        "handoff": cycle[0],
+                        "message": "dependency cycle: " + " -> ".join(cycle),
+                    }
+                )
+            if problems:
+                raise InvalidSubmission(problems)
+            for h in handoffs:
+                seq = self._counter(c, "handoff_seq")
+                c.execute(
+                    "INSERT INTO handoffs(name, seq, title, priority, priority_rank, dependencies,"
+                    " labels, body, wire, state, attempt, attempt_limit, submitted_at, updated_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        h.name,
+                        seq,
+                        h.title,
+                        h.priority,
+                        PRIORITY_RANK[h.priority],
+                        json.dumps(list(h.dependencies)),
+                        json.dumps(list(h.labels)),
+                        h.body,
+                        json.dumps(h.wire, ensure_ascii=False),
+                        "waiting",
+                        1,
+                        max_attempts,
+                        now,
+                        now,
+                    ),
+                )
+                self._event(c, now, h.name, "submitted", priority=h.priority)
+            self._release_waiting(c, now)
+            return names
+
+    def _release_waiting(self, c: sqlite3.Connection, now: float) -> list[str]:
+        """Move ``waiting`` handoffs whose dependencies are all merged to ``queued``."""
+        merged = {r[0] for r in c.execute("SELECT name FROM handoffs WHERE state = 'merged'")}
+        released = []
+        for row in c.execute(
+            "SELECT name, dependencies FROM handoffs WHERE state = 'waiting'"
+        ).fetchall():
+            if set(json.loads(row["dependencies"])) <= merged:
+                self._set_state(c, row["name"], "queued", now)
+                released.append(row["name"])
+        return released
+
+    # ---- leases -----------------------------------------------------------------------
+
+    def grant(
+        self, *, worker: str, labels: Iterable[str], ttl_s: float, now: float
+    ) -> Grant | None:
+        """Lease the first dispatchable handoff the worker's labels allow, or None.
+
+        Order: priority (HIGH first), then submission order."""
+        worker_labels = set(labels)
+        with self._tx() as c:
+            for row in c.execute(
+                "SELECT * FROM handoffs WHERE state = 'queued' ORDER BY priority_rank, seq"
+            ).fetchall():
+                if not set(json.loads(row["labels"])) <= worker_labels:
+                    continue
+                token = self._counter(c, "fencing_token")
+                lease_id = new_lease_id()
+                expires = now + ttl_s
+                c.execute(
+                    "INSERT INTO leases(id, token, handoff, worker, attempt, granted_at,"
+                    " expires_at) VALUES (?,?,?,?,?,?,?)",
+                    (lease_id, token, row["name"], worker, row["attempt"], now, expires),
+                )
+                self._set_state(c, row["name"], "leased", now, progress=None)
+                self._event(
+                    c,
+                    now,
+                    row["name"],
+                    "lease_granted",
+                    lease=lease_id,
+                    token=token,
+                    worker=worker,
+                    attempt=row["attempt"],
+                )
+                return Grant(
+                    lease_id=lease_id,
+                    token=token,
+                    handoff=row["name"],
+                    attempt=row["attempt"],
+                    expires_at=expires,
+                    wire=json.loads(row["wire"]),
+                    feedback=_loads(row["feedback"]),
+                )
+        return None
+
+    def set_lease_workspace(
+        self, lease_id: str, *, base_commit: str, worktree: str, branch: str, expires_at: float
+    ) -> None:
+        with self._tx() as c:
+            c.execute(
+                "UPDATE leases SET base_commit = ?, worktree = ?, branch = ?, expires_at = ?"
+                " WHERE id = ? AND ended_at IS NULL",
+                (base_commit, worktree, branch, expires_at, lease_id),
+            )
+
+    def _held(self, c: sqlite3.Connection, lease_id: str, token: int, now: float) -> sqlite3.Row:
+        row = c.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
+        if row is None:
+            raise LeaseNotHeld(f"lease {lease_id} does not exist")
+        if row["token"] != token:
+            raise LeaseNotHeld(
+                f"lease {lease_id} has token {row['token']}, not {token}: a stale or wrong "
+                "fencing token; stop working on it and acquire a new lease"
+            )
+        if row["ended_at"] is not None:
+            raise LeaseNotHeld(
+                f"lease {lease_id} is no longer held ({row['end_reason']}); stop working on "
+                "it and acquire a new lease"
+            )
+        if row["expires_at"] <= now:
+            raise LeaseNotHeld(
+                f"lease {lease_id} expired (no heartbeat within the TTL); acquire a new lease"
+            )
+        return row  # type: ignore[no-any-return]
+
+    def lease(self, lease_id: str, token: int, *, now: float) -> dict[str, Any]:
+        """The lease row if it is held with this token; raises :class:`LeaseNotHeld`."""
+        with self._tx() as c:
+            return dict(self._held(c, lease_id, token, now))
+
+    def renew(
+        self,
+        lease_id: str,
+        token: int,
+        *,
+        ttl_s: float,
+        progress: dict[str, Any] | None,
+        now: float,
+    ) -> float:
+        with self._tx() as c:
+            row = self._held(c, lease_id, token, now)
+            expires = now + ttl_s
+            c.execute("UPDATE leases SET expires_at = ? WHERE id = ?", (expires, lease_id))
+            if progress is not None:
+                c.execute(
+                    "UPDATE handoffs SET progress = ?, updated_at = ? WHERE name = ?",
+                    (_dumps(progress), now, row["handoff"]),
+                )
+            return expires
+
+    def _end_lease(self, c: sqlite3.Connection, lease_id: str, reason: str, now: float) -> None:
+        c.execute(
+            "UPDATE leases SET ended_at = ?, end_reason = ? WHERE id = ?", (now, reason, lease_id)
+        )
+
+    def _requeue(
+        self,
+        c: sqlite3.Connection,
+        row: sqlite3.Row,
+        now: float,
+        *,
+        feedback: dict[str, Any] | None,
+        detail: str,
+    ) -> str:
+        """Another attempt if the budget allows, else ``failed``. Returns the new state."""
+        if row["attempt"] >= row["attempt_limit"]:
+            self._set_state(
+                c,
+                row["name"],
+                "failed",
+                now,
+                detail=f"{detail}; gave up after {row['attempt']} attempt(s)",
+                feedback=_dumps(feedback),
+            )
+            return "failed"
+        self._set_state(
+            c,
+            row["name"],
+            "queued",
+            now,
+            attempt=row["attempt"] + 1,
+            feedback=_dumps(feedback),
+            detail=detail,
+        )
+        return "queued"
+
+    def expire_due(self, *, now: float) -> list[Expired]:
+        """End every lease past its expiry and re-queue (or fail) its handoff."""
+        out = []
+        with self._tx() as c:
+            for lease in c.execute(
+                "SELECT * FROM leases WHERE ended_at IS NULL AND expires_at <= ?", (now,)
+            ).fetchall():
+                self._end_lease(c, lease["id"], "expired", now)
+                row = self._row(c, lease["handoff"])
+                self._event(c, now, row["name"], "lease_expired", lease=lease["id"])
+                state = row["state"]
+                if state == "leased":
+                    # Keep whatever feedback the attempt had: the next agent still needs it.
+                    state = self._requeue(
+                        c,
+                        row,
+                        now,
+                        feedback=_loads(row["feedback"]),
+                        detail=f"lease {lease['id']} expired",
+                    )
+                out.append(Expired(lease["id"], row["name"], state))
+        return out
+
+    def next_expiry(self) -> float | None:
+        row = self._conn.execute(
+            "SELECT MIN(expires_at) FROM leases WHERE ended_at IS NULL"
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def release(self, lease_id: str, token: int, *, reason: str, now: float) -> str:
+        with self._tx() as c:
+            lease = self._held(c, lease_id, token, now)
+            self._end_lease(c, lease_id, "released", now)
+            row = self._row(c, lease["handoff"])
+            self._event(c, now, row["name"], "lease_released", lease=lease_id, reason=reason)
+            return self._requeue(
+                c,
+                row,
+                now,
+                feedback=_loads(row["feedback"]),
+                detail=f"released by the worker: {reason}" if reason else "released by the worker",
+            )
+
+    def accept_report(
+        self, lease_id: str, token: int, *, report: dict[str, Any], head: str, now: float
+    ) -> str:
+        """Store a report and release its lease; returns the handoff's new state."""
+        with self._tx() as c:
+            lease = self._held(c, lease_id, token, now)
+            name = lease["handoff"]
+            status = report["status"]
+            summary = str(report.get("summary") or "")
+            c.execute(
+                "INSERT INTO reports(handoff, lease_id, attempt, status, summary, head, report,"
+                " received_at) VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    name,
+                    lease_id,
+                    lease["attempt"],
+                    status,
+                    summary,
+                    head,
+                    json.dumps(report, ensure_ascii=False),
+                    now,
+                ),
+            )
+            self._end_lease(c, lease_id, "reported", now)
+            self._event(c, now, name, "report", lease=lease_id, status=status, head=head)
+            if status == "completed":
+                seq = self._counter(c, "report_seq")
+                # ``conflicts`` stays: it records what the earlier attempt ran into.
+                self._set_state(c, name, "reported", now, report_seq=seq, detail=None)
+                return "reported"
+            detail = (
+                "the agent gave up: "
+                if status == "failed"
+                else "the agent is blocked and needs a person: "
+            ) + (summary or "(no summary)")
+            self._set_state(c, name, "failed", now, detail=detail)
+            return "failed"
+
+    # ---- control ----------------------------------------------------------------------
+
+    def cancel(self, name: str, *, now: float) -> str | None:
+        """Cancel a handoff; returns the id of the lease to revoke, if one was held."""
+        with self._tx() as c:
+            row = self._row(c, name)
+            if row["state"] == "merged":
+                raise InvalidTransition(f"{name} is already merged; nothing to cancel")
+            if row["state"] == "cancelled":
+                return None
+            lease = c.execute(
+                "SELECT id FROM leases WHERE handoff = ? AND ended_at IS NULL", (name,)
+            ).fetchone()
+            if lease is not None:
+                self._end_lease(c, lease["id"], "cancelled", now)
+            self._set_state(c, name, "cancelled", now, detail="cancelled by a person")
+            return None if lease is None else str(lease["id"])
+
+    def retry(self, name: str, *, max_attempts: int, now: float) -> str:
+        """Give a failed, conflicting or cancelled handoff a fresh attempt budget."""
+        with self._tx() as c:
+            row = self._row(c, name)
+            if row["state"] not in RETRYABLE_STATES:
+                raise InvalidTransition(
+                    f"{name} is {row['state']}; only a failed, conflict or cancelled handoff "
+                    "can be retried"
+                )
+            attempt = row["attempt"] + 1
+            self._set_state(
+                c,
+                name,
+                "waiting",
+                now,
+                attempt=attempt,
+                attempt_limit=attempt + max_attempts - 1,
+                detail="retried by a person",
+            )
+            self._release_waiting(c, now)
+            return str(self._row(c, name)["state"])
+
+    # ---- merge queue ------------------------------------------------------------------
+
+    def next_merge_job(self, *, now: float) -> MergeJob | None:
+        """Take the next reported handoff (priority, then report order) into ``gating``."""
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT * FROM handoffs WHERE state = 'reported'"
+                " ORDER BY priority_rank, report_seq LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            report = c.execute(
+                "SELECT head, summary FROM reports WHERE handoff = ? ORDER BY id DESC LIMIT 1",
+                (row["name"],),
+            ).fetchone()
+            self._set_state(c, row["name"], "gating", now)
+            return MergeJob(
+                name=row["name"],
+                title=row["title"],
+                attempt=row["attempt"],
+                submitted_at=row["submitted_at"],
+                head=report["head"],
+                summary=report["summary"],
+            )
+
+    def record_gate(
+        self,
+        name: str,
+        *,
+        attempt: int,
+        candidate: str,
+        gate: str,
+        exit_status: int | None,
+        timed_out: bool,
+        duration_s: float,
+        output_tail: str,
+        started_at: float,
+    ) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO gate_runs(handoff, attempt, candidate, gate, exit_status, timed_out,"
+                " duration_s, output_tail, started_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    name,
+                    attempt,
+                    candidate,
+                    gate,
+                    exit_status,
+                    int(timed_out),
+                    duration_s,
+                    output_tail,
+                    started_at,
+                ),
+            )
+
+    def record_landing_intent(
+        self, name: str, *, attempt: int, base: str, candidate: str, now: float
+    ) -> None:
+        """Written just before the ref moves, so a crash between the two is resolvable."""
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO merges(handoff, attempt, result, base, candidate, at)"
+                " VALUES (?,?,?,?,?,?)",
+                (name, attempt, "landing", base, candidate, now),
+            )
+
+    def _pending_landing(self, c: sqlite3.Connection, name: str) -> int | None:
+        row = c.execute(
+            "SELECT id, result FROM merges WHERE handoff = ? ORDER BY id DESC LIMIT 1", (name,)
+        ).fetchone()
+        return int(row["id"]) if row is not None and row["result"] == "landing" else None
+
+    def landing_intent(self, name: str) -> tuple[str, str] | None:
+        """(base, candidate) of a landing that may or may not have happened, or None."""
+        row_id = self._pending_landing(self._conn, name)
+        if row_id is None:
+            return None
+        row = self._conn.execute(
+            "SELECT base, candidate FROM merges WHERE id = ?", (row_id,)
+        ).fetchone()
+        return str(row["base"]), str(row["candidate"])
+
+    def landing_superseded(self, name: str, *, detail: str, now: float) -> None:
+        """The compare-and-swap lost: the branch moved, the candidate will be rebuilt."""
+        with self._tx() as c:
+            row_id = self._pending_landing(c, name)
+            if row_id is not None:
+                c.execute(
+                    "UPDATE merges SET result = 'superseded', detail = ?, at = ? WHERE id = ?",
+                    (detail, now, row_id),
+                )
+
+    def mark_merged(self, name: str, *, attempt: int, base: str, commit: str, now: float) -> float:
+        """Record a landed merge; returns the cycle time (submitted to merged)."""
+        with self._tx() as c:
+            row = self._row(c, name)
+            if self._pending_landing(c, name) is not None:
+                c.execute(
+                    "UPDATE merges SET result = 'merged', base = ?, candidate = ?, at = ?"
+                    " WHERE id = ?",
+                    (base, commit, now, self._pending_landing(c, name)),
+                )
+            else:
+                c.execute(
+                    "INSERT INTO merges(handoff, attempt, result, base, candidate, at)"
+                    " VALUES (?,?,?,?,?,?)",
+                    (name, attempt, "merged", base, commit, now),
+                )
+            self._set_state(
+                c,
+                name,
+                "merged",
+                now,
+                merge_commit=commit,
+                merged_at=now,
+                detail=None,
+                feedback=None,
+                progress=None,
+            )
+            self._release_waiting(c, now)
+            return now - float(row["submitted_at"])
+
+    def mark_merge_failed(
+        self,
+        name: str,
+        *,
+        attempt: int,
+        result: str,
+        base: str,
+        candidate: str | None,
+        detail: str,
+        feedback: dict[str, Any],
+        conflicts: Sequence[str],
+        hold: bool,
+        now: float,
+    ) -> str:
+        """Record a conflict or a failed gate; requeue with feedback or hold. New state."""
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO merges(handoff, attempt, result, base, candidate, detail, at)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (name, attempt, result, base, candidate, detail, now),
+            )
+            held_state = "conflict" if result == "conflict" else "failed"
+            self._set_state(
+                c,
+                name,
+                held_state,
+                now,
+                detail=detail,
+                conflicts=_dumps(list(conflicts)) if conflicts else None,
+                feedback=_dumps(feedback),
+            )
+            if hold:
+                return held_state
+            return self._requeue(c, self._row(c, name), now, feedback=feedback, detail=detail)
+
+    def return_to_queue(self, name: str, *, now: float) -> None:
+        """A merge attempt that could not finish (e.g. the daemon stopping) goes back."""
+        with self._tx() as c:
+            if self._row(c, name)["state"] == "gating":
+                self._set_state(c, name, "reported", now)
+
+    def hold_for_person(self, name: str, *, detail: str, now: float) -> None:
+        with self._tx() as c:
+            self._set_state(c, name, "reported", now, detail=detail)
+
+    def recover(self, *, now: float) -> list[str]:
+        """After a restart: a handoff caught mid-gate goes back to ``reported``."""
+        with self._tx() as c:
+            names = [r[0] for r in c.execute("SELECT name FROM handoffs WHERE state = 'gating'")]
+            for name in names:
+                self._set_state(c, name, "reported", now, detail="gating interrupted by a restart")
+            self._release_waiting(c, now)
+            return names
+
+    # ---- reads ------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for row in self._conn.execute("SELECT state, COUNT(*) FROM handoffs GROUP BY state"):
+            counts[row[0]] = row[1]
+        return counts
+
+    def active_leases(self, *, now: float) -> list[dict[str, Any]]:
+        rows = self._conn.execute(
+            "SELECT * FROM leases WHERE ended_at IS NULL AND expires_at > ? ORDER BY token", (now,)
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def merge_queue(self) -> list[str]:
+        rows = self._conn.execute(
+            "SELECT name FROM handoffs WHERE state IN ('reported', 'gating')"
+            " ORDER BY state = 'gating' DESC, priority_rank, report_seq"
+        )
+        return [r[0] for r in rows]
+
+    def summaries(self, state: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM handoffs"
+        args: tuple[Any, ...] = ()
+        if state is not None:
+            sql += " WHERE state = ?"
+            args = (state,)
+        rows = self._conn.execute(sql + " ORDER BY seq", args).fetchall()
+        return [_summary(r) for r in rows]
+
+    def handoff_row(self, name: str) -> dict[str, Any]:
+        return dict(self._row(self._conn, name))
+
+    def detail(self, name: str) -> dict[str, Any]:
+        """The full record for ``handoff.get``."""
+        c = self._conn
+        row = self._row(c, name)
+        record = _summary(row)
+        record["body"] = row["body"]
+        record["labels"] = json.loads(row["labels"])
+        record["detail"] = row["detail"]
+        record["feedback"] = _loads(row["feedback"])
+        record["submittedAt"] = _ts(row["submitted_at"])
+        record["mergedAt"] = _ts(row["merged_at"])
+        record["mergeCommit"] = row["merge_commit"]
+        record["conflicts"] = _loads(row["conflicts"]) or []
+        record["leases"] = [
+            {
+                "id": r["id"],
+                "token": r["token"],
+                "worker": r["worker"],
+                "attempt": r["attempt"],
+                "grantedAt": _ts(r["granted_at"]),
+                "expiresAt": _ts(r["expires_at"]),
+                "baseCommit": r["base_commit"],
+                "worktree": r["worktree"],
+                "branch": r["branch"],
+                "endedAt": _ts(r["ended_at"]),
+                "endReason": r["end_reason"],
+            }
+            for r in c.execute("SELECT * FROM leases WHERE handoff = ? ORDER BY token", (name,))
+        ]
+        record["reports"] = [
+            {
+                **json.loads(r["report"]),
+                "attempt": r["attempt"],
+                "leaseId": r["lease_id"],
+                "receivedAt": _ts(r["received_at"]),
+            }
+            for r in c.execute("SELECT * FROM reports WHERE handoff = ? ORDER BY id", (name,))
+        ]
+        record["gates"] = [
+            {
+                "gate": r["gate"],
+                "attempt": r["attempt"],
+                "candidate": r["candidate"],
+                "exitStatus": r["exit_status"],
+                "timedOut": bool(r["timed_out"]),
+                "durationS": r["duration_s"],
+                "outputTail": r["output_tail"],
+                "startedAt": _ts(r["started_at"]),
+            }
+            for r in c.execute("SELECT * FROM gate_runs WHERE handoff = ? ORDER BY id", (name,))
+        ]
+        record["merges"] = [
+            {
+                "attempt": r["attempt"],
+                "result": r["result"],
+                "base": r["base"],
+                "candidate": r["candidate"],
+                "detail": r["detail"],
+                "at": _ts(r["at"]),
+            }
+            for r in c.execute("SELECT * FROM merges WHERE handoff = ? ORDER BY id", (name,))
+        ]
+        return record
+
+    def events(self, name: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM events"
+        args: tuple[Any, ...] = ()
+        if name is not None:
+            sql += " WHERE handoff = ?"
+            args = (name,)
+        rows = self._conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [
+            {
+                "at": _ts(r["at"]),
+                "handoff": r["handoff"],
+                "kind": r["kind"],
+                **json.loads(r["detail"]),
+            }
+            for r in reversed(rows)
+        ]
+
+
+def _ts(value: float | None) -> str | None:
+    from orchestrator.protocol import rfc3339
+
+    return rfc3339(value)
+
+
+def _summary(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "name": row["name"],
+        "title": row["title"],
+        "priority": row["priority"],
+        "state": row["state"],
+        "attempt": row["attempt"],
+        "dependencies": json.loads(row["dependencies"]),
+        "progress": _loads(row["progress"]),
+        "updatedAt": _ts(row["updated_at"]),
+    }
+
+
+def _find_cycle(graph: dict[str, tuple[str, ...]]) -> list[str] | None:
+    """A dependency cycle within one submission batch, as a path, or None."""
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def visit(node: str) -> list[str] | None:
+        if node in visiting:
+            return [*visiting[visiting.index(node) :], node]
+        if node in done or node not in graph:
+            return None
+        visiting.append(node)
+        for dep in graph[node]:
+            found = visit(dep)
+            if found:
+                return found
+        visiting.pop()
+        done.add(node)
+        return None
+
+    for start in graph:
+        found = visit(start)
+        if found:
+            return found
+    return None

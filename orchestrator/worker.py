@@ -1,0 +1,440 @@
+"""The generic agent runner behind ``orchestrator worker -- CMD ARGS...``.
+
+It loops: acquire a lease, run the agent command in the worktree (the handoff on stdin and
+in ``$ORCHESTRATOR_HANDOFF_FILE``), heartbeat with progress while it runs, commit whatever
+the agent left uncommitted, build the report, and send it. A lost connection (the daemon
+restarting) is re-established and the lease carries on: leases outlive connections.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pygit2
+from anyio.abc import Process, TaskGroup
+
+from orchestrator import handoff as handoff_model
+from orchestrator import logs
+from orchestrator.client import Client, ConnectionLost
+from orchestrator.protocol import LEASE_NOT_HELD, REPORT_REJECTED, RpcError
+
+log = logs.get("worker")
+
+RECONNECT_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+AGENT_TERM_GRACE_S = 5.0
+
+
+@dataclass
+class WorkerOptions:
+    """What ``orchestrator worker`` was asked to do."""
+
+    socket: Path
+    command: Sequence[str]
+    name: str
+    labels: tuple[str, ...] = ()
+    wait_s: float = 30.0
+    max_handoffs: int | None = None
+    exit_when_idle: bool = False
+    reconnect_for_s: float = 300.0
+
+
+class Link:
+    """A connection to the daemon that re-connects by itself; calls wait for it."""
+
+    def __init__(self, options: WorkerOptions) -> None:
+        self.options = options
+        self.client: Client | None = None
+        self.connected = anyio.Event()
+        self.revoked: set[str] = set()
+        self.revoked_event = anyio.Event()
+        self.server_info: dict[str, Any] = {}
+        self.failure: Exception | None = None
+
+    def _notified(self, method: str, params: dict[str, Any]) -> None:
+        if method == "lease.revoked":
+            self.revoked.add(str(params.get("leaseId")))
+            self.revoked_event.set()
+            self.revoked_event = anyio.Event()
+            log.warning("lease_revoked", lease=params.get("leaseId"), reason=params.get("reason"))
+
+    async def maintain(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Keep a connection open for as long as the worker runs."""
+        started = False
+        failures = 0
+        lost_since: float | None = None
+        while True:
+            try:
+                async with Client.connect(
+                    self.options.socket,
+                    role="worker",
+                    name=self.options.name,
+                    labels=self.options.labels,
+                    on_notification=self._notified,
+                ) as client:
+                    self.client = client
+                    self.server_info = client.server_info
+                    self.connected.set()
+                    failures = 0
+                    lost_since = None
+                    if not started:
+                        started = True
+                        task_status.started()
+                    else:
+                        log.info("reconnected")
+                    await client.lost.wait()
+            except (ConnectionLost, OSError) as exc:
+                self.failure = exc
+            except RpcError as exc:
+                # initialize itself was refused (version, credentials): retrying won't help.
+                self.failure = exc
+                if not started:
+                    raise
+            self.client = None
+            self.connected = anyio.Event()
+            now = anyio.current_time()
+            lost_since = lost_since if lost_since is not None else now
+            if now - lost_since > self.options.reconnect_for_s:
+                raise ConnectionLost(
+                    f"gave up reconnecting to {self.options.socket} after "
+                    f"{self.options.reconnect_for_s:g} s: {self.failure}"
+                )
+            delay = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
+            failures += 1
+            await anyio.sleep(delay)
+
+    async def call(self, method: str, params: dict[str, Any]) -> Any:
+        """Call, re-trying across a reconnect; RPC errors are the caller's to handle."""
+        while True:
+            await self.connected.wait()
+            client = self.client
+            if client is None:
+                continue
+            try:
+                return await client.call(method, params)
+            except ConnectionLost:
+                await client.lost.wait()
+
+
+async def run_worker(options: WorkerOptions) -> int:
+    """Run the worker loop; returns the process exit status."""
+    link = Link(options)
+    done = 0
+    async with anyio.create_task_group() as tg:
+        try:
+            await tg.start(link.maintain)
+        except (ConnectionLost, RpcError) as exc:
+            log.error("cannot_connect", error=str(exc))
+            return 2
+        while options.max_handoffs is None or done < options.max_handoffs:
+            result = await link.call("lease.acquire", {"waitS": options.wait_s})
+            lease = result.get("lease")
+            if lease is None:
+                if options.exit_when_idle:
+                    break
+                continue
+            await _work_on(link, options, lease, tg)
+            done += 1
+        tg.cancel_scope.cancel()
+    return 0
+
+
+@dataclass
+class _Run:
+    lease: dict[str, Any]
+    files: Path
+    progress: dict[str, Any] = field(default_factory=dict)
+    revoked: bool = False
+
+
+async def _work_on(
+    link: Link, options: WorkerOptions, lease: dict[str, Any], tg: TaskGroup
+) -> None:
+    handoff = lease["handoff"]
+    bound = log.bind(handoff=handoff["name"], lease=lease["id"], attempt=lease["attempt"])
+    bound.info("lease_acquired", worktree=lease["worktree"], branch=lease["branch"])
+    with tempfile.TemporaryDirectory(prefix="orchestrator-worker-") as tmp:
+        run = _Run(lease=lease, files=Path(tmp))
+        env = _agent_env(run)
+        exit_status = await _run_agent(link, options, run, env, bound)
+        if run.revoked:
+            bound.warning("agent_stopped", reason="lease revoked")
+            return
+        report = await anyio.to_thread.run_sync(_build_report, run, exit_status)
+        for attempt in (1, 2):
+            try:
+                await link.call(
+                    "handoff.report",
+                    {
+                        "leaseId": lease["id"],
+                        "token": lease["token"],
+                        "report": report,
+                    },
+                )
+                bound.info("reported", status=report["status"], head=report["head"])
+                return
+            except RpcError as exc:
+                if exc.code == REPORT_REJECTED and attempt == 1:
+                    # Something changed the worktree after our commit (e.g. an agent's
+                    # background process): commit again once, then give up cleanly.
+                    bound.warning("report_rejected", reason=exc.message)
+                    report = await anyio.to_thread.run_sync(_build_report, run, exit_status)
+                    continue
+                if exc.code == LEASE_NOT_HELD:
+                    bound.warning("lease_lost", error=exc.message)
+                    return
+                bound.error("report_failed", code=exc.code, error=exc.message)
+                try:
+                    await link.call(
+                        "lease.release",
+                        {
+                            "leaseId": lease["id"],
+                            "token": lease["token"],
+                            "reason": f"report refused: {exc.message}"[:500],
+                        },
+                    )
+                except RpcError:
+                    pass
+                return
+
+
+def _agent_env(run: _Run) -> dict[str, str]:
+    lease = run.lease
+    handoff = lease["handoff"]
+    handoff_file = run.files / "handoff.md"
+    handoff_file.write_text(handoff["body"], encoding="utf-8")
+    feedback_file = run.files / "feedback.json"
+    if handoff.get("feedback"):
+        feedback_file.write_text(json.dumps(handoff["feedback"], indent=2), encoding="utf-8")
+    return {
+        **os.environ,
+        "ORCHESTRATOR_HANDOFF": handoff["name"],
+        "ORCHESTRATOR_HANDOFF_FILE": str(handoff_file),
+        "ORCHESTRATOR_WORKTREE": lease["worktree"],
+        "ORCHESTRATOR_BRANCH": lease["branch"],
+        "ORCHESTRATOR_BASE_COMMIT": lease["baseCommit"],
+        "ORCHESTRATOR_ATTEMPT": str(lease["attempt"]),
+        "ORCHESTRATOR_LEASE_ID": lease["id"],
+        "ORCHESTRATOR_FEEDBACK_FILE": str(feedback_file),
+        "ORCHESTRATOR_REPORT_FILE": str(run.files / "report.md"),
+        "ORCHESTRATOR_PROGRESS_FILE": str(run.files / "progress"),
+    }
+
+
+async def _run_agent(
+    link: Link, options: WorkerOptions, run: _Run, env: dict[str, str], bound: Any
+) -> int:
+    lease = run.lease
+    try:
+        process = await anyio.open_process(
+            list(options.command),
+            cwd=lease["worktree"],
+            env=env,
+            stdin=-1,
+            stdout=None,
+            stderr=None,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        bound.error("agent_not_started", command=list(options.command), error=str(exc))
+        return 127
+    assert process.stdin is not None
+    try:
+        await process.stdin.send(lease["handoff"]["body"].encode("utf-8"))
+    except (anyio.BrokenResourceError, OSError):
+        pass  # an agent that does not read its stdin is fine
+    finally:
+        await process.stdin.aclose()
+    interval = float(link.server_info.get("heartbeatIntervalS", 15))
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_heartbeat, link, run, interval, process, tg, bound)
+            status = await process.wait()
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await _stop_agent(process)
+    bound.info("agent_exited", exit_status=status if not run.revoked else None)
+    return status
+
+
+async def _heartbeat(
+    link: Link, run: _Run, interval: float, process: Process, tg: TaskGroup, bound: Any
+) -> None:
+    lease = run.lease
+    while True:
+        with anyio.move_on_after(interval):
+            await link.revoked_event.wait()
+        if lease["id"] in link.revoked:
+            run.revoked = True
+            await _stop_agent(process)
+            return
+        params: dict[str, Any] = {"leaseId": lease["id"], "token": lease["token"]}
+        progress = _read_progress(run.files / "progress")
+        if progress is not None:
+            params["progress"] = progress
+        try:
+            await link.call("lease.heartbeat", params)
+        except RpcError as exc:
+            if exc.code == LEASE_NOT_HELD:
+                bound.warning("lease_lost", error=exc.message)
+                run.revoked = True
+                await _stop_agent(process)
+                return
+            bound.warning("heartbeat_refused", code=exc.code, error=exc.message)
+
+
+async def _stop_agent(process: Process) -> None:
+    """Stop the agent's whole process group: TERM, a grace period, then KILL."""
+    if process.returncode is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        with anyio.move_on_after(AGENT_TERM_GRACE_S):
+            await process.wait()
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    await process.wait()
+
+
+def _read_progress(path: Path) -> dict[str, Any] | None:
+    """The agent's last progress line: JSON, or ``PERCENT[%] [message]``."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return None
+    if not lines:
+        return None
+    last = lines[-1].strip()
+    try:
+        value = json.loads(last)
+        if isinstance(value, dict):
+            return {k: value[k] for k in ("percent", "phase", "message") if k in value}
+    except ValueError:
+        pass
+    head, _, rest = last.partition(" ")
+    try:
+        percent = max(0, min(100, int(float(head.rstrip("%")))))
+        return {"percent": percent, "message": rest.strip() or None}
+    except ValueError:
+        return {"message": last[:500]}
+
+
+def commit_leftovers(worktree: Path, message: str, worker_name: str) -> str | None:
+    """Commit everything the agent left uncommitted (respecting .gitignore); new sha or None."""
+    repo = pygit2.Repository(str(worktree))
+    status = repo.status()
+    changed = {
+        path: flags for path, flags in status.items() if not flags & pygit2.enums.FileStatus.IGNORED
+    }
+    if not changed:
+        return None
+    index = repo.index
+    for path, flags in changed.items():
+        if flags & (pygit2.enums.FileStatus.WT_DELETED | pygit2.enums.FileStatus.INDEX_DELETED):
+            if path in index:
+                index.remove(path)
+        else:
+            index.add(path)
+    index.write()
+    tree = index.write_tree()
+    parents = [] if repo.head_is_unborn else [repo.head.target]
+    if parents and repo[parents[0]].peel(pygit2.Tree).id == tree:
+        return None
+    try:
+        author = repo.default_signature
+    except (KeyError, pygit2.GitError):
+        author = pygit2.Signature(
+            f"orchestrator worker {worker_name}", "worker@orchestrator.invalid"
+        )
+    oid = repo.create_commit("HEAD", author, author, message, tree, parents)
+    return str(oid)
+
+
+def _build_report(run: _Run, exit_status: int) -> dict[str, Any]:
+    lease = run.lease
+    worktree = Path(lease["worktree"])
+    name = lease["handoff"]["name"]
+    commit_leftovers(
+        worktree,
+        f"{name}: work left uncommitted by the agent (attempt {lease['attempt']})",
+        worker_name=os.environ.get("ORCHESTRATOR_WORKER_NAME", "worker"),
+    )
+    repo = pygit2.Repository(str(worktree))
+    head = str(repo.head.target)
+    commits = []
+    base = lease["baseCommit"]
+    walker = repo.walk(repo.head.target, pygit2.enums.SortMode.TOPOLOGICAL)
+    if base:
+        walker.hide(base)
+    for commit in walker:
+        commits.append(
+            f"{str(commit.id)[:10]} {commit.message.splitlines()[0] if commit.message else ''}"
+        )
+    report: dict[str, Any] = {
+        "status": "completed" if exit_status == 0 else "failed",
+        "summary": "",
+        "head": head,
+        "phases": [],
+        "metrics": [],
+    }
+    report_file = run.files / "report.md"
+    problems = ""
+    if report_file.is_file():
+        text = report_file.read_text(encoding="utf-8", errors="replace")
+        report["markdown"] = text
+        try:
+            doc = handoff_model.parse(text)
+        except handoff_model.HandoffError as exc:
+            problems = f" (its report file did not parse: {str(exc).splitlines()[0]})"
+        else:
+            status = doc.status.strip().upper()
+            if status in ("FAILED", "FALLIDO"):
+                report["status"] = "failed"
+            elif status in ("BLOCKED", "BLOQUEADO"):
+                report["status"] = "blocked"
+            elif doc.completion_summary is not None or doc.completed_phases:
+                report["status"] = "completed" if exit_status == 0 else "failed"
+            report["summary"] = doc.completion_summary or ""
+            report["phases"] = [
+                {
+                    "name": p.name,
+                    "done": p.done,
+                    "objectives": [{"text": o.text, "done": o.done} for o in p.objectives],
+                }
+                for p in doc.completed_phases
+            ]
+            report["metrics"] = [
+                {"name": m.name, "result": m.result, "achieved": m.achieved}
+                for m in doc.metrics_achieved
+            ]
+    if not report["summary"]:
+        verb = "finished" if exit_status == 0 else f"exited with status {exit_status}"
+        listing = "; ".join(commits[:5]) if commits else "no commits"
+        report["summary"] = f"The agent {verb}{problems}. Commits: {listing}."
+    return report
+
+
+def default_name() -> str:
+    return f"{os.uname().nodename}-{os.getpid()}"
+
+
+def main_sync(options: WorkerOptions) -> int:
+    """Entry point for the CLI."""
+    os.environ.setdefault("ORCHESTRATOR_WORKER_NAME", options.name)
+    try:
+        return anyio.run(run_worker, options)
+    except KeyboardInterrupt:
+        print("worker interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,25 @@
+"""An agent that writes shared.txt (so two of them conflict). Given conflict feedback, it
+merges the integration branch into its branch, keeps both versions, and commits."""
+
+import json
+import os
+from pathlib import Path
+
+from _common import HANDOFF, WORKTREE, commit, git, write
+
+feedback_file = Path(os.environ["ORCHESTRATOR_FEEDBACK_FILE"])
+if feedback_file.is_file():
+    feedback = json.loads(feedback_file.read_text())
+    assert feedback["reason"] == "conflict", feedback
+    assert "shared.txt" in feedback["log"], feedback
+    try:
+        git("merge", "--no-edit", "main")
+    except Exception:
+        ours = git("show", "HEAD:shared.txt")
+        theirs = git("show", "main:shared.txt")
+        (WORKTREE / "shared.txt").write_text(theirs + "\n" + ours + "\n")
+        git("add", "shared.txt")
+        git("commit", "-q", "--no-edit")
+else:
+    write("shared.txt", f"line written by {HANDOFF}\n")
+    commit(f"{HANDOFF}: write shared.txt")

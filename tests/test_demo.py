@@ -1,0 +1,33 @@
+"""`orchestrator demo` (what `make demo` runs) works from a clone, end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_merges_all_three_examples(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "demo", "--dir", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "gate_failed" in out and "(with feedback: gate_failed)" in out
+    assert out.count("Merge handoff ") == 3
+    for name in ("handoff-1-critical", "handoff-2-patterns", "handoff-3-ux"):
+        assert f"== {name}: rendered report" in out
+    assert "**HANDOFF COMPLETED**" in out
+    assert 'orchestrator_merges_total{result="merged"} 3.0' in out
+    assert "Traceback" not in result.stderr
+    repo = tmp_path / "demo" / "repo"
+    log = subprocess.run(["git", "log", "--first-parent", "--format=%s", "main"], cwd=repo,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    # Dependencies are merged before their dependents.
+    assert log.index("Merge handoff handoff-3-ux: Friendlier CLI error messages") < \
+        log.index("Merge handoff handoff-1-critical: Fix the crash on empty input in the parser")

@@ -1,0 +1,378 @@
+"""The merge queue: one at a time, behind real gates, the integration branch never broken."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import git
+from harness import (
+    Daemon,
+    control,
+    handoff_doc,
+    kill_group,
+    start_worker,
+    states,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+# The repository's "test suite": app.answer() must be 42.
+CHECK = (
+    "import sys; sys.path.insert(0, 'src'); import app; "
+    "assert app.answer() == 42, 'answer() is not 42'"
+)
+
+
+def gate(run: list[str], *, name: str = "tests", timeout_s: float = 60) -> str:
+    argv = ", ".join(f'"{a}"' for a in run)
+    return f'[[gates]]\nname = "{name}"\nrun = [{argv}]\ntimeout_s = {timeout_s}\n'
+
+
+def script(tmp_path: Path, name: str, body: str) -> str:
+    path = tmp_path / name
+    path.write_text(body)
+    return str(path)
+
+
+def first_parents(repo: Path) -> list[str]:
+    return git(repo, "rev-list", "--first-parent", "main").splitlines()
+
+
+def passes_gate(repo: Path, commit: str, tmp_path: Path) -> bool:
+    target = tmp_path / f"check-{commit[:12]}"
+    target.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", commit], cwd=repo, check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x"], input=archive, cwd=target, check=True)
+    return subprocess.run([sys.executable, "-c", CHECK], cwd=target).returncode == 0
+
+
+def test_good_breaking_and_conflicting_handoffs(tmp_path: Path, repo: Path) -> None:
+    config = write_config(
+        tmp_path,
+        repo,
+        gates=gate([sys.executable, "-c", CHECK]),
+        merge='on_conflict = "requeue"\non_gate_failure = "hold"',
+    )
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    workers = []
+    try:
+        control(
+            daemon.socket,
+            "handoff.submit",
+            {
+                "markdown": [
+                    handoff_doc("good-one", priority="HIGH", labels="good"),
+                    handoff_doc("breaker", priority="MEDIUM", labels="breaks"),
+                    handoff_doc("clash-a", priority="LOW", labels="conflict"),
+                    handoff_doc("clash-b", priority="LOW", labels="conflict"),
+                ]
+            },
+        )
+        # Labels route each handoff to the worker whose scripted agent fits it.
+        for label, agent in (
+            ("good", "good.py"),
+            ("breaks", "breaks_tests.py"),
+            ("conflict", "conflict.py"),
+        ):
+            workers.append(
+                start_worker(
+                    daemon.socket,
+                    agent,
+                    tmp_path / f"{label}.log",
+                    name=label,
+                    extra=["--label", label],
+                )
+            )
+
+        def settled() -> bool:
+            s = states(daemon.socket)
+            return s == {
+                "good-one": "merged",
+                "breaker": "failed",
+                "clash-a": "merged",
+                "clash-b": "merged",
+            }
+
+        wait_for(settled, "good and conflicting handoffs merged, the breaking one held")
+
+        breaker = control(daemon.socket, "handoff.get", {"name": "breaker"})
+        assert breaker["gates"][-1]["exitStatus"] != 0
+        assert "answer() is not 42" in breaker["gates"][-1]["outputTail"]
+        breaking_head = breaker["reports"][-1]["head"]
+        assert (
+            subprocess.run(
+                ["git", "merge-base", "--is-ancestor", breaking_head, "main"], cwd=repo
+            ).returncode
+            == 1
+        ), "the breaking commit reached main"
+
+        clash = [control(daemon.socket, "handoff.get", {"name": n}) for n in ("clash-a", "clash-b")]
+        second = next(r for r in clash if r["attempt"] == 2)
+        assert second["conflicts"] == ["shared.txt"]
+        assert [m["result"] for m in second["merges"]] == ["conflict", "merged"]
+        assert second["leases"][-1]["attempt"] == 2
+        shared = git(repo, "show", "main:shared.txt")
+        assert "clash-a" in shared and "clash-b" in shared
+
+        # Every first-parent commit of main passes the gate; one merge per handoff.
+        history = first_parents(repo)
+        assert len(history) == 4  # initial + good-one + clash-a + clash-b
+        for commit in history:
+            assert passes_gate(repo, commit, tmp_path), commit
+        good = control(daemon.socket, "handoff.get", {"name": "good-one"})
+        message = git(repo, "log", "-1", "--format=%B", good["mergeCommit"])
+        assert "Handoff: good-one" in message and "Attempt: 1" in message
+        assert "Gates: tests" in message
+        assert good["mergeCommit"] in history
+
+        status = control(daemon.socket, "status")
+        assert status["integrationTip"] == history[0]
+        assert status["mergeQueue"] == []
+
+        # The rendered report carries the integration result.
+        shown = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "orchestrator",
+                "--socket",
+                str(daemon.socket),
+                "show",
+                "good-one",
+                "--markdown",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "## INTEGRATION RESULT" in shown.stdout
+        assert good["mergeCommit"] in shown.stdout
+
+        # A person can send the held breaker back; it is queued again.
+        control(daemon.socket, "handoff.retry", {"name": "breaker"})
+        assert states(daemon.socket)["breaker"] in (
+            "queued",
+            "leased",
+            "reported",
+            "gating",
+            "failed",
+        )
+    finally:
+        for worker in workers:
+            kill_group(worker)
+        daemon.stop()
+
+
+def test_gate_failure_requeues_with_feedback_and_the_repair_lands(
+    tmp_path: Path, repo: Path
+) -> None:
+    config = write_config(tmp_path, repo, gates=gate([sys.executable, "-c", CHECK]))
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    worker = start_worker(daemon.socket, "repairs.py", tmp_path / "w.log")
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("mend")]})
+        wait_for(lambda: states(daemon.socket)["mend"] == "merged", "the repaired handoff")
+        record = control(daemon.socket, "handoff.get", {"name": "mend"})
+        assert record["attempt"] == 2
+        assert [m["result"] for m in record["merges"]] == ["gate_failed", "merged"]
+        assert [g["exitStatus"] for g in record["gates"]] == [1, 0]
+        assert git(repo, "show", "main:src/app.py").count("return 42") == 1
+    finally:
+        kill_group(worker)
+        daemon.stop()
+
+
+def test_hanging_gate_is_killed_with_its_children(tmp_path: Path, repo: Path) -> None:
+    pids = tmp_path / "pids"
+    hang = script(
+        tmp_path,
+        "hang.py",
+        f"""
+import os, subprocess, sys, time
+if os.environ["ORCHESTRATOR_HANDOFF"] == "stuck":
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    with open({str(pids)!r}, "a") as f:
+        f.write(f"{{os.getpid()}} {{child.pid}}\\n")
+    time.sleep(600)
+""",
+    )
+    config = write_config(
+        tmp_path,
+        repo,
+        gates=gate([sys.executable, hang], timeout_s=1),
+        merge='on_gate_failure = "hold"',
+    )
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        control(
+            daemon.socket,
+            "handoff.submit",
+            {
+                "markdown": [
+                    handoff_doc("stuck", priority="HIGH"),
+                    handoff_doc("after", priority="LOW"),
+                ]
+            },
+        )
+        wait_for(
+            lambda: states(daemon.socket) == {"stuck": "failed", "after": "merged"},
+            "the hanging gate to be killed and the next handoff to land",
+        )
+        record = control(daemon.socket, "handoff.get", {"name": "stuck"})
+        assert record["gates"][0]["timedOut"] is True
+        assert "timed out" in record["detail"]
+        for pid in map(int, pids.read_text().split()):
+            wait_for(lambda pid=pid: not _alive(pid), f"gate process {pid} to be gone")
+    finally:
+        kill_group(worker)
+        daemon.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes; it has no one to reap it only in odd setups.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_integration_branch_moved_while_gating_rebuilds_the_candidate(
+    tmp_path: Path, repo: Path
+) -> None:
+    marker = tmp_path / "moved"
+    mover = script(
+        tmp_path,
+        "mover.py",
+        f"""
+import os, subprocess
+from pathlib import Path
+marker = Path({str(marker)!r})
+if not marker.exists():
+    marker.write_text("x")
+    # Someone else lands a commit on main while this candidate is being gated.
+    Path({str(repo)!r}, "OUTSIDE.txt").write_text("landed by a person\\n")
+    subprocess.run(["git", "add", "OUTSIDE.txt"], cwd={str(repo)!r}, check=True)
+    subprocess.run(["git", "-c", "user.name=p", "-c", "user.email=p@x", "commit", "-q",
+                    "-m", "a person's commit"], cwd={str(repo)!r}, check=True)
+""",
+    )
+    config = write_config(tmp_path, repo, gates=gate([sys.executable, mover]))
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("racer")]})
+        wait_for(lambda: states(daemon.socket)["racer"] == "merged", "the rebuilt candidate")
+        record = control(daemon.socket, "handoff.get", {"name": "racer"})
+        candidates = [g["candidate"] for g in record["gates"]]
+        assert len(candidates) == 2 and candidates[0] != candidates[1]
+        assert record["mergeCommit"] == candidates[1]
+        subjects = git(repo, "log", "--first-parent", "--format=%s", "main").splitlines()
+        assert subjects[0].startswith("Merge handoff racer")
+        assert subjects[1] == "a person's commit"
+        assert (repo / "work" / "racer.txt").exists()  # the clean checkout of main was updated
+        assert git(repo, "status", "--porcelain") == ""
+    finally:
+        kill_group(worker)
+        daemon.stop()
+
+
+def test_dirty_checkout_of_the_integration_branch_blocks_merging(
+    tmp_path: Path, repo: Path
+) -> None:
+    config = write_config(tmp_path, repo)
+    (repo / "README.md").write_text("a person's unsaved edit\n")
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("polite")]})
+        blocked = wait_for(
+            lambda: control(daemon.socket, "status")["mergeBlocked"], "the merge to be blocked"
+        )
+        assert "local changes" in blocked and str(repo) in blocked
+        assert len(first_parents(repo)) == 1
+        assert (repo / "README.md").read_text() == "a person's unsaved edit\n"
+        assert any(e["event"] == "merge_blocked" for e in daemon.logs())
+        git(repo, "checkout", "README.md")
+        wait_for(lambda: states(daemon.socket)["polite"] == "merged", "the merge after cleanup")
+        assert control(daemon.socket, "status")["mergeBlocked"] is None
+    finally:
+        kill_group(worker)
+        daemon.stop()
+
+
+def test_daemon_killed_during_a_gate_gates_again_and_merges_once(
+    tmp_path: Path, repo: Path
+) -> None:
+    started = tmp_path / "gate-started"
+    slow = script(
+        tmp_path,
+        "slow.py",
+        f"""
+import os, time
+from pathlib import Path
+marker = Path({str(started)!r})
+if not marker.exists():
+    marker.write_text(str(os.getpid()))
+    time.sleep(600)
+""",
+    )
+    config = write_config(tmp_path, repo, gates=gate([sys.executable, slow], timeout_s=900))
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("survivor")]})
+        wait_for(started.exists, "the gate to start")
+        assert states(daemon.socket)["survivor"] == "gating"
+        daemon.kill()
+        os.kill(int(wait_for(started.read_text, "the gate pid")), 9)  # orphaned by SIGKILL
+        daemon.start()
+        wait_for(lambda: states(daemon.socket)["survivor"] == "merged", "the merge after restart")
+        record = control(daemon.socket, "handoff.get", {"name": "survivor"})
+        assert [m["result"] for m in record["merges"]].count("merged") == 1
+        assert len(record["gates"]) == 1  # the killed run was never recorded as a result
+        merges = git(repo, "log", "--first-parent", "--merges", "--format=%s", "main")
+        assert merges.splitlines() == [merges.splitlines()[0]]
+        assert "survivor" in merges
+        assert any(e["event"] == "gating_interrupted" for e in daemon.logs())
+    finally:
+        kill_group(worker)
+        daemon.stop()
+
+
+@pytest.mark.parametrize("strategy", ["squash", "ff-only"])
+def test_other_strategies(tmp_path: Path, repo: Path, strategy: str) -> None:
+    config = write_config(
+        tmp_path, repo, gates=gate([sys.executable, "-c", CHECK]), merge=f'strategy = "{strategy}"'
+    )
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("straight")]})
+        wait_for(lambda: states(daemon.socket)["straight"] == "merged", f"the {strategy} merge")
+        tip = git(repo, "rev-parse", "main")
+        parents = git(repo, "rev-list", "--parents", "-n", "1", tip).split()[1:]
+        assert len(parents) == 1
+        branch_tip = git(repo, "rev-parse", "handoff/straight")
+        if strategy == "ff-only":
+            assert tip == branch_tip
+        else:
+            assert tip != branch_tip
+            assert "Handoff: straight" in git(repo, "log", "-1", "--format=%B", tip)
+        assert git(repo, "show", "main:work/straight.txt")
+    finally:
+        kill_group(worker)
+        daemon.stop()
