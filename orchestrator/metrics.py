@@ -20,6 +20,8 @@ from anyio.abc import SocketAttribute
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
+from orchestrator.store import STATES
+
 try:
     # prometheus-client >= 0.22 bumped CONTENT_TYPE_LATEST to the 1.0.0 text format, yet
     # generate_latest() still writes the 0.0.4 format that every Prometheus understands, and
@@ -39,17 +41,8 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-HANDOFF_STATES = (
-    "queued",
-    "waiting",
-    "leased",
-    "reported",
-    "gating",
-    "merged",
-    "conflict",
-    "failed",
-    "cancelled",
-)
+# The store owns the state machine; the gauge exports every one of its states.
+HANDOFF_STATES = STATES
 MERGE_RESULTS = ("merged", "conflict", "gate_failed")
 
 # Gates range from a lint run (a fraction of a second) to a full test suite capped by

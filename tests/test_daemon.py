@@ -286,3 +286,35 @@ def test_a_second_daemon_on_the_same_state_dir_refuses(paused_daemon: Daemon) ->
     assert second.returncode == 2
     assert "another orchestrator daemon" in second.stderr
     assert control(paused_daemon.socket, "status")["integrationBranch"] == "main"
+
+
+def test_structured_submission_list_filter_and_release(paused_daemon: Daemon) -> None:
+    result = control(paused_daemon.socket, "handoff.submit", {"handoffs": [{
+        "name": "structured", "title": "Built from JSON", "priority": "high",
+        "dependencies": [], "labels": [],
+        "phases": [{"name": "Only", "objectives": ["do it"]}],
+        "successMetrics": [{"name": "Overall", "criteria": "it is done"}],
+    }]})
+    assert result == {"names": ["structured"]}
+    record = control(paused_daemon.socket, "handoff.get", {"name": "structured"})
+    assert record["title"] == "Built from JSON" and record["priority"] == "HIGH"
+    assert record["body"].startswith("# HANDOFF: structured - PENDING")
+    for key in ("name", "title", "priority", "state", "attempt", "dependencies", "progress",
+                "updatedAt", "body", "leases", "reports", "gates", "conflicts", "mergeCommit"):
+        assert key in record, key
+    listed = control(paused_daemon.socket, "handoff.list", {"state": "queued"})["handoffs"]
+    assert [h["name"] for h in listed] == ["structured"]
+    assert control(paused_daemon.socket, "handoff.list", {"state": "merged"}) == {"handoffs": []}
+
+    conn = Conn(paused_daemon.socket)
+    conn.initialize("worker")
+    lease = conn.request("lease.acquire", {"waitS": 5})["result"]["lease"]
+    assert lease["handoff"]["phases"] == [{"name": "Only", "objectives": ["do it"]}]
+    assert lease["handoff"]["feedback"] is None
+    released = conn.request("lease.release", {"leaseId": lease["id"], "token": lease["token"],
+                                              "reason": "not my kind of work"})
+    assert released["result"] == {}
+    again = conn.request("lease.acquire", {"waitS": 5})["result"]["lease"]
+    assert again["handoff"]["name"] == "structured" and again["attempt"] == 2
+    assert again["token"] > lease["token"]
+    conn.close()
