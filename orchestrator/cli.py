@@ -253,6 +253,9 @@ def _run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
+        if not 0 <= args.wait <= 300:
+            print("error: --wait must be from 0 to 300 seconds", file=sys.stderr)
+            return EXIT_USAGE
         options = WorkerOptions(
             socket=_socket_path(args),
             command=agent,

@@ -156,6 +156,21 @@ class Handlers:
         for key in ("phases", "metrics"):
             if report.get(key) is not None and not isinstance(report[key], list):
                 raise RpcError(INVALID_PARAMS, f"invalid params: report.{key} must be a list")
+        try:
+            # Judged on arrival: the renewal keeps the lease alive while the worktree is
+            # checked, which may wait behind other git work.
+            await self.offload.db(
+                self.store.renew,
+                lease_id,
+                token,
+                ttl_s=self.config.lease_ttl_s,
+                progress=None,
+                now=time.time(),
+            )
+        except LeaseNotHeld:
+            if await self.offload.db(self.store.already_reported, lease_id, token, head):
+                return {"accepted": True}  # a retry after a lost reply
+            raise
         lease = await self.offload.db(self.store.lease, lease_id, token, now=time.time())
         reason = await self.offload.git(self._check_worktree, lease, head)
         if reason:

@@ -83,10 +83,9 @@ class LeaseManager:
             # failed): give the handoff straight back rather than waiting out the TTL.
             with anyio.CancelScope(shield=True):
                 await self.offload.db(
-                    self.store.release,
+                    self.store.abandon_grant,
                     grant.lease_id,
-                    grant.token,
-                    reason=f"lease could not be handed over: {type(exc).__name__}",
+                    reason=f"lease could not be handed over ({type(exc).__name__}: {exc})",
                     now=time.time(),
                 )
                 self.wake()

@@ -20,7 +20,7 @@ from orchestrator.blocking import Offload
 from orchestrator.config import Config
 from orchestrator.gates import GateResult, run_gate
 from orchestrator.metrics import Metrics
-from orchestrator.store import MergeJob, Store
+from orchestrator.store import InvalidTransition, MergeJob, Store
 from orchestrator.worktrees import IntegrationTreeDirty, Workspace
 
 log = logs.get("merge")
@@ -71,6 +71,18 @@ class MergeQueue:
             self.current = job.name
             try:
                 await self.integrate(job)
+            except Exception as exc:
+                # One broken job (a deleted branch, a corrupt object) must not take the
+                # daemon down, nor crash-loop it after a restart: hold it for a person.
+                log.exception("merge_error", handoff=job.name, attempt=job.attempt)
+                await self.offload.db(
+                    self.store.merge_error,
+                    job.name,
+                    detail=f"merge failed: {type(exc).__name__}: {exc}; fix it and "
+                    "`orchestrator retry` the handoff",
+                    now=time.time(),
+                )
+                await anyio.sleep(1.0)
             finally:
                 self.current = None
                 # Whatever happened, a job left in ``gating`` (e.g. on shutdown) goes back.
@@ -78,19 +90,45 @@ class MergeQueue:
                     await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
                     self.on_change()
 
+    async def reconcile_landings(self) -> None:
+        """Settle landings a crash left open (intent recorded, outcome not): a candidate
+        the branch contains was merged; any other never landed and is gated again."""
+        pending = await self.offload.db(self.store.pending_landings)
+        if not pending:
+            return
+        tip = await self.offload.git(self.workspace.integration_tip)
+        for name, attempt, base, candidate in pending:
+            if await self.offload.git(self.workspace.is_ancestor, candidate, tip):
+                cycle = await self.offload.db(
+                    self.store.mark_merged,
+                    name,
+                    attempt=attempt,
+                    base=base,
+                    commit=candidate,
+                    now=time.time(),
+                )
+                self.metrics.merge_finished("merged")
+                self.metrics.handoff_merged(cycle)
+                log.warning("merge_recovered", handoff=name, attempt=attempt, commit=candidate)
+            else:
+                await self.offload.db(
+                    self.store.landing_superseded,
+                    name,
+                    detail="the daemon stopped before this candidate landed",
+                    now=time.time(),
+                )
+                log.warning(
+                    "landing_not_done",
+                    handoff=name,
+                    attempt=attempt,
+                    candidate=candidate,
+                    detail="it will be gated again",
+                )
+
     async def integrate(self, job: MergeJob) -> None:
         """Take one handoff from ``gating`` to ``merged``, ``conflict`` or ``failed``."""
         bound = log.bind(handoff=job.name, attempt=job.attempt)
         branch = handoff_model.branch_name(job.name)
-        intent = await self.offload.db(self.store.landing_intent, job.name)
-        if intent is not None:
-            base, candidate = intent
-            tip = await self.offload.git(self.workspace.integration_tip)
-            if await self.offload.git(self.workspace.is_ancestor, candidate, tip):
-                # The daemon died after moving the ref and before recording it: it landed.
-                bound.info("merge_recovered", commit=candidate)
-                await self._merged(job, base, candidate, bound)
-                return
         message = self._message(job)
         while True:
             result = await self.offload.git(
@@ -98,6 +136,7 @@ class MergeQueue:
                 branch,
                 strategy=self.config.merge_strategy,
                 message=message,
+                head=job.head,
             )
             if result.candidate is None and result.detail == "already merged":
                 bound.info("already_merged", base=result.base)
@@ -111,14 +150,18 @@ class MergeQueue:
             if failed is not None:
                 await self._gate_failed(job, result.base, result.candidate, failed, bound)
                 return
-            await self.offload.db(
-                self.store.record_landing_intent,
-                job.name,
-                attempt=job.attempt,
-                base=result.base,
-                candidate=result.candidate,
-                now=time.time(),
-            )
+            try:
+                await self.offload.db(
+                    self.store.record_landing_intent,
+                    job.name,
+                    attempt=job.attempt,
+                    base=result.base,
+                    candidate=result.candidate,
+                    now=time.time(),
+                )
+            except InvalidTransition as exc:
+                bound.warning("merge_abandoned", reason=str(exc))
+                return
             landed = await self._advance(result.base, result.candidate, job, bound)
             if landed:
                 await self._merged(job, result.base, result.candidate, bound)

@@ -61,16 +61,23 @@ class Request:
 
 def encode(message: dict[str, Any]) -> bytes:
     """One line of compact JSON; ``json.dumps`` escapes newlines inside strings, so the frame
-    can never contain a raw ``\\n``."""
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    can never contain a raw ``\\n``. ASCII-only, so text that is not valid Unicode (a file
+    name with stray bytes, a lone surrogate a peer sent) is escaped, never an encoding error."""
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def decode_line(line: bytes) -> Any:
     """Parse one frame (without its newline); raises :class:`RpcError` ``-32700``."""
     try:
-        return json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return json.loads(line.decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise RpcError(PARSE_ERROR, f"parse error: not valid UTF-8 JSON ({exc})") from exc
+    except RecursionError:
+        raise RpcError(PARSE_ERROR, "parse error: JSON nested too deeply") from None
 
 
 def parse_request(obj: Any) -> Request:

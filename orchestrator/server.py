@@ -49,6 +49,14 @@ from orchestrator.protocol import (
 log = logs.get("server")
 
 _session_ids = itertools.count(1)
+# Requests one connection may have in progress at once; the next waits for a reply.
+MAX_IN_FLIGHT = 32
+# Connections served at once; more are closed at once so file descriptors never run out.
+MAX_CONNECTIONS = 512
+# A peer must send initialize this soon after connecting.
+INITIALIZE_TIMEOUT_S = 10.0
+# How long a notification (lease.revoked) may wait for a peer that does not read.
+NOTIFY_TIMEOUT_S = 1.0
 
 
 @dataclass
@@ -60,21 +68,24 @@ class Session:
     gid: int
     pid: int
     send: Callable[[dict[str, Any]], Awaitable[None]]
+    groups: tuple[int, ...] = ()
     role: str | None = None
     client: dict[str, Any] = field(default_factory=dict)
     worker_name: str = ""
     labels: tuple[str, ...] = ()
     connected_at: float = field(default_factory=time.time)
     closed: bool = False
+    in_flight: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(MAX_IN_FLIGHT))
 
     async def notify(self, method: str, params: dict[str, Any]) -> None:
         """Send a notification; a peer that is gone is simply skipped."""
         if self.closed:
             return
-        try:
-            await self.send(notification(method, params))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, TimeoutError, OSError):
-            self.closed = True
+        with anyio.move_on_after(NOTIFY_TIMEOUT_S):
+            try:
+                await self.send(notification(method, params))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, TimeoutError, OSError):
+                self.closed = True
 
 
 class Dispatcher(Protocol):
@@ -87,6 +98,18 @@ class Dispatcher(Protocol):
     def session_closed(self, session: Session) -> None: ...
 
     def protocol_error(self, code: int) -> None: ...
+
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; not exported by Python
+
+
+def peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """The peer's supplementary groups (``SO_PEERGROUPS``), empty where unsupported."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 256)
+    except OSError:
+        return ()
+    return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -119,15 +142,34 @@ class SocketServer:
         os.chmod(path, self.config.socket_mode)
         log.info("socket_listening", socket=str(path), mode=oct(self.config.socket_mode))
         try:
-            async with listener:
+            async with listener, anyio.create_task_group() as tg:
                 task_status.started()
-                await listener.serve(self._connection)
+                await self._accept_loop(listener, tg)
         finally:
             path.unlink(missing_ok=True)
 
-    def _authorized(self, uid: int, gid: int) -> bool:
+    async def _accept_loop(self, listener: Any, tg: anyio.abc.TaskGroup) -> None:
+        """Accept forever; running out of file descriptors pauses accepting, never ends it."""
+        while True:
+            try:
+                stream = await listener.accept()
+            except (OSError, anyio.BrokenResourceError) as exc:
+                log.error("accept_failed", error=str(exc), detail="retrying in 0.5 s")
+                await anyio.sleep(0.5)
+                continue
+            if len(self.sessions) >= MAX_CONNECTIONS:
+                log.warning(
+                    "connection_refused", reason="too many connections", limit=MAX_CONNECTIONS
+                )
+                await stream.aclose()
+                continue
+            tg.start_soon(self._connection, stream)
+
+    def _authorized(self, uid: int, gids: tuple[int, ...]) -> bool:
         return (
-            uid == os.getuid() or uid in self.config.allowed_uids or gid in self.config.allowed_gids
+            uid == os.getuid()
+            or uid in self.config.allowed_uids
+            or any(g in self.config.allowed_gids for g in gids)
         )
 
     async def _connection(self, stream: SocketStream) -> None:
@@ -153,7 +195,14 @@ class SocketServer:
                     connection_scope.cancel()
                     raise
 
-        session = Session(id=f"s-{next(_session_ids)}", uid=uid, gid=gid, pid=pid, send=send)
+        session = Session(
+            id=f"s-{next(_session_ids)}",
+            uid=uid,
+            gid=gid,
+            pid=pid,
+            send=send,
+            groups=peer_groups(raw),
+        )
         bound = log.bind(session=session.id, peer_pid=pid, peer_uid=uid)
         reader = BufferedByteReceiveStream(stream)
         self.sessions[session.id] = session
@@ -164,6 +213,8 @@ class SocketServer:
                     tg.cancel_scope.cancel()
         except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             bound.info("peer_dropped")
+        except Exception:  # a bug costs this one connection, never the daemon
+            bound.exception("connection_failed")
         finally:
             session.closed = True
             self.sessions.pop(session.id, None)
@@ -177,11 +228,18 @@ class SocketServer:
         tg: anyio.abc.TaskGroup,
         bound: Any,
     ) -> None:
-        authorized = self._authorized(session.uid, session.gid)
+        authorized = self._authorized(session.uid, (session.gid, *session.groups))
         limit = self.config.max_message_bytes
         while True:
             try:
-                line = await reader.receive_until(b"\n", limit)
+                if session.role is None:
+                    with anyio.move_on_after(INITIALIZE_TIMEOUT_S) as deadline:
+                        line = await reader.receive_until(b"\n", limit)
+                    if deadline.cancelled_caught:
+                        bound.info("initialize_timeout", timeout_s=INITIALIZE_TIMEOUT_S)
+                        return
+                else:
+                    line = await reader.receive_until(b"\n", limit)
                 # receive_until only enforces the limit while it is still looking for the
                 # delimiter; a long frame that arrived in one read must be caught here.
                 if len(line) > limit:
@@ -223,6 +281,9 @@ class SocketServer:
                 # initialize runs inline: nothing else may start before it finished.
                 await self._initialize(session, request, bound)
                 continue
+            # Back-pressure: a peer that pipelines requests waits for its own replies
+            # instead of growing the daemon's memory and queueing in front of others.
+            await session.in_flight.acquire()
             tg.start_soon(self._call, session, request, bound)
 
     async def _initialize(self, session: Session, request: Request, bound: Any) -> None:
@@ -234,12 +295,13 @@ class SocketServer:
                     INVALID_REQUEST,
                     f"call initialize first (got {request.method!r} before initialize)",
                 ),
+                notify=request.is_notification,
             )
             return
         try:
             result = self._handshake(session, request.params)
         except RpcError as exc:
-            await self._error(session, request.id, exc)
+            await self._error(session, request.id, exc, notify=request.is_notification)
             return
         self.dispatcher.session_opened(session)
         bound.info(
@@ -253,7 +315,7 @@ class SocketServer:
 
     def _handshake(self, session: Session, params: dict[str, Any]) -> dict[str, Any]:
         version = params.get("protocolVersion")
-        if version not in SUPPORTED_VERSIONS:
+        if type(version) is not int or version not in SUPPORTED_VERSIONS:
             raise RpcError(
                 UNSUPPORTED_VERSION,
                 f"protocol version {version!r} is not supported; this daemon speaks "
@@ -286,6 +348,16 @@ class SocketServer:
         }
 
     async def _call(self, session: Session, request: Request, bound: Any) -> None:
+        try:
+            await self._answer(session, request, bound)
+        finally:
+            session.in_flight.release()
+
+    async def _answer(self, session: Session, request: Request, bound: Any) -> None:
+        if request.is_notification and request.method == "lease.acquire":
+            # A lease nobody hears about would only sit there until it expired.
+            bound.info("ignored_notification", method=request.method)
+            return
         try:
             if self.shutting_down:
                 raise RpcError(SHUTTING_DOWN, "the daemon is shutting down; retry shortly")
@@ -345,9 +417,16 @@ def _peek_id(line: bytes) -> Any:
 
     try:
         obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    return obj.get("id") if isinstance(obj, dict) else None
+    if not isinstance(obj, dict):
+        return None
+    request_id = obj.get("id")
+    if isinstance(request_id, str) or (
+        isinstance(request_id, int) and not isinstance(request_id, bool)
+    ):
+        return request_id
+    return None
 
 
 async def _clear_stale_socket(path: Path) -> None:

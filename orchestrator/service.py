@@ -54,7 +54,9 @@ class Daemon:
             workspace = await anyio.to_thread.run_sync(
                 Workspace, config.repository_path, config.integration_branch, config.worktrees_dir
             )
-            recovered = await self.offload.db(store.recover, now=time.time())
+            recovered = await self.offload.db(
+                store.recover, ttl_s=config.lease_ttl_s, now=time.time()
+            )
             if recovered:
                 log.warning(
                     "gating_interrupted", handoffs=recovered, detail="these will be gated again"
@@ -87,6 +89,7 @@ class Daemon:
             on_change=self._changed,
         )
         self._refresh_needed = anyio.Event()
+        await merges.reconcile_landings()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals)
             await tg.start(self.server.serve)

@@ -42,6 +42,9 @@ STATES = (
 LIVE_STATES = ("queued", "waiting", "leased", "reported", "gating")
 RETRYABLE_STATES = ("failed", "conflict", "cancelled")
 PRIORITY_RANK = {"HIGH": 0, "MEDIUM": 1, "LOW": 2}
+# A granted lease does not expire while its worktree is being prepared (the TTL starts
+# when the worker gets it); this bounds how long a preparation may take.
+PREPARE_GRACE_S = 900.0
 SCHEMA_VERSION = 1
 
 SCHEMA = """
@@ -238,7 +241,7 @@ def _loads(value: str | None) -> Any:
 
 
 def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return None if value is None else json.dumps(value, allow_nan=False, sort_keys=True)
 
 
 def new_lease_id() -> str:
@@ -289,18 +292,20 @@ class Store:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        else:
             self._conn.execute("COMMIT")
+        except BaseException:
+            # Also after a failed COMMIT: a transaction left open would make every later
+            # BEGIN fail.
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
 
     def _event(
         self, c: sqlite3.Connection, now: float, handoff: str | None, kind: str, **detail: Any
     ) -> None:
         c.execute(
             "INSERT INTO events(at, handoff, kind, detail) VALUES (?,?,?,?)",
-            (now, handoff, kind, json.dumps(detail, ensure_ascii=False, sort_keys=True)),
+            (now, handoff, kind, json.dumps(detail, allow_nan=False, sort_keys=True)),
         )
 
     def _counter(self, c: sqlite3.Connection, key: str) -> int:
@@ -377,7 +382,7 @@ class Store:
                         json.dumps(list(h.dependencies)),
                         json.dumps(list(h.labels)),
                         h.body,
-                        json.dumps(h.wire, ensure_ascii=False),
+                        json.dumps(h.wire, allow_nan=False),
                         "waiting",
                         1,
                         max_attempts,
@@ -418,7 +423,7 @@ class Store:
                     continue
                 token = self._counter(c, "fencing_token")
                 lease_id = new_lease_id()
-                expires = now + ttl_s
+                expires = now + ttl_s + PREPARE_GRACE_S
                 c.execute(
                     "INSERT INTO leases(id, token, handoff, worker, attempt, granted_at,"
                     " expires_at) VALUES (?,?,?,?,?,?,?)",
@@ -449,12 +454,27 @@ class Store:
     def set_lease_workspace(
         self, lease_id: str, *, base_commit: str, worktree: str, branch: str, expires_at: float
     ) -> None:
+        """Record the prepared worktree and start the lease's TTL."""
         with self._tx() as c:
-            c.execute(
+            updated = c.execute(
                 "UPDATE leases SET base_commit = ?, worktree = ?, branch = ?, expires_at = ?"
                 " WHERE id = ? AND ended_at IS NULL",
                 (base_commit, worktree, branch, expires_at, lease_id),
-            )
+            ).rowcount
+            if updated != 1:
+                raise LeaseNotHeld(f"lease {lease_id} ended while its worktree was prepared")
+
+    def abandon_grant(self, lease_id: str, *, reason: str, now: float) -> None:
+        """A lease the worker never received: end it and put the handoff back in the queue
+        without spending an attempt (it was the daemon's failure, not the agent's)."""
+        with self._tx() as c:
+            lease = c.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
+            if lease is None or lease["ended_at"] is not None:
+                return
+            self._end_lease(c, lease_id, "abandoned", now)
+            self._event(c, now, lease["handoff"], "lease_abandoned", lease=lease_id, reason=reason)
+            if self._row(c, lease["handoff"])["state"] == "leased":
+                self._set_state(c, lease["handoff"], "queued", now, detail=reason)
 
     def _held(self, c: sqlite3.Connection, lease_id: str, token: int, now: float) -> sqlite3.Row:
         row = c.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
@@ -580,6 +600,20 @@ class Store:
                 detail=f"released by the worker: {reason}" if reason else "released by the worker",
             )
 
+    def already_reported(self, lease_id: str, token: int, head: str) -> bool:
+        """Whether this exact report was accepted before (a retry after a lost reply)."""
+        row = self._conn.execute(
+            "SELECT l.token, l.end_reason, r.head FROM leases l JOIN reports r"
+            " ON r.lease_id = l.id WHERE l.id = ? ORDER BY r.id DESC LIMIT 1",
+            (lease_id,),
+        ).fetchone()
+        return bool(
+            row is not None
+            and row["token"] == token
+            and row["end_reason"] == "reported"
+            and row["head"] == head
+        )
+
     def accept_report(
         self, lease_id: str, token: int, *, report: dict[str, Any], head: str, now: float
     ) -> str:
@@ -599,7 +633,7 @@ class Store:
                     status,
                     summary,
                     head,
-                    json.dumps(report, ensure_ascii=False),
+                    json.dumps(report, allow_nan=False),
                     now,
                 ),
             )
@@ -716,8 +750,14 @@ class Store:
     def record_landing_intent(
         self, name: str, *, attempt: int, base: str, candidate: str, now: float
     ) -> None:
-        """Written just before the ref moves, so a crash between the two is resolvable."""
+        """Written just before the ref moves, so a crash between the two is resolvable.
+
+        Refused (:class:`InvalidTransition`) if the handoff left ``gating`` meanwhile, e.g.
+        a person cancelled it: then nothing may land."""
         with self._tx() as c:
+            state = self._row(c, name)["state"]
+            if state != "gating":
+                raise InvalidTransition(f"{name} is {state} now; its candidate will not land")
             c.execute(
                 "INSERT INTO merges(handoff, attempt, result, base, candidate, at)"
                 " VALUES (?,?,?,?,?,?)",
@@ -730,16 +770,6 @@ class Store:
         ).fetchone()
         return int(row["id"]) if row is not None and row["result"] == "landing" else None
 
-    def landing_intent(self, name: str) -> tuple[str, str] | None:
-        """(base, candidate) of a landing that may or may not have happened, or None."""
-        row_id = self._pending_landing(self._conn, name)
-        if row_id is None:
-            return None
-        row = self._conn.execute(
-            "SELECT base, candidate FROM merges WHERE id = ?", (row_id,)
-        ).fetchone()
-        return str(row["base"]), str(row["candidate"])
-
     def landing_superseded(self, name: str, *, detail: str, now: float) -> None:
         """The compare-and-swap lost: the branch moved, the candidate will be rebuilt."""
         with self._tx() as c:
@@ -751,7 +781,9 @@ class Store:
                 )
 
     def mark_merged(self, name: str, *, attempt: int, base: str, commit: str, now: float) -> float:
-        """Record a landed merge; returns the cycle time (submitted to merged)."""
+        """Record a landed merge; returns the cycle time (submitted to merged).
+
+        Unconditional: once the ref moved, the work *is* on the integration branch."""
         with self._tx() as c:
             row = self._row(c, name)
             if self._pending_landing(c, name) is not None:
@@ -794,13 +826,18 @@ class Store:
         hold: bool,
         now: float,
     ) -> str:
-        """Record a conflict or a failed gate; requeue with feedback or hold. New state."""
+        """Record a conflict or a failed gate; requeue with feedback or hold. New state.
+
+        If the handoff left ``gating`` meanwhile (cancelled), only the result is recorded."""
         with self._tx() as c:
             c.execute(
                 "INSERT INTO merges(handoff, attempt, result, base, candidate, detail, at)"
                 " VALUES (?,?,?,?,?,?,?)",
                 (name, attempt, result, base, candidate, detail, now),
             )
+            current = self._row(c, name)["state"]
+            if current != "gating":
+                return str(current)
             held_state = "conflict" if result == "conflict" else "failed"
             self._set_state(
                 c,
@@ -815,6 +852,12 @@ class Store:
                 return held_state
             return self._requeue(c, self._row(c, name), now, feedback=feedback, detail=detail)
 
+    def merge_error(self, name: str, *, detail: str, now: float) -> None:
+        """The merge itself failed (a git error): hold the handoff for a person."""
+        with self._tx() as c:
+            if self._row(c, name)["state"] == "gating":
+                self._set_state(c, name, "failed", now, detail=detail)
+
     def return_to_queue(self, name: str, *, now: float) -> None:
         """A merge attempt that could not finish (e.g. the daemon stopping) goes back."""
         with self._tx() as c:
@@ -825,14 +868,42 @@ class Store:
         with self._tx() as c:
             self._set_state(c, name, "reported", now, detail=detail)
 
-    def recover(self, *, now: float) -> list[str]:
-        """After a restart: a handoff caught mid-gate goes back to ``reported``."""
+    def recover(self, *, ttl_s: float, now: float) -> list[str]:
+        """After a restart: a handoff caught mid-gate goes back to ``reported``; a lease
+        whose worktree was never handed over is abandoned; every other open lease gets a
+        full TTL from now, so its worker can reconnect and carry on (the daemon's downtime
+        is not the worker's fault)."""
         with self._tx() as c:
             names = [r[0] for r in c.execute("SELECT name FROM handoffs WHERE state = 'gating'")]
             for name in names:
                 self._set_state(c, name, "reported", now, detail="gating interrupted by a restart")
+            for lease in c.execute(
+                "SELECT id, handoff FROM leases WHERE ended_at IS NULL AND worktree IS NULL"
+            ).fetchall():
+                self._end_lease(c, lease["id"], "abandoned", now)
+                if self._row(c, lease["handoff"])["state"] == "leased":
+                    self._set_state(
+                        c,
+                        lease["handoff"],
+                        "queued",
+                        now,
+                        detail="lease abandoned by a restart before hand-over",
+                    )
+            c.execute(
+                "UPDATE leases SET expires_at = MAX(expires_at, ?) WHERE ended_at IS NULL",
+                (now + ttl_s,),
+            )
             self._release_waiting(c, now)
             return names
+
+    def pending_landings(self) -> list[tuple[str, int, str, str]]:
+        """(handoff, attempt, base, candidate) of landings a crash left unresolved."""
+        rows = self._conn.execute(
+            "SELECT m.handoff, m.attempt, m.base, m.candidate FROM merges m"
+            " WHERE m.result = 'landing'"
+            " AND m.id = (SELECT MAX(id) FROM merges WHERE handoff = m.handoff)"
+        ).fetchall()
+        return [(r[0], int(r[1]), str(r[2]), str(r[3])) for r in rows]
 
     # ---- reads ------------------------------------------------------------------------
 

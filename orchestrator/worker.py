@@ -14,13 +14,13 @@ import signal
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pygit2
-from anyio.abc import Process, TaskGroup
+from anyio.abc import Process
 
 from orchestrator import handoff as handoff_model
 from orchestrator import logs
@@ -134,76 +134,123 @@ async def run_worker(options: WorkerOptions) -> int:
         except (ConnectionLost, RpcError) as exc:
             log.error("cannot_connect", error=str(exc))
             return 2
-        while options.max_handoffs is None or done < options.max_handoffs:
-            result = await link.call("lease.acquire", {"waitS": options.wait_s})
-            lease = result.get("lease")
-            if lease is None:
-                if options.exit_when_idle:
-                    break
-                continue
-            await _work_on(link, options, lease, tg)
-            done += 1
+        # A signal cancels the work only; the connection stays up so the cleanup can
+        # still give the lease back.
+        with anyio.CancelScope() as work:
+            tg.start_soon(_stop_on_signal, work)
+            failures = 0
+            while options.max_handoffs is None or done < options.max_handoffs:
+                try:
+                    result = await link.call("lease.acquire", {"waitS": options.wait_s})
+                except RpcError as exc:
+                    # e.g. the daemon could not prepare a worktree, or is shutting down:
+                    # not this worker's fault, so wait a little and ask again.
+                    failures += 1
+                    log.warning("acquire_refused", code=exc.code, error=exc.message)
+                    await anyio.sleep(min(30.0, 0.5 * 2**failures))
+                    continue
+                failures = 0
+                lease = result.get("lease")
+                if lease is None:
+                    if options.exit_when_idle:
+                        break
+                    continue
+                await _work_on(link, options, lease)
+                done += 1
         tg.cancel_scope.cancel()
     return 0
+
+
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    """SIGTERM/SIGINT cancel the worker; cleanup (stopping the agent, giving the lease
+    back) runs in shielded ``finally`` blocks on the way out."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("signal", signal=signal.Signals(signum).name)
+            scope.cancel()
+            return
 
 
 @dataclass
 class _Run:
     lease: dict[str, Any]
     files: Path
-    progress: dict[str, Any] = field(default_factory=dict)
+    process: Process | None = None
     revoked: bool = False
 
 
-async def _work_on(
-    link: Link, options: WorkerOptions, lease: dict[str, Any], tg: TaskGroup
-) -> None:
+async def _work_on(link: Link, options: WorkerOptions, lease: dict[str, Any]) -> None:
     handoff = lease["handoff"]
     bound = log.bind(handoff=handoff["name"], lease=lease["id"], attempt=lease["attempt"])
     bound.info("lease_acquired", worktree=lease["worktree"], branch=lease["branch"])
+    interval = float(link.server_info.get("heartbeatIntervalS", 15))
+    finished = False
     with tempfile.TemporaryDirectory(prefix="orchestrator-worker-") as tmp:
         run = _Run(lease=lease, files=Path(tmp))
-        env = _agent_env(run)
-        exit_status = await _run_agent(link, options, run, env, bound)
-        if run.revoked:
-            bound.warning("agent_stopped", reason="lease revoked")
+        try:
+            # Heartbeats cover the whole lease, report included: building the report and
+            # waiting for the reply must not let the lease lapse.
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_heartbeat, link, run, interval, bound)
+                exit_status = await _run_agent(options, run, _agent_env(run), bound)
+                if not run.revoked:
+                    await _report(link, run, exit_status, bound)
+                finished = True
+                tg.cancel_scope.cancel()
+        finally:
+            if not finished and not run.revoked:
+                # Stopped by a signal: hand the work back now rather than after the TTL.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                    try:
+                        await link.call(
+                            "lease.release",
+                            {
+                                "leaseId": lease["id"],
+                                "token": lease["token"],
+                                "reason": "the worker was stopped",
+                            },
+                        )
+                        bound.info("lease_released", reason="worker stopped")
+                    except (RpcError, ConnectionLost):
+                        pass
+    if run.revoked:
+        bound.warning("agent_stopped", reason="lease revoked")
+
+
+async def _report(link: Link, run: _Run, exit_status: int, bound: Any) -> None:
+    lease = run.lease
+    report = await anyio.to_thread.run_sync(_build_report, run, exit_status)
+    for attempt in (1, 2):
+        try:
+            await link.call(
+                "handoff.report",
+                {"leaseId": lease["id"], "token": lease["token"], "report": report},
+            )
+            bound.info("reported", status=report["status"], head=report["head"])
             return
-        report = await anyio.to_thread.run_sync(_build_report, run, exit_status)
-        for attempt in (1, 2):
+        except RpcError as exc:
+            if exc.code == REPORT_REJECTED and attempt == 1:
+                # Something changed the worktree after our commit (e.g. an agent's
+                # background process): commit again once, then give up cleanly.
+                bound.warning("report_rejected", reason=exc.message)
+                report = await anyio.to_thread.run_sync(_build_report, run, exit_status)
+                continue
+            if exc.code == LEASE_NOT_HELD:
+                bound.warning("lease_lost", error=exc.message)
+                return
+            bound.error("report_failed", code=exc.code, error=exc.message)
             try:
                 await link.call(
-                    "handoff.report",
+                    "lease.release",
                     {
                         "leaseId": lease["id"],
                         "token": lease["token"],
-                        "report": report,
+                        "reason": f"report refused: {exc.message}"[:500],
                     },
                 )
-                bound.info("reported", status=report["status"], head=report["head"])
-                return
-            except RpcError as exc:
-                if exc.code == REPORT_REJECTED and attempt == 1:
-                    # Something changed the worktree after our commit (e.g. an agent's
-                    # background process): commit again once, then give up cleanly.
-                    bound.warning("report_rejected", reason=exc.message)
-                    report = await anyio.to_thread.run_sync(_build_report, run, exit_status)
-                    continue
-                if exc.code == LEASE_NOT_HELD:
-                    bound.warning("lease_lost", error=exc.message)
-                    return
-                bound.error("report_failed", code=exc.code, error=exc.message)
-                try:
-                    await link.call(
-                        "lease.release",
-                        {
-                            "leaseId": lease["id"],
-                            "token": lease["token"],
-                            "reason": f"report refused: {exc.message}"[:500],
-                        },
-                    )
-                except RpcError:
-                    pass
-                return
+            except RpcError:
+                pass
+            return
 
 
 def _agent_env(run: _Run) -> dict[str, str]:
@@ -229,13 +276,14 @@ def _agent_env(run: _Run) -> dict[str, str]:
     }
 
 
-async def _run_agent(
-    link: Link, options: WorkerOptions, run: _Run, env: dict[str, str], bound: Any
-) -> int:
+async def _run_agent(options: WorkerOptions, run: _Run, env: dict[str, str], bound: Any) -> int:
     lease = run.lease
     try:
+        # The agent gets its own process group (so it can be stopped whole) and dies with
+        # this worker even on SIGKILL (orchestrator.deathsig), so it never keeps writing
+        # into a worktree that a later attempt owns.
         process = await anyio.open_process(
-            list(options.command),
+            [sys.executable, "-m", "orchestrator.deathsig", *options.command],
             cwd=lease["worktree"],
             env=env,
             stdin=-1,
@@ -246,17 +294,21 @@ async def _run_agent(
     except OSError as exc:
         bound.error("agent_not_started", command=list(options.command), error=str(exc))
         return 127
-    assert process.stdin is not None
-    try:
-        await process.stdin.send(lease["handoff"]["body"].encode("utf-8"))
-    except (anyio.BrokenResourceError, OSError):
-        pass  # an agent that does not read its stdin is fine
-    finally:
-        await process.stdin.aclose()
-    interval = float(link.server_info.get("heartbeatIntervalS", 15))
+    run.process = process
+
+    async def feed_stdin() -> None:
+        assert process.stdin is not None
+        try:
+            await process.stdin.send(lease["handoff"]["body"].encode("utf-8"))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass  # an agent that does not read its stdin is fine
+        finally:
+            await process.stdin.aclose()
+
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_heartbeat, link, run, interval, process, tg, bound)
+            # A task, so a large handoff and an agent that never reads can't block us.
+            tg.start_soon(feed_stdin)
             status = await process.wait()
             tg.cancel_scope.cancel()
     finally:
@@ -266,16 +318,13 @@ async def _run_agent(
     return status
 
 
-async def _heartbeat(
-    link: Link, run: _Run, interval: float, process: Process, tg: TaskGroup, bound: Any
-) -> None:
+async def _heartbeat(link: Link, run: _Run, interval: float, bound: Any) -> None:
     lease = run.lease
     while True:
         with anyio.move_on_after(interval):
             await link.revoked_event.wait()
         if lease["id"] in link.revoked:
-            run.revoked = True
-            await _stop_agent(process)
+            await _revoked(run)
             return
         params: dict[str, Any] = {"leaseId": lease["id"], "token": lease["token"]}
         progress = _read_progress(run.files / "progress")
@@ -286,10 +335,15 @@ async def _heartbeat(
         except RpcError as exc:
             if exc.code == LEASE_NOT_HELD:
                 bound.warning("lease_lost", error=exc.message)
-                run.revoked = True
-                await _stop_agent(process)
+                await _revoked(run)
                 return
             bound.warning("heartbeat_refused", code=exc.code, error=exc.message)
+
+
+async def _revoked(run: _Run) -> None:
+    run.revoked = True
+    if run.process is not None:
+        await _stop_agent(run.process)
 
 
 async def _stop_agent(process: Process) -> None:

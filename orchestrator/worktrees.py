@@ -410,8 +410,12 @@ class Workspace:
         message: str,
         author_name: str = "orchestrator",
         author_email: str = "orchestrator@localhost",
+        head: str | None = None,
     ) -> MergeResult:
         """Build the commit that merging ``branch`` would produce, without any checkout.
+
+        ``head`` (a commit on the branch, e.g. the one a report named) is merged instead of
+        the branch tip when given, so commits nobody reported can never slip in.
 
         The candidate sits on top of the current integration tip and is on no branch;
         :meth:`advance_integration` publishes it once the gates pass.
@@ -428,9 +432,11 @@ class Workspace:
         if strategy not in _STRATEGIES:
             raise ValueError(f"unknown merge strategy {strategy!r}; use one of {_STRATEGIES}")
         base = self.integration_tip()
-        theirs = self.branch_tip(branch)
+        theirs = head if head is not None else self.branch_tip(branch)
         if theirs is None:
             raise GitError(f"branch {branch!r} does not exist; nothing to merge")
+        if head is not None and not isinstance(self._repo.get(head), pygit2.Commit):
+            raise GitError(f"commit {head} of {branch!r} is missing from the repository")
         base_id = pygit2.Oid(hex=base)
         theirs_id = pygit2.Oid(hex=theirs)
         if theirs == base or self._repo.descendant_of(base_id, theirs_id):

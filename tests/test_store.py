@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.store import (
+    Grant,
     InvalidTransition,
     LeaseNotHeld,
     NewHandoff,
@@ -21,6 +22,12 @@ from orchestrator.store import (
 def new(name: str, priority: str = "MEDIUM", deps: tuple[str, ...] = ()) -> NewHandoff:
     return NewHandoff(name=name, title=name, priority=priority, dependencies=deps, labels=(),
                       body=f"# HANDOFF: {name} - PENDING\n", wire={"name": name})
+
+
+def hand_over(store: Store, grant: Grant, *, ttl_s: float, now: float) -> None:
+    """What the daemon does once the worktree is ready: the TTL starts now."""
+    store.set_lease_workspace(grant.lease_id, base_commit="0" * 40, worktree="/w",
+                              branch=f"handoff/{grant.handoff}", expires_at=now + ttl_s)
 
 
 def report(store: Store, name: str, now: float) -> None:
@@ -49,6 +56,7 @@ def test_fencing_tokens_increase_across_reopen_and_stale_tokens_fail(tmp_path: P
     store.submit([new("a"), new("b")], max_attempts=3, now=1.0)
     first = store.grant(worker="w", labels=(), ttl_s=10, now=1.0)
     assert first is not None
+    hand_over(store, first, ttl_s=10, now=1.0)
     store.close()
     store = Store.open(path)
     second = store.grant(worker="w", labels=(), ttl_s=10, now=2.0)
@@ -77,6 +85,8 @@ def test_retry_only_from_failed_conflict_or_cancelled(tmp_path: Path) -> None:
         store.retry("a", max_attempts=1, now=2.0)
     grant = store.grant(worker="w", labels=(), ttl_s=1, now=2.0)
     assert grant is not None
+    assert store.expire_due(now=10.0) == []  # not while its worktree is being prepared
+    hand_over(store, grant, ttl_s=1, now=2.0)
     expired = store.expire_due(now=10.0)
     assert [e.new_state for e in expired] == ["failed"]  # max_attempts = 1
     assert store.retry("a", max_attempts=1, now=11.0) == "queued"
@@ -91,3 +101,20 @@ def test_a_second_lock_on_the_state_dir_is_refused(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     os.close(lock_state_dir(tmp_path))  # free again once the holder is gone
+
+
+def test_restart_abandons_unhanded_leases_and_extends_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    store = Store.open(path)
+    store.submit([new("handed"), new("preparing")], max_attempts=3, now=1.0)
+    handed = store.grant(worker="w", labels=(), ttl_s=5, now=1.0)
+    preparing = store.grant(worker="w", labels=(), ttl_s=5, now=1.0)
+    assert handed is not None and preparing is not None
+    hand_over(store, handed, ttl_s=5, now=1.0)
+    store.close()
+    store = Store.open(path)
+    store.recover(ttl_s=5, now=100.0)  # the daemon was down far longer than the TTL
+    assert store.renew(handed.lease_id, handed.token, ttl_s=5, progress=None, now=101.0)
+    summaries = {s["name"]: s for s in store.summaries()}
+    assert summaries["preparing"]["state"] == "queued"
+    assert summaries["preparing"]["attempt"] == 1  # the daemon's failure costs no attempt
