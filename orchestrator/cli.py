@@ -163,13 +163,20 @@ def _run(args: argparse.Namespace) -> int:
 
         cfg = _load_config(args, required=True)
         assert cfg is not None
+        from orchestrator.groups import single_error
+        from orchestrator.worktrees import GitError
+
         try:
             anyio.run(Daemon(cfg).run)
-        except StateLocked as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
         except KeyboardInterrupt:
             pass
+        except Exception as exc:
+            error = single_error(exc)
+            # Start-up refusals a person can fix get one line, not a traceback.
+            if isinstance(error, (StateLocked, GitError, RuntimeError, OSError)):
+                print(f"error: {error}", file=sys.stderr)
+                return EXIT_USAGE
+            raise
         return 0
     if command == "check-config":
         cfg = _load_config(args, required=True)

@@ -26,6 +26,8 @@ from orchestrator.protocol import PROTOCOL_VERSION, RpcError, encode
 if sys.version_info < (3, 11):  # pragma: no cover - anyio brings the backport there
     from exceptiongroup import BaseExceptionGroup
 
+from orchestrator.groups import single_error
+
 # Replies can be large (a handoff.get with gate logs); accept more than the daemon does.
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 
@@ -76,7 +78,7 @@ class Client:
         except BaseExceptionGroup as group:
             # The reader task group wraps whatever the caller raised; hand back the error
             # itself, so callers catch RpcError and ConnectionLost as documented.
-            raise _single(group) from None
+            raise single_error(group) from None
 
     @asynccontextmanager
     async def _session(
@@ -150,18 +152,3 @@ class Client:
             for done, slot in list(self._pending.values()):
                 slot.append(self._closed)
                 done.set()
-
-
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one real error inside nested exception groups (or the group itself)."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    return leaves[0] if len(leaves) == 1 else group

@@ -193,8 +193,11 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
             f'repository.integration_branch must be a short branch name like "main", got {branch!r}'
         )
 
+    # DESIGN.md: the default is $STATE_DIRECTORY, else ./.orchestrator in the current
+    # directory; a path written in the file is taken from the file's folder.
     state_default = os.environ.get("STATE_DIRECTORY", "").split(":")[0] or ".orchestrator"
-    state_dir = path_of(r.get("daemon", "state_dir", str, state_default))
+    state_value = r.get("daemon", "state_dir", str, None)
+    state_dir = path_of(state_value) if state_value is not None else Path(state_default).absolute()
     runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
     socket_default = str(Path(runtime) / "orchestrator.sock") if runtime else ""
     socket_value = r.get("daemon", "socket", str, socket_default)
@@ -250,6 +253,12 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
                 f"merge.{key} must be one of {', '.join(FAILURE_POLICIES)}, got {value!r}"
             )
     paused = r.get("merge", "paused", bool, False)
+    window = r.get("merge", "speculative_window", int, 1)
+    if window != 1:
+        problems.append(
+            f"merge.speculative_window = {window}: this version gates one candidate at a time; "
+            "set it to 1 (or remove it)"
+        )
     tail = r.get("merge", "gate_output_tail_bytes", int, 64 * 1024)
     if tail < 256:
         problems.append(f"merge.gate_output_tail_bytes must be at least 256, got {tail}")

@@ -44,6 +44,7 @@ class LeaseManager:
         self.metrics = metrics
         self._changed = anyio.Event()
         self._holders: dict[str, Session] = {}
+        self.stopping = False
 
     def wake(self) -> None:
         """Something may have become dispatchable: wake every long-polling acquire."""
@@ -61,6 +62,8 @@ class LeaseManager:
         """Long-poll up to ``wait_s`` for a handoff; returns the protocol's lease object."""
         deadline = time.monotonic() + wait_s
         while True:
+            if self.stopping:
+                return None
             changed = self._changed
             grant = await self.offload.db(
                 self.store.grant,

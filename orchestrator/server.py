@@ -126,6 +126,8 @@ class SocketServer:
         self.config = config
         self.dispatcher = dispatcher
         self.shutting_down = False
+        self.requests_in_flight = 0
+        self._idle: anyio.Event | None = None
         self.sessions: dict[str, Session] = {}
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -348,10 +350,22 @@ class SocketServer:
         }
 
     async def _call(self, session: Session, request: Request, bound: Any) -> None:
+        self.requests_in_flight += 1
         try:
             await self._answer(session, request, bound)
         finally:
+            self.requests_in_flight -= 1
             session.in_flight.release()
+            if not self.requests_in_flight and self._idle is not None:
+                self._idle.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests (-32006) and let those in progress finish, for a while."""
+        self.shutting_down = True
+        if self.requests_in_flight:
+            self._idle = anyio.Event()
+            with anyio.move_on_after(timeout_s):
+                await self._idle.wait()
 
     async def _answer(self, session: Session, request: Request, bound: Any) -> None:
         if request.is_notification and request.method == "lease.acquire":

@@ -29,6 +29,9 @@ from orchestrator.worktrees import Workspace
 
 log = logs.get("service")
 
+# How long a graceful stop waits for requests in progress.
+DRAIN_S = 5.0
+
 
 class Daemon:
     """The orchestrator daemon; ``await Daemon(config).run()`` serves until SIGTERM."""
@@ -119,9 +122,13 @@ class Daemon:
             task_status.started()
             await self._stop.wait()
             self.ready = False
-            self.server.shutting_down = True
             systemd.notify("STOPPING=1")
             log.info("daemon_stopping")
+            # Long polls answer "no lease" at once; a report or a submission in progress
+            # gets its reply. Leases stay valid: workers reconnect after the restart.
+            leases.stopping = True
+            leases.wake()
+            await self.server.drain(DRAIN_S)
             tg.cancel_scope.cancel()
 
     async def _signals(self) -> None:

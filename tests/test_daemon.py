@@ -318,3 +318,42 @@ def test_structured_submission_list_filter_and_release(paused_daemon: Daemon) ->
     assert again["handoff"]["name"] == "structured" and again["attempt"] == 2
     assert again["token"] > lease["token"]
     conn.close()
+
+
+def test_graceful_stop_answers_long_polls_and_keeps_leases(tmp_path: Path, repo: Path) -> None:
+    config = write_config(tmp_path, repo, ttl_s=60, merge="paused = true")
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("held")]})
+    holder = Conn(daemon.socket)
+    holder.initialize("worker")
+    lease = holder.request("lease.acquire", {"waitS": 5})["result"]["lease"]
+    poller = Conn(daemon.socket)
+    poller.initialize("worker")
+    poller.send_raw(b'{"jsonrpc":"2.0","id":5,"method":"lease.acquire","params":{"waitS":300}}\n')
+    assert daemon.stop() == 0
+    reply = poller.recv()
+    assert reply == {"jsonrpc": "2.0", "id": 5, "result": {"lease": None}}
+    poller.close()
+    holder.close()
+    daemon.start()
+    conn = Conn(daemon.socket)
+    conn.initialize("worker")
+    beat = conn.request("lease.heartbeat", {"leaseId": lease["id"], "token": lease["token"]})
+    assert "expiresAt" in beat["result"]
+    conn.close()
+    daemon.stop()
+
+
+def test_default_state_dir_is_in_the_working_directory(tmp_path: Path, repo: Path) -> None:
+    elsewhere = tmp_path / "configs"
+    elsewhere.mkdir()
+    config = elsewhere / "orchestrator.toml"
+    config.write_text(f'[repository]\npath = "{repo}"\n[metrics]\nlisten = ""\n')
+    run = tmp_path / "run"
+    run.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "--config", str(config), "check-config"],
+        capture_output=True, text=True, timeout=60, cwd=run,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"state dir    {run / '.orchestrator'}" in result.stdout
