@@ -30,6 +30,7 @@ def write_config(
     heartbeat_s: float = 0.5,
     max_attempts: int = 3,
     merge: str = "",
+    metrics: str = "",
 ) -> Path:
     """A config for a daemon on ``repo`` with its state under ``tmp_path/state``."""
     state = tmp_path / "state"
@@ -51,7 +52,7 @@ max_attempts = {max_attempts}
 {merge}
 {gates}
 [metrics]
-listen = ""
+listen = "{metrics}"
 """
     )
     return config
@@ -72,9 +73,10 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -
 class Daemon:
     """``orchestrator serve`` as a real child process."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.log_path = log
+        self.env = env
         self.process: subprocess.Popen[bytes] | None = None
         text = config.read_text()
         self.socket = Path(text.split('socket = "')[1].split('"')[0])
@@ -86,6 +88,7 @@ class Daemon:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, **(self.env or {})},
         )
         wait_for(self._ready, f"the daemon to listen on {self.socket}")
         return self
