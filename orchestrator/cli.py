@@ -309,7 +309,7 @@ def format_status(status: dict[str, Any], handoffs: list[dict[str, Any]]) -> str
     """The human view of ``status`` plus the handoff list."""
     lines = [
         f"integration: {status['integrationBranch']} at {status['integrationTip'][:12]}",
-        "counts: " + ", ".join(f"{k} {v}" for k, v in status["counts"].items() if v) or "none",
+        "counts: " + (", ".join(f"{k} {v}" for k, v in status["counts"].items() if v) or "none"),
         f"workers: {len(status['workers'])} connected, leases: {len(status['leases'])} active",
         "merge queue: " + (", ".join(status["mergeQueue"]) or "empty"),
     ]
@@ -338,7 +338,11 @@ def format_record(record: dict[str, Any]) -> str:
         f"  state {record['state']}, priority {record['priority']}, attempt {record['attempt']}",
     ]
     if record.get("dependencies"):
-        lines.append("  depends on " + ", ".join(record["dependencies"]))
+        lines.append(
+            "  depends on "
+            + ", ".join(record["dependencies"])
+            + (" (not merged yet)" if record["state"] == "waiting" else "")
+        )
     if record.get("detail"):
         lines.append(f"  {record['detail']}")
     if record.get("conflicts"):
