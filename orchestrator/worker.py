@@ -99,7 +99,10 @@ class Link:
                 if not started:
                     raise
             self.client = None
-            self.connected = anyio.Event()
+            if self.connected.is_set():
+                # Only on the way from connected to disconnected: replacing an unset
+                # event would strand the calls already waiting on it.
+                self.connected = anyio.Event()
             now = anyio.current_time()
             lost_since = lost_since if lost_since is not None else now
             if now - lost_since > self.options.reconnect_for_s:
@@ -164,11 +167,32 @@ async def run_worker(options: WorkerOptions) -> int:
 async def _stop_on_signal(scope: anyio.CancelScope) -> None:
     """SIGTERM/SIGINT cancel the worker; cleanup (stopping the agent, giving the lease
     back) runs in shielded ``finally`` blocks on the way out."""
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
         async for signum in signals:
+            if signum == signal.SIGUSR1:
+                _dump_tasks()
+                continue
             log.info("signal", signal=signal.Signals(signum).name)
             scope.cancel()
             return
+
+
+def _dump_tasks() -> None:
+    """SIGUSR1: print where every task of the worker is waiting (for a stuck worker)."""
+    import asyncio
+
+    for task in asyncio.all_tasks():
+        print(f"--- {task.get_name()}", file=sys.stderr)
+        # Follow the chain of awaits, which a task's own stack does not show.
+        coro: Any = task.get_coro()
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+            if frame is not None:
+                print(
+                    f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}",
+                    file=sys.stderr,
+                )
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
 
 
 @dataclass
