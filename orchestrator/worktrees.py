@@ -99,6 +99,9 @@ _IN_PROGRESS_STATE = (
 )
 
 
+# No single git command the daemon runs should take this long, even on a huge checkout.
+GIT_TIMEOUT_S = 1800.0
+
 class GitError(RuntimeError):
     """A git operation failed; the message says what went wrong and what to do."""
 
@@ -937,11 +940,19 @@ class Workspace:
                 text=True,
                 errors="surrogateescape",
                 check=False,
+                timeout=GIT_TIMEOUT_S,
             )
         except FileNotFoundError as exc:
             raise GitError(
                 f"cannot run git in {cwd}: {exc}; install git or fix the daemon's PATH"
             ) from exc
+        except subprocess.TimeoutExpired:
+            # Every lease and merge waits on the one git lane: a hung git must not stall
+            # the daemon for good.
+            raise GitError(
+                f"`git {' '.join(args)}` in {cwd} did not finish within {GIT_TIMEOUT_S:g} s "
+                "(a stuck lock, a hook, or a network filesystem?)"
+            ) from None
         if check and result.returncode != 0:
             raise GitError(
                 f"`git {' '.join(args)}` failed in {cwd} (exit {result.returncode}): "
