@@ -102,6 +102,7 @@ _IN_PROGRESS_STATE = (
 # No single git command the daemon runs should take this long, even on a huge checkout.
 GIT_TIMEOUT_S = 1800.0
 
+
 class GitError(RuntimeError):
     """A git operation failed; the message says what went wrong and what to do."""
 
