@@ -1,4 +1,4 @@
-"""``python -m bench``: run every benchmark and print a markdown table of ratios."""
+"""``python -m bench``: run every benchmark and print markdown tables of ratios."""
 
 from __future__ import annotations
 
@@ -25,20 +25,36 @@ def _discover(only: str) -> list[str]:
 
 
 def _fmt(seconds: float) -> str:
+    if seconds < 0.001:
+        return f"{seconds * 1000:.2f} ms"
     return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
-def _table(results: list[BenchResult]) -> str:
+def _table(results: list[BenchResult], label: str = "speed-up") -> str:
+    # A speed-up is a median; other kinds of rows (a slow-down under load) name their
+    # statistic in the benchmark column and sit near 1, so they get two decimals.
+    stat, digits = ("median", 1) if label == "speed-up" else ("time", 2)
     lines = [
-        "| benchmark | ours | median | baseline | median | speed-up |",
+        f"| benchmark | ours | {stat} | baseline | {stat} | {label} |",
         "| --- | --- | ---: | --- | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {r.name} | {r.ours} | {_fmt(r.ours_s)} | {r.baseline} | "
-            f"{_fmt(r.baseline_s)} | **{r.ratio:.1f}x** |"
+            f"{_fmt(r.baseline_s)} | **{r.ratio:.{digits}f}x** |"
         )
     return "\n".join(lines)
+
+
+def _tables(results: list[BenchResult]) -> str:
+    """One table per kind of ratio (a row's ``ratio_label``, "speed-up" unless it says)."""
+    groups: dict[str, list[BenchResult]] = {}
+    for r in results:
+        groups.setdefault(getattr(r, "ratio_label", "speed-up"), []).append(r)
+    order = sorted(groups, key=lambda label: label != "speed-up")  # speed-ups first
+    parts = [_table(groups[label], label) for label in order]
+    notes = [note for r in results if (note := getattr(r, "note", ""))]
+    return "\n\n".join(parts + notes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     git_version = subprocess.run(
         ["git", "--version"], capture_output=True, text=True, check=False
     ).stdout.strip()
-    print(_table(results))
+    print(_tables(results))
     print()
     print(
         f"Python {platform.python_version()}, {git_version}, pygit2 {version('pygit2')} / "
