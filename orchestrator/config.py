@@ -21,6 +21,7 @@ else:  # pragma: no cover - exercised only on Python 3.10
 SYSTEM_CONFIG = Path("/etc/orchestrator/orchestrator.toml")
 MERGE_STRATEGIES = ("merge", "squash", "ff-only")
 FAILURE_POLICIES = ("requeue", "hold")
+MAX_SPECULATIVE_WINDOW = 16
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,7 @@ class Config:
     gate_output_tail_bytes: int = 64 * 1024
     metrics_listen: str = "127.0.0.1:9464"
     merge_paused: bool = False
+    speculative_window: int = 1
 
     @property
     def worktrees_dir(self) -> Path:
@@ -254,10 +256,9 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
             )
     paused = r.get("merge", "paused", bool, False)
     window = r.get("merge", "speculative_window", int, 1)
-    if window != 1:
+    if not 1 <= window <= MAX_SPECULATIVE_WINDOW:
         problems.append(
-            f"merge.speculative_window = {window}: this version gates one candidate at a time; "
-            "set it to 1 (or remove it)"
+            f"merge.speculative_window must be from 1 to {MAX_SPECULATIVE_WINDOW}, got {window}"
         )
     tail = r.get("merge", "gate_output_tail_bytes", int, 64 * 1024)
     if tail < 256:
@@ -296,6 +297,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         gate_output_tail_bytes=tail,
         metrics_listen=listen,
         merge_paused=paused,
+        speculative_window=window,
     )
 
 

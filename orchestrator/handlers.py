@@ -278,7 +278,7 @@ class Handlers:
     async def handoff_get(self, session: Session, params: dict[str, Any]) -> Any:
         name = param_str(params, "name")
         record = await self.offload.db(self.store.detail, name)
-        if self.merges.current == name and self.merges.blocked_reason:
+        if name in self.merges.current and self.merges.blocked_reason:
             record["detail"] = self.merges.blocked_reason
         return record
 

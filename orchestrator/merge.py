@@ -21,12 +21,14 @@ from orchestrator.config import Config
 from orchestrator.gates import GateResult, run_gate
 from orchestrator.metrics import Metrics
 from orchestrator.store import InvalidTransition, MergeJob, Store
-from orchestrator.worktrees import IntegrationTreeDirty, Workspace
+from orchestrator.worktrees import IntegrationTreeDirty, MergeResult, Workspace
 
 log = logs.get("merge")
 
 # How often a merge held back by a dirty integration checkout is tried again.
 BLOCKED_RETRY_S = 2.0
+# A speculative candidate whose gates were stopped because one ahead of it failed.
+_SKIPPED = object()
 # How much of a gate log goes into an agent's feedback.
 FEEDBACK_LOG_BYTES = 8 * 1024
 
@@ -50,7 +52,8 @@ class MergeQueue:
         self.metrics = metrics
         self.on_change = on_change
         self.blocked_reason: str | None = None
-        self.current: str | None = None
+        self.current: set[str] = set()
+        self._focus: MergeJob | None = None
         self._wakeup = anyio.Event()
 
     def wake(self) -> None:
@@ -63,31 +66,39 @@ class MergeQueue:
             await anyio.sleep_forever()
         while True:
             self._wakeup = anyio.Event()
-            job = await self.offload.db(self.store.next_merge_job, now=time.time())
-            if job is None:
+            jobs = await self.offload.db(
+                self.store.next_merge_jobs,
+                limit=self.config.speculative_window,
+                now=time.time(),
+            )
+            if not jobs:
                 with anyio.move_on_after(5.0):  # also a safety net against a missed wake-up
                     await self._wakeup.wait()
                 continue
-            self.current = job.name
+            self.current = {job.name for job in jobs}
+            self._focus = jobs[0]
             try:
-                await self.integrate(job)
+                await self.integrate(jobs)
             except Exception as exc:
                 # One broken job (a deleted branch, a corrupt object) must not take the
                 # daemon down, nor crash-loop it after a restart: hold it for a person.
-                log.exception("merge_error", handoff=job.name, attempt=job.attempt)
+                culprit = self._focus or jobs[0]
+                log.exception("merge_error", handoff=culprit.name, attempt=culprit.attempt)
                 await self.offload.db(
                     self.store.merge_error,
-                    job.name,
+                    culprit.name,
                     detail=f"merge failed: {type(exc).__name__}: {exc}; fix it and "
                     "`orchestrator retry` the handoff",
                     now=time.time(),
                 )
                 await anyio.sleep(1.0)
             finally:
-                self.current = None
-                # Whatever happened, a job left in ``gating`` (e.g. on shutdown) goes back.
+                self.current = set()
+                # Whatever is still ``gating`` (speculation discarded, or shutdown) goes
+                # back to the queue in its place, at no cost to its attempts.
                 with anyio.CancelScope(shield=True):
-                    await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
+                    for job in jobs:
+                        await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
                     self.on_change()
 
     async def reconcile_landings(self) -> None:
@@ -125,52 +136,104 @@ class MergeQueue:
                     detail="it will be gated again",
                 )
 
-    async def integrate(self, job: MergeJob) -> None:
-        """Take one handoff from ``gating`` to ``merged``, ``conflict`` or ``failed``."""
-        bound = log.bind(handoff=job.name, attempt=job.attempt)
-        branch = handoff_model.branch_name(job.name)
-        message = self._message(job)
-        while True:
+    async def integrate(self, jobs: list[MergeJob]) -> None:
+        """Take the handoffs of one train from ``gating`` to ``merged``, ``conflict`` or
+        ``failed``, in order; whatever this train could not decide goes back to the queue.
+
+        With one job this is the plain merge queue. With more (speculative gating), the
+        candidate of job *i* is built on the candidate of job *i-1*, all are gated at once,
+        and they land in order while their gates passed; a failure ends the train there.
+        """
+        tip = await self.offload.git(self.workspace.integration_tip)
+        train: list[tuple[MergeJob, MergeResult]] = []
+        base = tip
+        for job in jobs:
+            self._focus = job
+            bound = log.bind(handoff=job.name, attempt=job.attempt)
             result = await self.offload.git(
                 self.workspace.merge_candidate,
-                branch,
+                handoff_model.branch_name(job.name),
                 strategy=self.config.merge_strategy,
-                message=message,
+                message=self._message(job),
                 head=job.head,
+                onto=base,
             )
-            if result.candidate is None and result.detail == "already merged":
-                bound.info("already_merged", base=result.base)
-                await self._merged(job, result.base, result.base, bound)
-                return
             if result.candidate is None:
-                await self._conflict(job, result.base, list(result.conflicts), result.detail, bound)
-                return
+                if train:
+                    # It may only clash with a candidate ahead of it, which might still
+                    # fail: decide once the ones ahead have landed.
+                    bound.info("speculation_stopped", reason=result.detail or "conflict")
+                elif result.detail == "already merged":
+                    bound.info("already_merged", base=result.base)
+                    await self._merged(job, result.base, result.base, bound)
+                else:
+                    await self._conflict(
+                        job, result.base, list(result.conflicts), result.detail, bound
+                    )
+                break
             bound.info("candidate_built", candidate=result.candidate, base=result.base)
-            failed = await self._run_gates(job, result.candidate, bound)
-            if failed is not None:
-                await self._gate_failed(job, result.base, result.candidate, failed, bound)
+            train.append((job, result))
+            base = result.candidate
+        if not train:
+            return
+        outcomes = await self._gate_train(train)
+        expected = tip
+        for (job, result), outcome in zip(train, outcomes, strict=True):
+            self._focus = job
+            bound = log.bind(handoff=job.name, attempt=job.attempt)
+            if outcome is _SKIPPED:
+                return  # built on a candidate that failed: rebuilt in a later train
+            if isinstance(outcome, GateResult):
+                await self._gate_failed(job, result.base, result.candidate or "", outcome, bound)
                 return
+            assert result.candidate is not None and result.base == expected
             try:
                 await self.offload.db(
                     self.store.record_landing_intent,
                     job.name,
                     attempt=job.attempt,
-                    base=result.base,
+                    base=expected,
                     candidate=result.candidate,
                     now=time.time(),
                 )
             except InvalidTransition as exc:
                 bound.warning("merge_abandoned", reason=str(exc))
                 return
-            landed = await self._advance(result.base, result.candidate, job, bound)
-            if landed:
-                await self._merged(job, result.base, result.candidate, bound)
+            if not await self._advance(expected, result.candidate, job, bound):
+                detail = "the integration branch moved while gating; rebuilding the candidate"
+                await self.offload.db(
+                    self.store.landing_superseded, job.name, detail=detail, now=time.time()
+                )
+                bound.warning("integration_moved", expected=expected, detail=detail)
                 return
-            detail = "the integration branch moved while gating; rebuilding the candidate"
-            await self.offload.db(
-                self.store.landing_superseded, job.name, detail=detail, now=time.time()
-            )
-            bound.warning("integration_moved", expected=result.base, detail=detail)
+            await self._merged(job, expected, result.candidate, bound)
+            expected = result.candidate
+
+    async def _gate_train(
+        self, train: list[tuple[MergeJob, MergeResult]]
+    ) -> list[GateResult | object | None]:
+        """Gate every candidate of the train at once, each in its own gate worktree.
+
+        Per candidate: None when every gate passed, the failed :class:`GateResult`, or
+        ``_SKIPPED`` when a candidate it was built on failed first (its run is stopped)."""
+        outcomes: list[GateResult | object | None] = [_SKIPPED] * len(train)
+        scopes = [anyio.CancelScope() for _ in train]
+
+        async def gate_one(index: int) -> None:
+            job, result = train[index]
+            assert result.candidate is not None
+            bound = log.bind(handoff=job.name, attempt=job.attempt)
+            with scopes[index]:
+                failed = await self._run_gates(job, result.candidate, bound, slot=index)
+                outcomes[index] = failed
+                if failed is not None:
+                    for later in scopes[index + 1 :]:
+                        later.cancel()
+
+        async with anyio.create_task_group() as tg:
+            for index in range(len(train)):
+                tg.start_soon(gate_one, index)
+        return outcomes
 
     def _message(self, job: MergeJob) -> str:
         gates = ", ".join(g.name for g in self.config.gates) or "none configured"
@@ -180,11 +243,13 @@ class MergeQueue:
             f"Handoff: {job.name}\nAttempt: {job.attempt}\nGates: {gates}\n"
         )
 
-    async def _run_gates(self, job: MergeJob, candidate: str, bound: Any) -> GateResult | None:
+    async def _run_gates(
+        self, job: MergeJob, candidate: str, bound: Any, *, slot: int = 0
+    ) -> GateResult | None:
         """Run every gate on the candidate; the first failure, or None when all passed."""
         if not self.config.gates:
             return None
-        checkout = await self.offload.git(self.workspace.gate_checkout, candidate)
+        checkout = await self.offload.git(self.workspace.gate_checkout, candidate, slot=slot)
         env = {"ORCHESTRATOR_HANDOFF": job.name, "ORCHESTRATOR_CANDIDATE": candidate}
         for gate in self.config.gates:
             bound.info("gate_started", gate=gate.name, candidate=candidate)

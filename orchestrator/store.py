@@ -694,28 +694,33 @@ class Store:
 
     # ---- merge queue ------------------------------------------------------------------
 
-    def next_merge_job(self, *, now: float) -> MergeJob | None:
-        """Take the next reported handoff (priority, then report order) into ``gating``."""
+    def next_merge_jobs(self, *, limit: int, now: float) -> list[MergeJob]:
+        """Take the next ``limit`` reported handoffs (priority, then report order) into
+        ``gating``, in the order they are to land."""
+        jobs = []
         with self._tx() as c:
-            row = c.execute(
+            rows = c.execute(
                 "SELECT * FROM handoffs WHERE state = 'reported'"
-                " ORDER BY priority_rank, report_seq LIMIT 1"
-            ).fetchone()
-            if row is None:
-                return None
-            report = c.execute(
-                "SELECT head, summary FROM reports WHERE handoff = ? ORDER BY id DESC LIMIT 1",
-                (row["name"],),
-            ).fetchone()
-            self._set_state(c, row["name"], "gating", now)
-            return MergeJob(
-                name=row["name"],
-                title=row["title"],
-                attempt=row["attempt"],
-                submitted_at=row["submitted_at"],
-                head=report["head"],
-                summary=report["summary"],
-            )
+                " ORDER BY priority_rank, report_seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+            for row in rows:
+                report = c.execute(
+                    "SELECT head, summary FROM reports WHERE handoff = ? ORDER BY id DESC LIMIT 1",
+                    (row["name"],),
+                ).fetchone()
+                self._set_state(c, row["name"], "gating", now)
+                jobs.append(
+                    MergeJob(
+                        name=row["name"],
+                        title=row["title"],
+                        attempt=row["attempt"],
+                        submitted_at=row["submitted_at"],
+                        head=report["head"],
+                        summary=report["summary"],
+                    )
+                )
+        return jobs
 
     def record_gate(
         self,

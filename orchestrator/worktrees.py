@@ -415,11 +415,14 @@ class Workspace:
         author_name: str = "orchestrator",
         author_email: str = "orchestrator@localhost",
         head: str | None = None,
+        onto: str | None = None,
     ) -> MergeResult:
         """Build the commit that merging ``branch`` would produce, without any checkout.
 
         ``head`` (a commit on the branch, e.g. the one a report named) is merged instead of
-        the branch tip when given, so commits nobody reported can never slip in.
+        the branch tip when given, so commits nobody reported can never slip in. ``onto``
+        (a candidate ahead in the queue) replaces the integration tip as the base, for
+        speculative gating.
 
         The candidate sits on top of the current integration tip and is on no branch;
         :meth:`advance_integration` publishes it once the gates pass.
@@ -435,7 +438,7 @@ class Workspace:
         """
         if strategy not in _STRATEGIES:
             raise ValueError(f"unknown merge strategy {strategy!r}; use one of {_STRATEGIES}")
-        base = self.integration_tip()
+        base = onto if onto is not None else self.integration_tip()
         theirs = head if head is not None else self.branch_tip(branch)
         if theirs is None:
             raise GitError(f"branch {branch!r} does not exist; nothing to merge")

@@ -376,3 +376,87 @@ def test_other_strategies(tmp_path: Path, repo: Path, strategy: str) -> None:
     finally:
         kill_group(worker)
         daemon.stop()
+
+
+def _report_all_then_merge(tmp_path: Path, repo: Path, docs: list[str], agents: dict[str, str],
+                           gates: str, merge: str) -> Daemon:
+    """Have every handoff reported while merging is paused, then restart with ``merge``."""
+    paused = Daemon(write_config(tmp_path, repo, merge="paused = true"),
+                    tmp_path / "paused.log").start()
+    control(paused.socket, "handoff.submit", {"markdown": docs})
+    for label, agent in agents.items():
+        worker = start_worker(paused.socket, agent, tmp_path / f"{label}.log", name=label,
+                              extra=["--label", label, "--exit-when-idle"])
+        assert worker.wait(timeout=120) == 0
+    assert set(states(paused.socket).values()) == {"reported"}
+    paused.stop()
+    config = write_config(tmp_path, repo, gates=gates, merge=merge)
+    return Daemon(config, tmp_path / "daemon.log").start()
+
+
+def test_speculative_gating_runs_the_train_at_once_and_lands_in_order(
+    tmp_path: Path, repo: Path
+) -> None:
+    started = tmp_path / "started"
+    started.mkdir()
+    barrier = script(tmp_path, "barrier.py", f"""
+import os, sys, time
+from pathlib import Path
+here = Path({str(started)!r})
+(here / os.environ["ORCHESTRATOR_HANDOFF"]).write_text(os.environ["ORCHESTRATOR_CANDIDATE"])
+# Passes only if all three candidates are being gated at the same time.
+deadline = time.monotonic() + 60
+while len(list(here.iterdir())) < 3:
+    if time.monotonic() > deadline:
+        sys.exit("the other candidates were not gated alongside this one")
+    time.sleep(0.05)
+""")
+    docs = [handoff_doc("train-1", priority="HIGH", labels="good"),
+            handoff_doc("train-2", priority="MEDIUM", labels="good"),
+            handoff_doc("train-3", priority="LOW", labels="good")]
+    daemon = _report_all_then_merge(
+        tmp_path, repo, docs, {"good": "good.py"},
+        gates=gate([sys.executable, barrier]), merge="speculative_window = 3",
+    )
+    try:
+        wait_for(lambda: set(states(daemon.socket).values()) == {"merged"}, "the train")
+        subjects = git(repo, "log", "--first-parent", "--format=%s", "main").splitlines()
+        assert [s.split(":")[0] for s in subjects[:3]] == [
+            "Merge handoff train-3", "Merge handoff train-2", "Merge handoff train-1"]
+        # Each gated candidate is exactly the commit that landed, built on the one ahead.
+        for name in ("train-1", "train-2", "train-3"):
+            record = control(daemon.socket, "handoff.get", {"name": name})
+            assert (started / name).read_text() == record["mergeCommit"]
+            assert record["attempt"] == 1 and len(record["gates"]) == 1
+        assert git(repo, "rev-parse", "main~1") == control(
+            daemon.socket, "handoff.get", {"name": "train-2"})["mergeCommit"]
+    finally:
+        daemon.stop()
+
+
+def test_speculation_after_a_failure_is_rebuilt_without_penalty(tmp_path: Path,
+                                                                repo: Path) -> None:
+    docs = [handoff_doc("first", priority="HIGH", labels="good"),
+            handoff_doc("broken", priority="MEDIUM", labels="breaks"),
+            handoff_doc("third", priority="LOW", labels="good2")]
+    daemon = _report_all_then_merge(
+        tmp_path, repo, docs,
+        {"good": "good.py", "breaks": "breaks_tests.py", "good2": "good.py"},
+        gates=gate([sys.executable, "-c", CHECK]),
+        merge='speculative_window = 3\non_gate_failure = "hold"',
+    )
+    try:
+        wait_for(lambda: states(daemon.socket) == {"first": "merged", "broken": "failed",
+                                                   "third": "merged"},
+                 "the good ones merged around the broken one")
+        third = control(daemon.socket, "handoff.get", {"name": "third"})
+        assert third["attempt"] == 1
+        assert [m["result"] for m in third["merges"]] == ["merged"]
+        broken = control(daemon.socket, "handoff.get", {"name": "broken"})
+        broken_head = broken["reports"][-1]["head"]
+        assert subprocess.run(["git", "merge-base", "--is-ancestor", broken_head, "main"],
+                              cwd=repo).returncode == 1
+        for commit in first_parents(repo):
+            assert passes_gate(repo, commit, tmp_path), commit
+    finally:
+        daemon.stop()
