@@ -73,11 +73,21 @@ def _no_constants(name: str) -> Any:
 def decode_line(line: bytes) -> Any:
     """Parse one frame (without its newline); raises :class:`RpcError` ``-32700``."""
     try:
-        return json.loads(line.decode("utf-8"), parse_constant=_no_constants)
+        obj = json.loads(line.decode("utf-8"), parse_constant=_no_constants)
+        # A \ud800-style escape decodes to a lone surrogate: valid JSON syntax, but not
+        # text that can be stored or logged. Refuse it here, with a reason, rather than
+        # deep inside whatever method it reaches.
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RpcError(
+            PARSE_ERROR,
+            "parse error: a string holds a lone surrogate (e.g. \\ud800); send valid Unicode",
+        ) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise RpcError(PARSE_ERROR, f"parse error: not valid UTF-8 JSON ({exc})") from exc
     except RecursionError:
         raise RpcError(PARSE_ERROR, "parse error: JSON nested too deeply") from None
+    return obj
 
 
 def parse_request(obj: Any) -> Request:

@@ -236,12 +236,14 @@ class SocketServer:
             try:
                 if session.role is None:
                     with anyio.move_on_after(INITIALIZE_TIMEOUT_S) as deadline:
-                        line = await reader.receive_until(b"\n", limit)
+                        line = await reader.receive_until(b"\n", limit + 1)
                     if deadline.cancelled_caught:
                         bound.info("initialize_timeout", timeout_s=INITIALIZE_TIMEOUT_S)
                         return
                 else:
-                    line = await reader.receive_until(b"\n", limit)
+                    # limit + 1: receive_until gives up once its buffer holds max_bytes, so
+                    # a frame of exactly `limit` bytes whose newline comes later still fits.
+                    line = await reader.receive_until(b"\n", limit + 1)
                 # receive_until only enforces the limit while it is still looking for the
                 # delimiter; a long frame that arrived in one read must be caught here.
                 if len(line) > limit:
