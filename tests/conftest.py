@@ -41,7 +41,11 @@ def git(cwd: Path, *args: str) -> str:
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     """A real repository on branch main with one commit holding a small file tree."""
-    path = tmp_path / "repo"
+    return make_repo(tmp_path / "repo")
+
+
+def make_repo(path: Path) -> Path:
+    """Create the ``repo`` fixture's repository at ``path``."""
     path.mkdir()
     git(path, "init", "-q", "-b", "main")
     (path / "README.md").write_text("sample\n")

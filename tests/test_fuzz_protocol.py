@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GIT_ENV, git
+from conftest import GIT_ENV, make_repo
 from harness import Daemon, control, handoff_doc, write_config
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+
+from orchestrator.store import STATES
 
 pytestmark = pytest.mark.slow
 
@@ -67,17 +69,6 @@ METHODS = (
     "handoff.retry",
     "status",
 )
-STATES = (
-    "queued",
-    "waiting",
-    "leased",
-    "reported",
-    "gating",
-    "merged",
-    "conflict",
-    "failed",
-    "cancelled",
-)
 # Names fuzzed submits may use; gets, cancels and retries also aim at run_case's held-N.
 SUBMIT_NAMES = ("pool-a", "pool-b", "pool-c")
 POOL = (*SUBMIT_NAMES, "held-1", "held-2", "held-3")
@@ -94,22 +85,10 @@ _held = itertools.count(1)  # held-1, held-2, ...: the handoffs run_case leases 
 # ---- the daemon under test ------------------------------------------------------------
 
 
-def _make_repo(path: Path) -> Path:
-    """Like the ``repo`` fixture in conftest.py: branch main, one commit, a small tree."""
-    path.mkdir()
-    git(path, "init", "-q", "-b", "main")
-    (path / "README.md").write_text("sample\n")
-    (path / "src").mkdir()
-    (path / "src" / "app.py").write_text("def answer():\n    return 42\n")
-    git(path, "add", "-A")
-    git(path, "commit", "-q", "-m", "initial")
-    return path
-
-
 @pytest.fixture(scope="module")
 def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     base = tmp_path_factory.mktemp("fuzz-protocol")
-    repo = _make_repo(base / "repo")
+    repo = make_repo(base / "repo")
     config = write_config(base, repo, merge="paused = true", extra=f"max_message_bytes = {LIMIT}")
     with pytest.MonkeyPatch.context() as mp:  # the daemon inherits a git identity
         for key, value in GIT_ENV.items():
