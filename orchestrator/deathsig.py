@@ -1,8 +1,12 @@
-"""``python -m orchestrator.deathsig CMD ARGS...``: exec CMD so that the kernel kills it
-when the process that started it dies, even by SIGKILL.
+"""``python -m orchestrator.deathsig CMD ARGS...``: run CMD so that it, and every process it
+starts, dies with the worker that started it, even when the worker is SIGKILLed.
 
-The generic worker runs agents through this, so an agent can never outlive its worker
-and keep writing into a worktree that the next attempt of the handoff now owns.
+The generic worker runs agents through this small supervisor. The kernel's parent-death
+signal (``PR_SET_PDEATHSIG``) reaches only a direct child, so the supervisor takes it and
+kills its whole process group (the worker starts it as a group of its own): an agent's
+shells and tools can never outlive the worker and keep writing into a worktree that the
+next attempt of the handoff now owns. Orderly stops (the worker's SIGTERM to the group)
+reach the agent directly; the supervisor just waits and hands back its exit status.
 """
 
 from __future__ import annotations
@@ -10,9 +14,20 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 import sys
+from types import FrameType
 
 PR_SET_PDEATHSIG = 1
+PARENT_DIED = signal.SIGUSR2
+
+
+def _kill_group(signum: int, frame: FrameType | None) -> None:
+    os.killpg(0, signal.SIGKILL)
+
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    """A handler, not SIG_IGN: an ignored signal would stay ignored in the agent."""
 
 
 def main(argv: list[str]) -> int:
@@ -20,18 +35,22 @@ def main(argv: list[str]) -> int:
         print("usage: python -m orchestrator.deathsig CMD [ARGS...]", file=sys.stderr)
         return 2
     parent = os.getppid()
+    signal.signal(PARENT_DIED, _kill_group)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, PARENT_DIED, 0, 0, 0)
     except (OSError, AttributeError):
-        pass  # not Linux: the worker's process-group kill still covers orderly exits
+        pass  # not Linux: the worker's process-group kill still covers orderly stops
     if os.getppid() != parent:
-        return 1  # the parent died before the request took effect
+        _kill_group(PARENT_DIED, None)  # the worker died before the request took effect
+    signal.signal(signal.SIGTERM, _ignore)
     try:
-        os.execvp(argv[0], argv)
+        agent = subprocess.Popen(argv)
     except OSError as exc:
         print(f"cannot run agent {argv[0]!r}: {exc}", file=sys.stderr)
         return 127
+    status = agent.wait()
+    return 128 - status if status < 0 else status
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from orchestrator.config import Config
 from orchestrator.gates import GateResult, run_gate
 from orchestrator.metrics import Metrics
 from orchestrator.store import InvalidTransition, MergeJob, Store
-from orchestrator.worktrees import IntegrationTreeDirty, MergeResult, Workspace
+from orchestrator.worktrees import GitError, IntegrationTreeDirty, MergeResult, Workspace
 
 log = logs.get("merge")
 
@@ -109,7 +109,13 @@ class MergeQueue:
             return
         tip = await self.offload.git(self.workspace.integration_tip)
         for name, attempt, base, candidate in pending:
-            if await self.offload.git(self.workspace.is_ancestor, candidate, tip):
+            try:
+                landed = await self.offload.git(self.workspace.is_ancestor, candidate, tip)
+            except GitError:
+                # The candidate object itself is gone (lost in a power cut, pruned): it
+                # cannot be on the branch, and start-up must not fail over it.
+                landed = False
+            if landed:
                 cycle = await self.offload.db(
                     self.store.mark_merged,
                     name,
@@ -183,6 +189,8 @@ class MergeQueue:
             bound = log.bind(handoff=job.name, attempt=job.attempt)
             if outcome is _SKIPPED:
                 return  # built on a candidate that failed: rebuilt in a later train
+            if isinstance(outcome, Exception):
+                raise outcome  # held for a person by run(), charged to this job only
             if isinstance(outcome, GateResult):
                 await self._gate_failed(job, result.base, result.candidate or "", outcome, bound)
                 return
@@ -199,7 +207,17 @@ class MergeQueue:
             except InvalidTransition as exc:
                 bound.warning("merge_abandoned", reason=str(exc))
                 return
-            if not await self._advance(expected, result.candidate, job, bound):
+            moved = await self._advance(expected, result.candidate, job, bound)
+            if moved is None:
+                await self.offload.db(
+                    self.store.landing_superseded,
+                    job.name,
+                    detail="no longer gating when it could land (cancelled?)",
+                    now=time.time(),
+                )
+                bound.warning("merge_abandoned", reason="the handoff left gating")
+                return
+            if not moved:
                 detail = "the integration branch moved while gating; rebuilding the candidate"
                 await self.offload.db(
                     self.store.landing_superseded, job.name, detail=detail, now=time.time()
@@ -224,7 +242,12 @@ class MergeQueue:
             assert result.candidate is not None
             bound = log.bind(handoff=job.name, attempt=job.attempt)
             with scopes[index]:
-                failed = await self._run_gates(job, result.candidate, bound, slot=index)
+                try:
+                    failed: GateResult | Exception | None = await self._run_gates(
+                        job, result.candidate, bound, slot=index
+                    )
+                except Exception as exc:  # e.g. its gate checkout failed: its own error
+                    failed = exc
                 outcomes[index] = failed
                 if failed is not None:
                     for later in scopes[index + 1 :]:
@@ -281,10 +304,17 @@ class MergeQueue:
                 return result
         return None
 
-    async def _advance(self, base: str, candidate: str, job: MergeJob, bound: Any) -> bool:
-        """Compare-and-swap the branch; waits (and says so) while a checkout is dirty."""
+    async def _advance(self, base: str, candidate: str, job: MergeJob, bound: Any) -> bool | None:
+        """Compare-and-swap the branch; waits (and says so) while a checkout is dirty.
+
+        True when it moved, False when someone else moved it first, None when the handoff
+        stopped being ours to land while we waited (a person cancelled it)."""
         reflog = f"orchestrator: merge handoff {job.name} (attempt {job.attempt})"
         while True:
+            row = await self.offload.db(self.store.handoff_row, job.name)
+            if row["state"] != "gating":
+                self.blocked_reason = None
+                return None
             try:
                 moved = await self.offload.git(
                     self.workspace.advance_integration, base, candidate, reflog
@@ -317,7 +347,8 @@ class MergeQueue:
         self.metrics.handoff_merged(cycle)
         bound.info("merged", commit=commit, base=base, cycle_s=round(cycle, 3))
         try:
-            await self.offload.git(self.workspace.release_worktree, job.name)
+            if not await self.offload.db(self.store.has_open_lease, job.name):
+                await self.offload.git(self.workspace.release_worktree, job.name)
         except Exception:  # the pool is an optimisation; a stuck worktree is not an error
             bound.exception("worktree_release_failed")
         self.on_change()

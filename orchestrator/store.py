@@ -940,6 +940,14 @@ class Store:
         rows = self._conn.execute(sql + " ORDER BY seq", args).fetchall()
         return [_summary(r) for r in rows]
 
+    def has_open_lease(self, name: str) -> bool:
+        return (
+            self._conn.execute(
+                "SELECT 1 FROM leases WHERE handoff = ? AND ended_at IS NULL", (name,)
+            ).fetchone()
+            is not None
+        )
+
     def handoff_row(self, name: str) -> dict[str, Any]:
         return dict(self._row(self._conn, name))
 

@@ -25,11 +25,21 @@ from anyio.abc import Process
 from orchestrator import handoff as handoff_model
 from orchestrator import logs
 from orchestrator.client import Client, ConnectionLost
-from orchestrator.protocol import LEASE_NOT_HELD, REPORT_REJECTED, RpcError
+from orchestrator.protocol import (
+    INTERNAL_ERROR,
+    LEASE_NOT_HELD,
+    REPORT_REJECTED,
+    SHUTTING_DOWN,
+    RpcError,
+)
 
 log = logs.get("worker")
 
 RECONNECT_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+# How often a report the daemon could not take (shutting down, internal error) is resent.
+REPORT_RETRIES = 8
+# How long a report may take once the agent is done, even while the worker is stopping.
+REPORT_SHIELD_S = 120.0
 AGENT_TERM_GRACE_S = 5.0
 
 
@@ -148,7 +158,7 @@ async def run_worker(options: WorkerOptions) -> int:
                 except RpcError as exc:
                     # e.g. the daemon could not prepare a worktree, or is shutting down:
                     # not this worker's fault, so wait a little and ask again.
-                    failures += 1
+                    failures = min(failures + 1, 6)
                     log.warning("acquire_refused", code=exc.code, error=exc.message)
                     await anyio.sleep(min(30.0, 0.5 * 2**failures))
                     continue
@@ -172,9 +182,9 @@ async def _stop_on_signal(scope: anyio.CancelScope) -> None:
             if signum == signal.SIGUSR1:
                 _dump_tasks()
                 continue
+            # Keep receiving: a second SIGTERM must not kill the worker mid-cleanup.
             log.info("signal", signal=signal.Signals(signum).name)
             scope.cancel()
-            return
 
 
 def _dump_tasks() -> None:
@@ -208,7 +218,7 @@ async def _work_on(link: Link, options: WorkerOptions, lease: dict[str, Any]) ->
     bound = log.bind(handoff=handoff["name"], lease=lease["id"], attempt=lease["attempt"])
     bound.info("lease_acquired", worktree=lease["worktree"], branch=lease["branch"])
     interval = float(link.server_info.get("heartbeatIntervalS", 15))
-    finished = False
+    agent_done = False
     with tempfile.TemporaryDirectory(prefix="orchestrator-worker-") as tmp:
         run = _Run(lease=lease, files=Path(tmp))
         try:
@@ -217,25 +227,20 @@ async def _work_on(link: Link, options: WorkerOptions, lease: dict[str, Any]) ->
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_heartbeat, link, run, interval, bound)
                 exit_status = await _run_agent(options, run, _agent_env(run), bound)
+                agent_done = True
                 if not run.revoked:
-                    await _report(link, run, exit_status, bound)
-                finished = True
+                    # The agent's work is done: a SIGTERM now must not throw it away, so
+                    # the report gets a bounded, shielded chance to go out.
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(REPORT_SHIELD_S):
+                        await _report(link, run, exit_status, bound)
                 tg.cancel_scope.cancel()
         finally:
-            if not finished and not run.revoked:
+            if not agent_done and not run.revoked:
                 # Stopped by a signal: hand the work back now rather than after the TTL.
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                     try:
-                        await link.call(
-                            "lease.release",
-                            {
-                                "leaseId": lease["id"],
-                                "token": lease["token"],
-                                "reason": "the worker was stopped",
-                            },
-                        )
-                        bound.info("lease_released", reason="worker stopped")
-                    except (RpcError, ConnectionLost):
+                        await _release(link, lease, "the worker was stopped", bound)
+                    except ConnectionLost:
                         pass
     if run.revoked:
         bound.warning("agent_stopped", reason="lease revoked")
@@ -243,38 +248,51 @@ async def _work_on(link: Link, options: WorkerOptions, lease: dict[str, Any]) ->
 
 async def _report(link: Link, run: _Run, exit_status: int, bound: Any) -> None:
     lease = run.lease
-    report = await anyio.to_thread.run_sync(_build_report, run, exit_status)
-    for attempt in (1, 2):
+    params = {"leaseId": lease["id"], "token": lease["token"]}
+    rejected = 0
+    troubles = 0
+    while True:
         try:
-            await link.call(
-                "handoff.report",
-                {"leaseId": lease["id"], "token": lease["token"], "report": report},
-            )
+            report = await anyio.to_thread.run_sync(_build_report, run, exit_status)
+        except Exception as exc:  # a broken worktree must cost this lease, not the worker
+            bound.error("report_not_built", error=f"{type(exc).__name__}: {exc}")
+            await _release(link, lease, f"the worker could not build a report: {exc}", bound)
+            return
+        try:
+            await link.call("handoff.report", {**params, "report": report})
             bound.info("reported", status=report["status"], head=report["head"])
             return
         except RpcError as exc:
-            if exc.code == REPORT_REJECTED and attempt == 1:
+            if exc.code == REPORT_REJECTED and rejected == 0:
                 # Something changed the worktree after our commit (e.g. an agent's
                 # background process): commit again once, then give up cleanly.
+                rejected += 1
                 bound.warning("report_rejected", reason=exc.message)
-                report = await anyio.to_thread.run_sync(_build_report, run, exit_status)
                 continue
             if exc.code == LEASE_NOT_HELD:
                 bound.warning("lease_lost", error=exc.message)
                 return
+            if exc.code in (SHUTTING_DOWN, INTERNAL_ERROR) and troubles < REPORT_RETRIES:
+                # The daemon's trouble, not the work's: the report is idempotent, so
+                # send it again (after a restart, the lease is still ours).
+                troubles += 1
+                bound.warning("report_deferred", code=exc.code, error=exc.message)
+                await anyio.sleep(min(30.0, 0.5 * 2**troubles))
+                continue
             bound.error("report_failed", code=exc.code, error=exc.message)
-            try:
-                await link.call(
-                    "lease.release",
-                    {
-                        "leaseId": lease["id"],
-                        "token": lease["token"],
-                        "reason": f"report refused: {exc.message}"[:500],
-                    },
-                )
-            except RpcError:
-                pass
+            await _release(link, lease, f"report refused: {exc.message}", bound)
             return
+
+
+async def _release(link: Link, lease: dict[str, Any], reason: str, bound: Any) -> None:
+    try:
+        await link.call(
+            "lease.release",
+            {"leaseId": lease["id"], "token": lease["token"], "reason": reason[:500]},
+        )
+        bound.info("lease_released", reason=reason[:200])
+    except RpcError:
+        pass
 
 
 def _agent_env(run: _Run) -> dict[str, str]:
@@ -319,6 +337,9 @@ async def _run_agent(options: WorkerOptions, run: _Run, env: dict[str, str], bou
         bound.error("agent_not_started", command=list(options.command), error=str(exc))
         return 127
     run.process = process
+    if run.revoked:  # revoked while it was starting
+        with anyio.CancelScope(shield=True):
+            await _stop_agent(process)
 
     async def feed_stdin() -> None:
         assert process.stdin is not None
@@ -345,8 +366,9 @@ async def _run_agent(options: WorkerOptions, run: _Run, env: dict[str, str], bou
 async def _heartbeat(link: Link, run: _Run, interval: float, bound: Any) -> None:
     lease = run.lease
     while True:
-        with anyio.move_on_after(interval):
-            await link.revoked_event.wait()
+        if lease["id"] not in link.revoked:
+            with anyio.move_on_after(interval):
+                await link.revoked_event.wait()
         if lease["id"] in link.revoked:
             await _revoked(run)
             return
@@ -409,9 +431,29 @@ def _read_progress(path: Path) -> dict[str, Any] | None:
         return {"message": last[:500]}
 
 
-def commit_leftovers(worktree: Path, message: str, worker_name: str) -> str | None:
+def open_worktree(worktree: Path, branch: str) -> pygit2.Repository:
+    """The lease's worktree, refusing anything else.
+
+    No upward search: if the agent broke the worktree's ``.git`` link, a search would find
+    the main repository and commit onto its checked-out branch, past every gate."""
+    try:
+        repo = pygit2.Repository(str(worktree), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
+    except pygit2.GitError as exc:
+        raise WorktreeBroken(f"{worktree} is no longer a git worktree: {exc}") from exc
+    workdir = Path(repo.workdir or "").resolve()
+    if workdir != worktree.resolve():
+        raise WorktreeBroken(f"{worktree} is not its own worktree (git says {workdir})")
+    if repo.head_is_detached or repo.head.name != f"refs/heads/{branch}":
+        raise WorktreeBroken(f"{worktree} is no longer on {branch}; the agent switched branches")
+    return repo
+
+
+class WorktreeBroken(RuntimeError):
+    """The agent left the worktree in a state the worker must not commit from."""
+
+
+def commit_leftovers(repo: pygit2.Repository, message: str, worker_name: str) -> str | None:
     """Commit everything the agent left uncommitted (respecting .gitignore); new sha or None."""
-    repo = pygit2.Repository(str(worktree))
     status = repo.status()
     changed = {
         path: flags for path, flags in status.items() if not flags & pygit2.enums.FileStatus.IGNORED
@@ -444,12 +486,12 @@ def _build_report(run: _Run, exit_status: int) -> dict[str, Any]:
     lease = run.lease
     worktree = Path(lease["worktree"])
     name = lease["handoff"]["name"]
+    repo = open_worktree(worktree, lease["branch"])
     commit_leftovers(
-        worktree,
+        repo,
         f"{name}: work left uncommitted by the agent (attempt {lease['attempt']})",
         worker_name=os.environ.get("ORCHESTRATOR_WORKER_NAME", "worker"),
     )
-    repo = pygit2.Repository(str(worktree))
     head = str(repo.head.target)
     commits = []
     base = lease["baseCommit"]
@@ -497,6 +539,11 @@ def _build_report(run: _Run, exit_status: int) -> dict[str, Any]:
                 {"name": m.name, "result": m.result, "achieved": m.achieved}
                 for m in doc.metrics_achieved
             ]
+    if exit_status == 0 and not commits and "markdown" not in report:
+        # Nothing changed and nothing said: "completed" would merge an empty change and
+        # release every handoff that depends on this one.
+        report["status"] = "failed"
+        report["summary"] = "The agent exited 0 without committing or changing anything."
     if not report["summary"]:
         verb = "finished" if exit_status == 0 else f"exited with status {exit_status}"
         listing = "; ".join(commits[:5]) if commits else "no commits"

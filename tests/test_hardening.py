@@ -103,11 +103,11 @@ def test_a_worker_killed_outright_takes_its_agent_with_it(daemon: Daemon,
                                                           tmp_path: Path) -> None:
     control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("orphan")]})
     worker = start_worker(daemon.socket, "hangs.py", tmp_path / "w.log")
-    wait_for(lambda: _agent_pids("hangs.py"), "the agent to start")
-    agents = _agent_pids("hangs.py")
+    wait_for(lambda: _agent_pids("hangs-child"), "the agent and its child to start")
+    agents = _agent_pids("hangs.py") + _agent_pids("hangs-child")
     kill_group(worker)  # SIGKILL: the worker runs no cleanup at all
     for pid in agents:
-        wait_for(lambda pid=pid: not _alive(pid), "the orphaned agent to die")
+        wait_for(lambda pid=pid: not _alive(pid), "the orphaned agent and its child to die")
 
 
 def test_cancelled_while_gating_never_lands(tmp_path: Path, repo: Path) -> None:
@@ -214,3 +214,57 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_an_agent_that_breaks_its_worktree_never_commits_onto_main(tmp_path: Path,
+                                                                   repo: Path) -> None:
+    # The default state dir lives inside the project: exactly where an upward search for
+    # a repository from a broken worktree would land on the main checkout.
+    config = write_config(tmp_path, repo, merge="paused = true")
+    config.write_text(config.read_text().replace(f'"{tmp_path}/state', f'"{repo}/.orchestrator'))
+    (repo / ".git" / "info" / "exclude").write_text(".orchestrator/\n")
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("vandal")]})
+        worker = start_worker(daemon.socket, "breaks_worktree.py", tmp_path / "w.log",
+                              extra=["--max-handoffs", "1"])
+        assert worker.wait(timeout=120) == 0
+        assert len(git(repo, "rev-list", "main").splitlines()) == 1
+        assert git(repo, "status", "--porcelain") == ""
+        record = control(daemon.socket, "handoff.get", {"name": "vandal"})
+        assert record["state"] == "queued" and record["attempt"] == 2
+        assert "no longer a git worktree" in record["detail"]
+    finally:
+        daemon.stop()
+
+
+def test_an_agent_that_changes_nothing_does_not_complete(daemon: Daemon, tmp_path: Path) -> None:
+    control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("idle")]})
+    worker = start_worker(daemon.socket, "does_nothing.py", tmp_path / "w.log",
+                          extra=["--max-handoffs", "1"])
+    assert worker.wait(timeout=120) == 0
+    record = control(daemon.socket, "handoff.get", {"name": "idle"})
+    assert record["state"] == "failed"
+    assert record["reports"][0]["status"] == "failed"
+    assert "without committing" in record["reports"][0]["summary"]
+
+
+def test_cancelled_while_waiting_for_a_dirty_checkout_never_lands(tmp_path: Path,
+                                                                  repo: Path) -> None:
+    daemon = Daemon(write_config(tmp_path, repo), tmp_path / "daemon.log").start()
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    (repo / "README.md").write_text("a person's unsaved edit\n")
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("patient")]})
+        wait_for(lambda: control(daemon.socket, "status")["mergeBlocked"], "the blocked merge")
+        control(daemon.socket, "handoff.cancel", {"name": "patient"})
+        wait_for(lambda: control(daemon.socket, "status")["mergeBlocked"] is None,
+                 "the merge queue to let go of it")
+        git(repo, "checkout", "README.md")
+        record = control(daemon.socket, "handoff.get", {"name": "patient"})
+        assert record["state"] == "cancelled"
+        assert record["merges"][-1]["result"] == "superseded"
+        assert len(git(repo, "rev-list", "main").splitlines()) == 1
+    finally:
+        kill_group(worker)
+        daemon.stop()

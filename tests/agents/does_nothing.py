@@ -1,0 +1,1 @@
+"""An agent that exits 0 without doing anything."""
