@@ -362,23 +362,17 @@ class MergeQueue:
             f"conflicts in {len(paths)} path(s); merge {integration} into your branch, resolve "
             "them, commit, and report again"
         )
-        feedback = {"reason": "conflict", "detail": text, "log": "\n".join(paths)}
-        state = await self.offload.db(
-            self.store.mark_merge_failed,
-            job.name,
-            attempt=job.attempt,
-            result="conflict",
-            base=base,
-            candidate=None,
-            detail=text,
-            feedback=feedback,
+        state = await self._failed(
+            job,
+            "conflict",
+            base,
+            None,
+            text,
+            log="\n".join(paths),
             conflicts=paths,
             hold=self.config.on_conflict == "hold",
-            now=time.time(),
         )
-        self.metrics.merge_finished("conflict")
         bound.warning("merge_conflict", paths=paths, new_state=state, base=base)
-        self.on_change()
 
     async def _gate_failed(
         self, job: MergeJob, base: str, candidate: str, result: GateResult, bound: Any
@@ -392,24 +386,44 @@ class MergeQueue:
             f"gate {result.name!r} {how} on candidate {candidate[:12]}; "
             "fix the cause and report again"
         )
-        feedback = {
-            "reason": "gate_failed",
-            "detail": text,
-            "log": result.output_tail[-FEEDBACK_LOG_BYTES:],
-        }
+        state = await self._failed(
+            job,
+            "gate_failed",
+            base,
+            candidate,
+            text,
+            log=result.output_tail[-FEEDBACK_LOG_BYTES:],
+            conflicts=[],
+            hold=self.config.on_gate_failure == "hold",
+        )
+        bound.warning("gate_failed", gate=result.name, new_state=state, candidate=candidate)
+
+    async def _failed(
+        self,
+        job: MergeJob,
+        result: str,
+        base: str,
+        candidate: str | None,
+        detail: str,
+        *,
+        log: str,
+        conflicts: list[str],
+        hold: bool,
+    ) -> str:
+        """Record a conflict or a failed gate; the feedback is what the next agent gets."""
         state = await self.offload.db(
             self.store.mark_merge_failed,
             job.name,
             attempt=job.attempt,
-            result="gate_failed",
+            result=result,
             base=base,
             candidate=candidate,
-            detail=text,
-            feedback=feedback,
-            conflicts=(),
-            hold=self.config.on_gate_failure == "hold",
+            detail=detail,
+            feedback={"reason": result, "detail": detail, "log": log},
+            conflicts=conflicts,
+            hold=hold,
             now=time.time(),
         )
-        self.metrics.merge_finished("gate_failed")
-        bound.warning("gate_failed", gate=result.name, new_state=state, candidate=candidate)
+        self.metrics.merge_finished(result)
         self.on_change()
+        return state
