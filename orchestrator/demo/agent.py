@@ -80,7 +80,7 @@ def main() -> int:
         _write(sample.FIX_EMPTY_INPUT)
         _progress(80, "parser fixed")
         _commit("Reject empty input with a clear error")
-        _report(doc, "Empty input is now a clear ValueError; regression test added.")
+        _report(doc, "Empty input now raises EmptyExpressionError; regression test added.")
     elif name == "handoff-2-patterns":
         if feedback is None:
             _progress(50, "extracting the shared validation")
@@ -89,7 +89,11 @@ def main() -> int:
             _progress(50, f"repairing after feedback: {feedback['detail'][:60]}")
             _write(sample.EXTRACT_PATTERN_FIXED)
             _commit("Fix spread() after the gate failure")
-            _report(doc, "Validation lives in one helper; spread() repaired from gate feedback.")
+            _report(
+                doc,
+                "Operand checks live in require_number(); its int() truncation, caught by the "
+                "gate, was repaired from the feedback.",
+            )
     elif name == "handoff-3-ux":
         _progress(50, "wrapping errors for people")
         _write(sample.FRIENDLY_ERRORS)
