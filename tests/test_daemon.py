@@ -330,6 +330,9 @@ def test_graceful_stop_answers_long_polls_and_keeps_leases(tmp_path: Path, repo:
     poller = Conn(daemon.socket)
     poller.initialize("worker")
     poller.send_raw(b'{"jsonrpc":"2.0","id":5,"method":"lease.acquire","params":{"waitS":300}}\n')
+    # Requests are read in order: once a later one is answered, the long poll is running.
+    assert "result" in poller.request("lease.heartbeat", {"leaseId": lease["id"],
+                                                          "token": lease["token"]})
     assert daemon.stop() == 0
     reply = poller.recv()
     assert reply == {"jsonrpc": "2.0", "id": 5, "result": {"lease": None}}
