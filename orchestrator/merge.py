@@ -127,6 +127,13 @@ class MergeQueue:
                 self.metrics.merge_finished("merged")
                 self.metrics.handoff_merged(cycle)
                 log.warning("merge_recovered", handoff=name, attempt=attempt, commit=candidate)
+                # The crash may have come between moving the branch and updating a
+                # checkout of it, which would now look dirty and block every merge.
+                fixed = await self.offload.git(
+                    self.workspace.finish_interrupted_update, base, candidate
+                )
+                if fixed:
+                    log.warning("checkout_update_finished", paths=[str(p) for p in fixed])
             else:
                 await self.offload.db(
                     self.store.landing_superseded,

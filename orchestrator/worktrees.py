@@ -530,6 +530,30 @@ class Workspace:
                 )
         return True
 
+    def finish_interrupted_update(self, old: str, new: str) -> list[Path]:
+        """Finish bringing checkouts of the integration branch from ``old`` to ``new`` after
+        the daemon died between moving the branch and updating them.
+
+        Such a checkout looks dirty (its files are still ``old``'s), which would block
+        merging for good. Only a checkout whose index is still exactly ``old``'s tree is
+        touched, with the same two-tree update as :meth:`advance_integration`, which
+        refuses to overwrite anything a person changed; anything else is left alone.
+        """
+        ref = f"refs/heads/{self.integration_branch}"
+        old_tree = str(self._commit(old).tree_id)
+        new_id = str(self._commit(new).id)
+        fixed = []
+        for checkout in self._checkouts():
+            if checkout.branch != ref or checkout.bare:
+                continue
+            index = self._git("write-tree", cwd=checkout.path, check=False)
+            if index.returncode != 0 or index.stdout.strip() != old_tree:
+                continue
+            done = self._git("read-tree", "-m", "-u", old, new_id, cwd=checkout.path, check=False)
+            if done.returncode == 0:
+                fixed.append(checkout.path)
+        return fixed
+
     # ------------------------------------------------------------------ gate worktree
 
     def gate_checkout(self, commit: str, *, slot: int = 0) -> Path:

@@ -268,3 +268,40 @@ def test_cancelled_while_waiting_for_a_dirty_checkout_never_lands(tmp_path: Path
     finally:
         kill_group(worker)
         daemon.stop()
+
+
+def test_crash_between_moving_the_branch_and_updating_its_checkout(tmp_path: Path,
+                                                                   repo: Path) -> None:
+    from orchestrator.store import Store
+    from orchestrator.worktrees import Workspace
+
+    daemon = Daemon(write_config(tmp_path, repo, merge="paused = true"),
+                    tmp_path / "paused.log").start()
+    control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("torn")]})
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log",
+                          extra=["--max-handoffs", "1"])
+    assert worker.wait(timeout=120) == 0
+    daemon.stop()
+    # Replay the merge queue up to the moment of the crash: intent recorded, the branch
+    # moved (compare-and-swap), the checkout of main not yet updated.
+    store = Store.open(tmp_path / "state" / "orchestrator.sqlite3")
+    job = store.next_merge_jobs(limit=1, now=1.0)[0]
+    workspace = Workspace(repo, "main", tmp_path / "state" / "worktrees")
+    result = workspace.merge_candidate("handoff/torn", strategy="merge", message="Merge torn",
+                                       head=job.head)
+    assert result.candidate is not None
+    store.record_landing_intent("torn", attempt=1, base=result.base,
+                                candidate=result.candidate, now=2.0)
+    store.close()
+    git(repo, "update-ref", "refs/heads/main", result.candidate, result.base)
+    assert git(repo, "status", "--porcelain")  # the checkout now looks dirty
+
+    daemon = Daemon(write_config(tmp_path, repo), tmp_path / "daemon.log").start()
+    try:
+        wait_for(lambda: states(daemon.socket)["torn"] == "merged", "the recovered merge")
+        assert git(repo, "status", "--porcelain") == ""
+        assert (repo / "work" / "torn.txt").exists()
+        assert control(daemon.socket, "status")["mergeBlocked"] is None
+        assert any(e["event"] == "checkout_update_finished" for e in daemon.logs())
+    finally:
+        daemon.stop()
