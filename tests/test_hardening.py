@@ -88,7 +88,7 @@ def test_stopping_a_worker_stops_its_agent_and_gives_the_lease_back(daemon: Daem
     wait_for(lambda: (control(daemon.socket, "handoff.get", {"name": "interrupted"})
                       ["progress"] or {}).get("message") == "thinking forever",
              "the agent to start")
-    agents = _agent_pids("hangs.py")
+    agents = _agent_pids("hangs.py", tmp_path)
     assert agents
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=60) == 0
@@ -103,8 +103,8 @@ def test_a_worker_killed_outright_takes_its_agent_with_it(daemon: Daemon,
                                                           tmp_path: Path) -> None:
     control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("orphan")]})
     worker = start_worker(daemon.socket, "hangs.py", tmp_path / "w.log")
-    wait_for(lambda: _agent_pids("hangs-child"), "the agent and its child to start")
-    agents = _agent_pids("hangs.py") + _agent_pids("hangs-child")
+    wait_for(lambda: _agent_pids("hangs-child", tmp_path), "the agent and its child to start")
+    agents = _agent_pids("hangs.py", tmp_path) + _agent_pids("hangs-child", tmp_path)
     kill_group(worker)  # SIGKILL: the worker runs no cleanup at all
     for pid in agents:
         wait_for(lambda pid=pid: not _alive(pid), "the orphaned agent and its child to die")
@@ -194,16 +194,22 @@ def test_a_broken_merge_job_is_held_and_the_daemon_carries_on(tmp_path: Path,
         daemon.stop()
 
 
-def _agent_pids(script: str) -> list[int]:
+def _agent_pids(script: str, within: Path) -> list[int]:
+    """Live processes running ``script`` whose worktree lies in ``within`` (this test's
+    tmp_path: other test runs on the machine have agents of their own)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if any(part.endswith(script.encode()) for part in cmdline) and _alive(int(entry.name)):
+        mine = f"ORCHESTRATOR_WORKTREE={within}".encode() in environ
+        if mine and any(part.endswith(script.encode()) for part in cmdline) and _alive(
+            int(entry.name)
+        ):
             pids.append(int(entry.name))
     return pids
 
