@@ -133,12 +133,22 @@ class SocketServer:
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         path = self.config.socket
         await _clear_stale_socket(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RuntimeError(
+                f"cannot create the socket's folder {path.parent}: {exc.strerror or exc}"
+            ) from exc
         # Bind under a tight umask, then chmod: the socket is never reachable with wider
         # permissions than configured, not even for an instant.
         old_umask = os.umask(0o177)
         try:
             listener = await anyio.create_unix_listener(path)
+        except OSError as exc:
+            raise RuntimeError(
+                f"cannot listen on {path}: {exc.strerror or exc}; check daemon.socket and "
+                "that its folder exists and is writable by the daemon's user"
+            ) from exc
         finally:
             os.umask(old_umask)
         os.chmod(path, self.config.socket_mode)

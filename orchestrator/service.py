@@ -97,14 +97,7 @@ class Daemon:
             tg.start_soon(self._signals)
             await tg.start(self.server.serve)
             if config.metrics_listen:
-                self.metrics_port = await tg.start(
-                    lambda task_status: serve_http(
-                        config.metrics_listen,
-                        self.metrics,
-                        ready=lambda: self.ready,
-                        task_status=task_status,
-                    )
-                )
+                self.metrics_port = await self._start_metrics(tg)
             tg.start_soon(leases.expire_forever)
             tg.start_soon(merges.run)
             tg.start_soon(self._refresh_gauges)
@@ -130,6 +123,21 @@ class Daemon:
             leases.wake()
             await self.server.drain(DRAIN_S)
             tg.cancel_scope.cancel()
+
+    async def _start_metrics(self, tg: anyio.abc.TaskGroup) -> int:
+        listen = self.config.metrics_listen
+        try:
+            port: int = await tg.start(
+                lambda task_status: serve_http(
+                    listen, self.metrics, ready=lambda: self.ready, task_status=task_status
+                )
+            )
+        except OSError as exc:
+            raise RuntimeError(
+                f"cannot serve metrics on {listen}: {exc.strerror or exc}; choose another "
+                'metrics.listen, or set it to "" to turn the endpoint off'
+            ) from exc
+        return port
 
     async def _signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -77,3 +77,18 @@ def test_a_running_daemon_serves_its_metrics(tmp_path: Path, repo: Path) -> None
     finally:
         kill_group(worker)
         daemon.stop()
+
+
+def test_a_busy_metrics_port_is_a_clear_start_up_error(tmp_path: Path, repo: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = write_config(tmp_path, repo, metrics=f"127.0.0.1:{port}")
+        result = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "--config", str(config), "serve"],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode == 2
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+    assert 'set it to ""' in result.stderr
