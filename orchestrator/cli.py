@@ -242,7 +242,8 @@ def _run(args: argparse.Namespace) -> int:
 
             print(completed_document(result), end="")
         else:
-            print(format_record(result))
+            states = {h["name"]: h["state"] for h in _call(args, "handoff.list", {})["handoffs"]}
+            print(format_record(result, states))
         return 0
     if command in ("cancel", "retry"):
         _call(args, f"handoff.{command}", {"name": args.name})
@@ -332,7 +333,9 @@ def format_status(status: dict[str, Any], handoffs: list[dict[str, Any]]) -> str
     return "\n".join(lines)
 
 
-def format_record(record: dict[str, Any]) -> str:
+def format_record(record: dict[str, Any], states: dict[str, str] | None = None) -> str:
+    """The human view of ``handoff.get``; ``states`` (name to state) explains a wait."""
+    states = states or {}
     lines = [
         f"{record['name']}: {record['title']}",
         f"  state {record['state']}, priority {record['priority']}, attempt {record['attempt']}",
@@ -340,9 +343,14 @@ def format_record(record: dict[str, Any]) -> str:
     if record.get("dependencies"):
         lines.append(
             "  depends on "
-            + ", ".join(record["dependencies"])
-            + (" (not merged yet)" if record["state"] == "waiting" else "")
+            + ", ".join(f"{d} ({states[d]})" if d in states else d for d in record["dependencies"])
         )
+        stuck = [d for d in record["dependencies"] if states.get(d) in ("failed", "cancelled")]
+        if record["state"] == "waiting" and stuck:
+            lines.append(
+                f"  waits until {', '.join(stuck)} is retried and merged "
+                f"(orchestrator retry {stuck[0]}), or cancel this one"
+            )
     if record.get("detail"):
         lines.append(f"  {record['detail']}")
     if record.get("conflicts"):
