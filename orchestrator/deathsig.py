@@ -34,7 +34,9 @@ def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m orchestrator.deathsig CMD [ARGS...]", file=sys.stderr)
         return 2
-    parent = os.getppid()
+    # The worker says who it is: a worker killed before this process got going would
+    # otherwise look like a parent (init) that is still alive.
+    parent = int(os.environ.get("ORCHESTRATOR_WORKER_PID") or os.getppid())
     signal.signal(PARENT_DIED, _kill_group)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -42,7 +44,7 @@ def main(argv: list[str]) -> int:
     except (OSError, AttributeError):
         pass  # not Linux: the worker's process-group kill still covers orderly stops
     if os.getppid() != parent:
-        _kill_group(PARENT_DIED, None)  # the worker died before the request took effect
+        return 1  # the worker died before the request took effect: run nothing
     signal.signal(signal.SIGTERM, _ignore)
     try:
         agent = subprocess.Popen(argv)

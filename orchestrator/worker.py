@@ -315,6 +315,7 @@ def _agent_env(run: _Run) -> dict[str, str]:
         "ORCHESTRATOR_FEEDBACK_FILE": str(feedback_file),
         "ORCHESTRATOR_REPORT_FILE": str(run.files / "report.md"),
         "ORCHESTRATOR_PROGRESS_FILE": str(run.files / "progress"),
+        "ORCHESTRATOR_WORKER_PID": str(os.getpid()),
     }
 
 
