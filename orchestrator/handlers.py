@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from orchestrator import handoff as handoff_model
@@ -203,8 +204,6 @@ class Handlers:
                 "commit your work on the branch and report its tip"
             )
         if lease["worktree"]:
-            from pathlib import Path
-
             dirty = self.workspace.dirty_paths(Path(lease["worktree"]))
             if dirty:
                 shown = ", ".join(dirty[:10]) + (" ..." if len(dirty) > 10 else "")

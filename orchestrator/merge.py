@@ -76,7 +76,7 @@ class MergeQueue:
                     await self._wakeup.wait()
                 continue
             self.current = {job.name for job in jobs}
-            self._focus = jobs[0]
+            self._focus = None
             try:
                 await self.integrate(jobs)
             except Exception as exc:

@@ -8,6 +8,7 @@ long-polling ``lease.acquire`` never delays a heartbeat on the same connection.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import socket
 import stat
@@ -439,8 +440,6 @@ class SocketServer:
 
 def _peek_id(line: bytes) -> Any:
     """The request id, if the frame is JSON enough to have one (for error replies)."""
-    import json
-
     try:
         obj = json.loads(line)
     except (ValueError, UnicodeDecodeError, RecursionError):

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.protocol import rfc3339
+
 STATES = (
     "queued",
     "waiting",
@@ -580,12 +582,6 @@ class Store:
                 out.append(Expired(lease["id"], row["name"], state))
         return out
 
-    def next_expiry(self) -> float | None:
-        row = self._conn.execute(
-            "SELECT MIN(expires_at) FROM leases WHERE ended_at IS NULL"
-        ).fetchone()
-        return None if row[0] is None else float(row[0])
-
     def release(self, lease_id: str, token: int, *, reason: str, now: float) -> str:
         with self._tx() as c:
             lease = self._held(c, lease_id, token, now)
@@ -791,11 +787,12 @@ class Store:
         Unconditional: once the ref moved, the work *is* on the integration branch."""
         with self._tx() as c:
             row = self._row(c, name)
-            if self._pending_landing(c, name) is not None:
+            landing = self._pending_landing(c, name)
+            if landing is not None:
                 c.execute(
                     "UPDATE merges SET result = 'merged', base = ?, candidate = ?, at = ?"
                     " WHERE id = ?",
-                    (base, commit, now, self._pending_landing(c, name)),
+                    (base, commit, now, landing),
                 )
             else:
                 c.execute(
@@ -868,10 +865,6 @@ class Store:
         with self._tx() as c:
             if self._row(c, name)["state"] == "gating":
                 self._set_state(c, name, "reported", now)
-
-    def hold_for_person(self, name: str, *, detail: str, now: float) -> None:
-        with self._tx() as c:
-            self._set_state(c, name, "reported", now, detail=detail)
 
     def recover(self, *, ttl_s: float, now: float) -> list[str]:
         """After a restart: a handoff caught mid-gate goes back to ``reported``; a lease
@@ -960,8 +953,8 @@ class Store:
         record["labels"] = json.loads(row["labels"])
         record["detail"] = row["detail"]
         record["feedback"] = _loads(row["feedback"])
-        record["submittedAt"] = _ts(row["submitted_at"])
-        record["mergedAt"] = _ts(row["merged_at"])
+        record["submittedAt"] = rfc3339(row["submitted_at"])
+        record["mergedAt"] = rfc3339(row["merged_at"])
         record["mergeCommit"] = row["merge_commit"]
         record["conflicts"] = _loads(row["conflicts"]) or []
         record["leases"] = [
@@ -970,12 +963,12 @@ class Store:
                 "token": r["token"],
                 "worker": r["worker"],
                 "attempt": r["attempt"],
-                "grantedAt": _ts(r["granted_at"]),
-                "expiresAt": _ts(r["expires_at"]),
+                "grantedAt": rfc3339(r["granted_at"]),
+                "expiresAt": rfc3339(r["expires_at"]),
                 "baseCommit": r["base_commit"],
                 "worktree": r["worktree"],
                 "branch": r["branch"],
-                "endedAt": _ts(r["ended_at"]),
+                "endedAt": rfc3339(r["ended_at"]),
                 "endReason": r["end_reason"],
             }
             for r in c.execute("SELECT * FROM leases WHERE handoff = ? ORDER BY token", (name,))
@@ -985,7 +978,7 @@ class Store:
                 **json.loads(r["report"]),
                 "attempt": r["attempt"],
                 "leaseId": r["lease_id"],
-                "receivedAt": _ts(r["received_at"]),
+                "receivedAt": rfc3339(r["received_at"]),
             }
             for r in c.execute("SELECT * FROM reports WHERE handoff = ? ORDER BY id", (name,))
         ]
@@ -998,7 +991,7 @@ class Store:
                 "timedOut": bool(r["timed_out"]),
                 "durationS": r["duration_s"],
                 "outputTail": r["output_tail"],
-                "startedAt": _ts(r["started_at"]),
+                "startedAt": rfc3339(r["started_at"]),
             }
             for r in c.execute("SELECT * FROM gate_runs WHERE handoff = ? ORDER BY id", (name,))
         ]
@@ -1009,7 +1002,7 @@ class Store:
                 "base": r["base"],
                 "candidate": r["candidate"],
                 "detail": r["detail"],
-                "at": _ts(r["at"]),
+                "at": rfc3339(r["at"]),
             }
             for r in c.execute("SELECT * FROM merges WHERE handoff = ? ORDER BY id", (name,))
         ]
@@ -1024,19 +1017,13 @@ class Store:
         rows = self._conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [
             {
-                "at": _ts(r["at"]),
+                "at": rfc3339(r["at"]),
                 "handoff": r["handoff"],
                 "kind": r["kind"],
                 **json.loads(r["detail"]),
             }
             for r in reversed(rows)
         ]
-
-
-def _ts(value: float | None) -> str | None:
-    from orchestrator.protocol import rfc3339
-
-    return rfc3339(value)
 
 
 def _summary(row: sqlite3.Row) -> dict[str, Any]:
@@ -1048,7 +1035,7 @@ def _summary(row: sqlite3.Row) -> dict[str, Any]:
         "attempt": row["attempt"],
         "dependencies": json.loads(row["dependencies"]),
         "progress": _loads(row["progress"]),
-        "updatedAt": _ts(row["updated_at"]),
+        "updatedAt": rfc3339(row["updated_at"]),
     }
 
 
