@@ -21,7 +21,13 @@ from orchestrator.config import Config
 from orchestrator.gates import GateResult, run_gate
 from orchestrator.metrics import Metrics
 from orchestrator.store import InvalidTransition, MergeJob, Store
-from orchestrator.worktrees import GitError, IntegrationTreeDirty, MergeResult, Workspace
+from orchestrator.worktrees import (
+    GitError,
+    IntegrationLocked,
+    IntegrationTreeDirty,
+    MergeResult,
+    Workspace,
+)
 
 log = logs.get("merge")
 
@@ -326,6 +332,13 @@ class MergeQueue:
                 moved = await self.offload.git(
                     self.workspace.advance_integration, base, candidate, reflog
                 )
+            except IntegrationLocked as exc:
+                reason = f"not merging {job.name}: {exc}"
+                if self.blocked_reason != reason:
+                    bound.error("merge_blocked", reason=reason, locks=[str(p) for p in exc.locks])
+                self.blocked_reason = reason
+                await anyio.sleep(BLOCKED_RETRY_S)
+                continue
             except IntegrationTreeDirty as exc:
                 reason = (
                     f"not merging {job.name}: {exc.path} has {self.config.integration_branch} "

@@ -23,6 +23,7 @@ from orchestrator.leases import LeaseManager
 from orchestrator.merge import MergeQueue
 from orchestrator.metrics import Metrics, serve_http
 from orchestrator.protocol import Request
+from orchestrator.reconcile import reconcile
 from orchestrator.server import Session, SocketServer
 from orchestrator.store import Store, lock_state_dir
 from orchestrator.worktrees import Workspace
@@ -93,6 +94,8 @@ class Daemon:
         )
         self._refresh_needed = anyio.Event()
         await merges.reconcile_landings()
+        # Before serving, so nothing else uses the store or the repository meanwhile.
+        await self.offload.git(reconcile, store, workspace)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals)
             await tg.start(self.server.serve)

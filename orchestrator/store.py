@@ -894,6 +894,34 @@ class Store:
             self._release_waiting(c, now)
             return names
 
+    def open_leases(self) -> list[dict[str, Any]]:
+        """Every lease not ended yet, expired or not (for start-up reconciliation)."""
+        rows = self._conn.execute("SELECT * FROM leases WHERE ended_at IS NULL ORDER BY token")
+        return [dict(r) for r in rows.fetchall()]
+
+    def end_lease_fault(self, lease_id: str, *, reason: str, detail: str, now: float) -> str | None:
+        """End an open lease the daemon found broken (e.g. its worktree is gone) and
+        re-queue its handoff, spending an attempt as an expiry does. Returns the handoff's
+        new state, or None if the lease had ended meanwhile."""
+        with self._tx() as c:
+            lease = c.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
+            if lease is None or lease["ended_at"] is not None:
+                return None
+            self._end_lease(c, lease_id, reason, now)
+            row = self._row(c, lease["handoff"])
+            self._event(c, now, row["name"], "lease_" + reason, lease=lease_id, detail=detail)
+            if row["state"] != "leased":
+                return str(row["state"])
+            return self._requeue(c, row, now, feedback=_loads(row["feedback"]), detail=detail)
+
+    def merged_commits(self) -> list[tuple[str, str]]:
+        """(handoff, merge commit) of every merged handoff, in merge order."""
+        rows = self._conn.execute(
+            "SELECT name, merge_commit FROM handoffs WHERE state = 'merged'"
+            " AND merge_commit IS NOT NULL ORDER BY merged_at"
+        )
+        return [(str(r[0]), str(r[1])) for r in rows.fetchall()]
+
     def pending_landings(self) -> list[tuple[str, int, str, str]]:
         """(handoff, attempt, base, candidate) of landings a crash left unresolved."""
         rows = self._conn.execute(

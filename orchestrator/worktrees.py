@@ -42,6 +42,7 @@ from pygit2.enums import RepositoryOpenFlag, SortMode
 
 __all__ = [
     "GitError",
+    "IntegrationLocked",
     "IntegrationTreeDirty",
     "MergeBackend",
     "MergeResult",
@@ -125,6 +126,22 @@ class IntegrationTreeDirty(GitError):
             f"local changes ({shown or 'unknown'}); the branch was not advanced. "
             "Commit or stash those changes (or check out another branch there) and the "
             "merge queue will continue."
+        )
+
+
+class IntegrationLocked(GitError):
+    """Another git process holds a lock the branch update needs (the branch's ref lock,
+    or the index lock of a checkout of the integration branch); nothing was changed.
+
+    Not a failure of the handoff: the merge waits until the lock is gone."""
+
+    def __init__(self, locks: Sequence[Path]) -> None:
+        self.locks = tuple(locks)
+        super().__init__(
+            "locked by another git process: "
+            + ", ".join(str(p) for p in self.locks)
+            + "; the merge waits until it finishes (if no git process is running there, "
+            "the lock is stale: delete the file)"
         )
 
 
@@ -499,6 +516,12 @@ class Workspace:
             return False
         ref = f"refs/heads/{self.integration_branch}"
         checkouts = [c.path for c in self._checkouts() if c.branch == ref and not c.bare]
+        # Checked before anything moves: with the ref lock held update-ref would fail (and
+        # the handoff with it), with an index lock held the branch would move but its
+        # checkout could not follow, and then look dirty.
+        locks = self.integration_locks(checkouts)
+        if locks:
+            raise IntegrationLocked(locks)
         for tree in checkouts:
             changes = self._blocking_changes(tree, expected, new_id)
             if changes:
@@ -529,6 +552,55 @@ class Workspace:
                     new_id,
                 )
         return True
+
+    def integration_locks(self, checkouts: Sequence[Path] | None = None) -> list[Path]:
+        """Lock files that stop the integration branch (or a checkout of it) from moving.
+
+        They may belong to a live git process (a person's ``git commit``) or be stale,
+        left by a killed one: the daemon cannot tell, so it never deletes them."""
+        if checkouts is None:
+            ref = f"refs/heads/{self.integration_branch}"
+            checkouts = [c.path for c in self._checkouts() if c.branch == ref and not c.bare]
+        candidates = [self._common_dir / "refs" / "heads" / f"{self.integration_branch}.lock"]
+        for tree in checkouts:
+            git_dir = self._git_dir_of(tree)
+            if git_dir is not None:
+                candidates.append(git_dir / "index.lock")
+        return [p for p in candidates if os.path.lexists(p)]
+
+    def _git_dir_of(self, tree: Path) -> Path | None:
+        dotgit = tree / ".git"
+        if dotgit.is_dir():
+            return dotgit
+        try:
+            text = dotgit.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        if not text.startswith("gitdir:"):
+            return None
+        target = Path(text[len("gitdir:") :].strip())
+        return target if target.is_absolute() else tree / target
+
+    def lease_worktree_names(self) -> list[str]:
+        """Names of the worktrees currently laid out for leases (``worktrees_dir/<name>``)."""
+        return sorted(e for e in _listdir(self.worktrees_dir) if not e.startswith("."))
+
+    def clear_idle_locks(self) -> list[Path]:
+        """Delete ``index.lock``/``HEAD.lock`` in the daemon's idle worktrees (pool slots
+        and gate checkouts); returns what was deleted.
+
+        Only the daemon runs git there, one call at a time, and this runs at start-up
+        before any: such a lock was left by a git process killed with the daemon."""
+        removed: list[Path] = []
+        paths = [
+            self.worktrees_dir / e for e in _listdir(self.worktrees_dir) if e.startswith(GATE_DIR)
+        ]
+        paths += [self._pool_dir / e for e in _listdir(self._pool_dir)]
+        for path in paths:
+            admin = self._adopt(path)
+            if admin is not None:
+                removed += self._clear_locks(admin)
+        return removed
 
     def finish_interrupted_update(self, old: str, new: str) -> list[Path]:
         """Finish bringing checkouts of the integration branch from ``old`` to ``new`` after
@@ -888,14 +960,17 @@ class Workspace:
             log.info("pruning worktree registration %s (%s is gone)", entry, recorded.parent)
             shutil.rmtree(admin, ignore_errors=True)
 
-    def _clear_locks(self, admin: Path) -> None:
+    def _clear_locks(self, admin: Path) -> list[Path]:
         # Only this daemon (one call at a time) and the agent holding the lease run git in
         # our worktrees, and we get here only when no lease is live for it. So a lock file
         # here was left by a killed process, and git would refuse to touch the index (or
         # HEAD) until someone deleted it by hand.
+        removed = []
         for lock in ("index.lock", "HEAD.lock"):
             with contextlib.suppress(FileNotFoundError):
                 (admin / lock).unlink()
+                removed.append(admin / lock)
+        return removed
 
     def _clear_stale_state(self, admin: Path) -> None:
         self._clear_locks(admin)
