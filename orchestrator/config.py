@@ -63,6 +63,7 @@ class Config:
     lease_ttl_s: float = 60.0
     heartbeat_interval_s: float = 15.0
     max_attempts: int = 3
+    lease_max_duration_s: float = 86400.0
     gates: tuple[GateConfig, ...] = ()
     merge_strategy: str = "merge"
     on_conflict: str = "requeue"
@@ -241,6 +242,11 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
     attempts = r.get("leases", "max_attempts", int, 3)
     if attempts < 1:
         problems.append(f"leases.max_attempts must be at least 1, got {attempts}")
+    max_duration = float(r.get("leases", "max_duration_s", (int, float), 86400))
+    if max_duration < 0:
+        problems.append(
+            f"leases.max_duration_s must be 0 (no bound) or positive, got {max_duration}"
+        )
 
     strategy = r.get("merge", "strategy", str, "merge")
     if strategy not in MERGE_STRATEGIES:
@@ -290,6 +296,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         lease_ttl_s=ttl,
         heartbeat_interval_s=heartbeat,
         max_attempts=attempts,
+        lease_max_duration_s=max_duration,
         gates=gates,
         merge_strategy=strategy,
         on_conflict=on_conflict,

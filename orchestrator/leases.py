@@ -151,7 +151,11 @@ class LeaseManager:
         """Expire leases that missed their heartbeats; runs for the daemon's lifetime."""
         interval = min(1.0, self.config.lease_ttl_s / 10)
         while True:
-            expired = await self.offload.db(self.store.expire_due, now=time.time())
+            expired = await self.offload.db(
+                self.store.expire_due,
+                now=time.time(),
+                max_duration_s=self.config.lease_max_duration_s or None,
+            )
             for item in expired:
                 self.metrics.lease_expired()
                 log.warning(
@@ -159,7 +163,10 @@ class LeaseManager:
                     handoff=item.handoff,
                     lease=item.lease_id,
                     new_state=item.new_state,
+                    reason=item.reason,
                 )
+                # The protocol's revocation reasons are cancelled/expired/shutdown: a lease
+                # over its maximum duration has expired, by a longer clock.
                 await self.revoke(item.lease_id, "expired")
             if expired:
                 self.wake()

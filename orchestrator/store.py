@@ -48,6 +48,11 @@ PRIORITY_RANK = {"HIGH": 0, "MEDIUM": 1, "LOW": 2}
 # when the worker gets it); this bounds how long a preparation may take.
 PREPARE_GRACE_S = 900.0
 SCHEMA_VERSION = 1
+# How a lease's end reason reads in a -32001 message.
+END_REASONS = {
+    "max_duration": "held longer than leases.max_duration_s",
+    "worktree_missing": "its worktree was deleted",
+}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -200,6 +205,8 @@ class Expired:
     lease_id: str
     handoff: str
     new_state: str
+    # "expired" (no heartbeat within the TTL) or "max_duration" (held too long).
+    reason: str = "expired"
 
 
 @dataclass(frozen=True)
@@ -488,8 +495,9 @@ class Store:
                 "fencing token; stop working on it and acquire a new lease"
             )
         if row["ended_at"] is not None:
+            why = END_REASONS.get(row["end_reason"], row["end_reason"])
             raise LeaseNotHeld(
-                f"lease {lease_id} is no longer held ({row['end_reason']}); stop working on "
+                f"lease {lease_id} is no longer held ({why}); stop working on "
                 "it and acquire a new lease"
             )
         if row["expires_at"] <= now:
@@ -559,27 +567,38 @@ class Store:
         )
         return "queued"
 
-    def expire_due(self, *, now: float) -> list[Expired]:
-        """End every lease past its expiry and re-queue (or fail) its handoff."""
+    def expire_due(self, *, now: float, max_duration_s: float | None = None) -> list[Expired]:
+        """End every lease past its expiry, or (with ``max_duration_s``) held longer than
+        that since it was granted however often it was renewed, and re-queue (or fail)
+        its handoff."""
         out = []
+        # 1e300 s stands for "no bound". A lease still being prepared has no worktree
+        # yet: PREPARE_GRACE_S bounds that stretch instead.
+        longest = max_duration_s or 1e300
         with self._tx() as c:
             for lease in c.execute(
-                "SELECT * FROM leases WHERE ended_at IS NULL AND expires_at <= ?", (now,)
+                "SELECT * FROM leases WHERE ended_at IS NULL"
+                " AND (expires_at <= ? OR (worktree IS NOT NULL AND granted_at + ? <= ?))",
+                (now, longest, now),
             ).fetchall():
-                self._end_lease(c, lease["id"], "expired", now)
+                too_long = lease["expires_at"] > now
+                reason = "max_duration" if too_long else "expired"
+                self._end_lease(c, lease["id"], reason, now)
                 row = self._row(c, lease["handoff"])
-                self._event(c, now, row["name"], "lease_expired", lease=lease["id"])
+                self._event(c, now, row["name"], "lease_" + reason, lease=lease["id"])
                 state = row["state"]
                 if state == "leased":
+                    detail = (
+                        f"lease {lease['id']} held for more than leases.max_duration_s "
+                        f"({longest:g} s) without a report; revoked"
+                        if too_long
+                        else f"lease {lease['id']} expired"
+                    )
                     # Keep whatever feedback the attempt had: the next agent still needs it.
                     state = self._requeue(
-                        c,
-                        row,
-                        now,
-                        feedback=_loads(row["feedback"]),
-                        detail=f"lease {lease['id']} expired",
+                        c, row, now, feedback=_loads(row["feedback"]), detail=detail
                     )
-                out.append(Expired(lease["id"], row["name"], state))
+                out.append(Expired(lease["id"], row["name"], state, reason))
         return out
 
     def release(self, lease_id: str, token: int, *, reason: str, now: float) -> str:

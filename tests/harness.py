@@ -31,6 +31,7 @@ def write_config(
     max_attempts: int = 3,
     merge: str = "",
     metrics: str = "",
+    leases: str = "",
 ) -> Path:
     """A config for a daemon on ``repo`` with its state under ``tmp_path/state``."""
     state = tmp_path / "state"
@@ -48,6 +49,7 @@ socket = "{state}/d.sock"
 ttl_s = {ttl_s}
 heartbeat_interval_s = {heartbeat_s}
 max_attempts = {max_attempts}
+{leases}
 [merge]
 {merge}
 {gates}

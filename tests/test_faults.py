@@ -1,0 +1,187 @@
+"""Faults of workers, gates, the repository and the disk: each is handled, and visible in
+``orchestrator status`` / ``show`` and the logs, and the daemon carries on.
+
+(A worker that hangs without heartbeats is covered in test_daemon.py, a gate that never
+exits in test_merge_queue.py.)
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import git
+from harness import (
+    Conn,
+    Daemon,
+    control,
+    handoff_doc,
+    kill_group,
+    start_worker,
+    states,
+    wait_for,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def stop_later() -> Iterator[list[Daemon]]:
+    daemons: list[Daemon] = []
+    yield daemons
+    for daemon in daemons:
+        daemon.stop()
+
+
+def test_a_worker_that_heartbeats_forever_loses_its_lease_at_max_duration(
+    tmp_path: Path, repo: Path, stop_later: list[Daemon]
+) -> None:
+    config = write_config(tmp_path, repo, ttl_s=30, heartbeat_s=0.2, max_attempts=1,
+                          leases="max_duration_s = 2", merge="paused = true")
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    stop_later.append(daemon)
+    control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("endless")]})
+    worker = start_worker(daemon.socket, "hangs.py", tmp_path / "w.log")
+    try:
+        wait_for(lambda: states(daemon.socket)["endless"] == "failed",
+                 "the endless lease to be revoked and the handoff to fail")
+    finally:
+        kill_group(worker)
+    record = control(daemon.socket, "handoff.get", {"name": "endless"})
+    assert "leases.max_duration_s" in record["detail"], record["detail"]
+    assert [lease["endReason"] for lease in record["leases"]] == ["max_duration"]
+    event = next(e for e in daemon.logs() if e["event"] == "lease_expired")
+    assert event["reason"] == "max_duration"
+    assert "lease_revoked" in (tmp_path / "w.log").read_text()
+
+
+def test_an_agent_that_deletes_its_worktree_costs_one_attempt(
+    tmp_path: Path, repo: Path, stop_later: list[Daemon]
+) -> None:
+    config = write_config(tmp_path, repo, ttl_s=5, heartbeat_s=0.2)
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    stop_later.append(daemon)
+    control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("self-destruct")]})
+    worker = start_worker(daemon.socket, "deletes_worktree.py", tmp_path / "w.log")
+    try:
+        wait_for(lambda: states(daemon.socket)["self-destruct"] == "merged",
+                 "the second attempt to merge")
+    finally:
+        kill_group(worker)
+    record = control(daemon.socket, "handoff.get", {"name": "self-destruct"})
+    assert record["attempt"] == 2
+    # The worker saw the worktree gone and gave the lease back saying so.
+    assert record["leases"][0]["endReason"] == "released"
+    released = next(e for e in daemon.logs() if e["event"] == "lease_released")
+    assert "no longer a git worktree" in released["reason"]
+    assert git(repo, "show", "main:work/self-destruct.txt").startswith("done")
+
+
+def test_a_worktree_deleted_while_the_daemon_was_down_ends_its_lease_at_start(
+    tmp_path: Path, repo: Path, stop_later: list[Daemon]
+) -> None:
+    config = write_config(tmp_path, repo, ttl_s=60, merge="paused = true")
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    stop_later.append(daemon)
+    control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("gone")]})
+    conn = Conn(daemon.socket)
+    conn.initialize("worker")
+    lease = conn.request("lease.acquire", {"waitS": 10})["result"]["lease"]
+    conn.close()
+    daemon.kill()
+    shutil.rmtree(lease["worktree"])
+    daemon.start()
+    record = control(daemon.socket, "handoff.get", {"name": "gone"})
+    assert record["state"] == "queued" and record["attempt"] == 2
+    assert record["leases"][0]["endReason"] == "worktree_missing"
+    repairs = [e for e in daemon.logs() if e["event"] == "reconcile_lease_ended"]
+    assert [(r["handoff"], r["cause"]) for r in repairs] == [("gone", "worktree_missing")]
+    # The old lease is dead for its worker, with a reason it can act on.
+    conn = Conn(daemon.socket)
+    conn.initialize("worker")
+    reply = conn.request("lease.heartbeat", {"leaseId": lease["id"], "token": lease["token"]})
+    assert reply["error"]["code"] == -32001
+    assert "worktree was deleted" in reply["error"]["message"]
+    # The next attempt gets a worktree again, with the branch as it was.
+    again = conn.request("lease.acquire", {"waitS": 10})["result"]["lease"]
+    assert Path(again["worktree"]).is_dir() and again["attempt"] == 2
+    conn.close()
+
+
+@pytest.mark.parametrize("lock", ["ref", "index"])
+def test_a_locked_integration_branch_makes_merging_wait_and_say_why(
+    tmp_path: Path, repo: Path, stop_later: list[Daemon], lock: str
+) -> None:
+    # Another git process holds the branch's ref lock, or the index lock of its checkout.
+    path = repo / ".git" / ("refs/heads/main.lock" if lock == "ref" else "index.lock")
+    path.write_text("")
+    config = write_config(tmp_path, repo)
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    stop_later.append(daemon)
+    control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("patient")]})
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        blocked = wait_for(lambda: control(daemon.socket, "status")["mergeBlocked"],
+                           "status to say why merging waits")
+        assert str(path) in blocked and "another git process" in blocked
+        assert states(daemon.socket)["patient"] == "gating"
+        assert any(e["event"] == "reconcile_integration_locked" and e["path"] == str(path)
+                   for e in daemon.logs())
+        path.unlink()
+        wait_for(lambda: states(daemon.socket)["patient"] == "merged", "the merge after unlock")
+    finally:
+        kill_group(worker)
+    assert control(daemon.socket, "status")["mergeBlocked"] is None
+    # The checkout followed the branch: it is clean, with the merged work in it.
+    assert git(repo, "status", "--porcelain") == ""
+    assert (repo / "work" / "patient.txt").is_file()
+
+
+FLOOD = """\
+import os, sys
+out = sys.stdout.buffer
+chunk = b"x" * 65535 + b"\\n"
+for _ in range(3200):   # 200 MiB on stdout
+    out.write(chunk)
+os.makedirs("junk", exist_ok=True)
+first = not os.listdir("junk")
+with open(os.path.join("junk", os.environ.get("N", "blob")), "wb") as f:
+    f.write(os.urandom(1 << 20) * 8)   # and 8 MiB into its checkout
+print("junk was clean" if first else "junk left by an earlier gate", flush=True)
+sys.exit(0 if first else 1)
+"""
+
+
+def test_a_gate_that_floods_its_output_and_its_checkout_is_contained(
+    tmp_path: Path, repo: Path, stop_later: list[Daemon]
+) -> None:
+    flood = tmp_path / "flood.py"
+    flood.write_text(FLOOD)
+    gates = f'[[gates]]\nname = "flood"\nrun = ["{sys.executable}", "{flood}"]\n'
+    config = write_config(tmp_path, repo, gates=gates, merge="gate_output_tail_bytes = 4096")
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    stop_later.append(daemon)
+    names = ["flood-1", "flood-2"]
+    control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc(n) for n in names]})
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        wait_for(lambda: set(states(daemon.socket).values()) == {"merged"},
+                 "both to merge: each gate found a clean checkout")
+        assert daemon.process is not None
+        status = Path(f"/proc/{daemon.process.pid}/status").read_text()
+    finally:
+        kill_group(worker)
+    for name in names:
+        gate = control(daemon.socket, "handoff.get", {"name": name})["gates"][-1]
+        # Only the tail is kept: the daemon never held 200 MiB of it.
+        assert gate["outputTail"].startswith("[... ")
+        assert gate["outputTail"].endswith("junk was clean\n")
+        assert len(gate["outputTail"]) < 4096 + 100
+    peak_kib = int(next(line for line in status.splitlines()
+                        if line.startswith("VmHWM:")).split()[1])
+    assert peak_kib < 150 * 1024, f"the daemon's peak RSS was {peak_kib} KiB"
+    assert (tmp_path / "state" / "orchestrator.sqlite3").stat().st_size < 5 * 1024 * 1024
