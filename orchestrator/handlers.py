@@ -117,6 +117,7 @@ class Handlers:
             ttl_s=self.config.lease_ttl_s,
             progress=progress,
             now=time.time(),
+            worker=session.worker_name,
         )
         # A worker that reconnected (e.g. after a daemon restart) is now the one to notify.
         self.leases.track(lease_id, session)
@@ -129,7 +130,12 @@ class Handlers:
         if not isinstance(reason, str):
             raise RpcError(INVALID_PARAMS, 'invalid params: "reason" must be a string')
         state = await self.offload.db(
-            self.store.release, lease_id, token, reason=reason, now=time.time()
+            self.store.release,
+            lease_id,
+            token,
+            reason=reason,
+            now=time.time(),
+            worker=session.worker_name,
         )
         self.leases.forget(lease_id)
         log.info("lease_released", lease=lease_id, reason=reason, new_state=state)
@@ -167,6 +173,7 @@ class Handlers:
                 ttl_s=self.config.lease_ttl_s,
                 progress=None,
                 now=time.time(),
+                worker=session.worker_name,
             )
         except LeaseNotHeld:
             if await self.offload.db(self.store.already_reported, lease_id, token, head):

@@ -485,10 +485,24 @@ class Store:
             if self._row(c, lease["handoff"])["state"] == "leased":
                 self._set_state(c, lease["handoff"], "queued", now, detail=reason)
 
-    def _held(self, c: sqlite3.Connection, lease_id: str, token: int, now: float) -> sqlite3.Row:
+    def _held(
+        self,
+        c: sqlite3.Connection,
+        lease_id: str,
+        token: int,
+        now: float,
+        worker: str | None = None,
+    ) -> sqlite3.Row:
         row = c.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
         if row is None:
             raise LeaseNotHeld(f"lease {lease_id} does not exist")
+        if worker is not None and row["worker"] != worker:
+            # Lease ids are unguessable, but a log line or a shared file can leak one: a
+            # lease is used only by the worker (by name) that acquired it.
+            raise LeaseNotHeld(
+                f"lease {lease_id} was granted to worker {row['worker']!r}, not {worker!r}; "
+                "a worker may only use the leases it acquired"
+            )
         if row["token"] != token:
             raise LeaseNotHeld(
                 f"lease {lease_id} has token {row['token']}, not {token}: a stale or wrong "
@@ -519,9 +533,12 @@ class Store:
         ttl_s: float,
         progress: dict[str, Any] | None,
         now: float,
+        worker: str | None = None,
     ) -> float:
+        """Extend a held lease by ``ttl_s``; with ``worker``, only for the worker that
+        acquired it."""
         with self._tx() as c:
-            row = self._held(c, lease_id, token, now)
+            row = self._held(c, lease_id, token, now, worker)
             expires = now + ttl_s
             c.execute("UPDATE leases SET expires_at = ? WHERE id = ?", (expires, lease_id))
             if progress is not None:
@@ -601,9 +618,12 @@ class Store:
                 out.append(Expired(lease["id"], row["name"], state, reason))
         return out
 
-    def release(self, lease_id: str, token: int, *, reason: str, now: float) -> str:
+    def release(
+        self, lease_id: str, token: int, *, reason: str, now: float, worker: str | None = None
+    ) -> str:
+        """Give a held lease back unfinished; the handoff is re-queued at once."""
         with self._tx() as c:
-            lease = self._held(c, lease_id, token, now)
+            lease = self._held(c, lease_id, token, now, worker)
             self._end_lease(c, lease_id, "released", now)
             row = self._row(c, lease["handoff"])
             self._event(c, now, row["name"], "lease_released", lease=lease_id, reason=reason)
