@@ -435,6 +435,7 @@ _ITEM_MARK_RE = re.compile(rf"(?P<mark>{_MARK})\ufe0f?\s*(?P<text>.*)")
 _HEADING_MARK_RE = re.compile(rf"(?P<name>.*?)\s*(?P<mark>{_MARK})\ufe0f?")
 _EDGE_RE = re.compile(r"^[\W_]+|[\W_]+$")
 _LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+_INNER_BREAKS_RE = re.compile("[" + "".join(sorted(_LINE_BREAKS - {"\n"})) + "]")
 
 
 def _fold(text: str) -> str:
@@ -498,7 +499,12 @@ class _Located:
 class _Parser:
     def __init__(self, text: str) -> None:
         text = text.removeprefix("\ufeff")
-        self.lines = text.replace("\r\n", "\n").split("\n")
+        # Other line-break characters (a lone CR, form feed, U+2028...) inside a line
+        # read as a space: the renderer writes them so (they would break the line for
+        # other tools), and parse(render(x)) must give x back. Found by the fuzzer.
+        self.lines = [
+            _INNER_BREAKS_RE.sub(" ", line) for line in text.replace("\r\n", "\n").split("\n")
+        ]
         self.problems: list[Problem] = []
         self.votes: list[Language] = []
         self.summary: _Located | None = None
