@@ -69,6 +69,7 @@ class Config:
     on_conflict: str = "requeue"
     on_gate_failure: str = "requeue"
     gate_output_tail_bytes: int = 64 * 1024
+    gate_sandbox: tuple[str, ...] = ()
     metrics_listen: str = "127.0.0.1:9464"
     merge_paused: bool = False
     speculative_window: int = 1
@@ -269,6 +270,13 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
     tail = r.get("merge", "gate_output_tail_bytes", int, 64 * 1024)
     if tail < 256:
         problems.append(f"merge.gate_output_tail_bytes must be at least 256, got {tail}")
+    sandbox = r.get("merge", "gate_sandbox", list, [])
+    if not all(isinstance(a, str) and a for a in sandbox):
+        problems.append(
+            'merge.gate_sandbox must be an argv prefix (non-empty strings), e.g. ["bwrap", '
+            f'"--ro-bind", "/", "/", ...], got {sandbox!r}'
+        )
+        sandbox = []
 
     listen = r.get("metrics", "listen", str, "127.0.0.1:9464")
     if listen:
@@ -302,6 +310,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         on_conflict=on_conflict,
         on_gate_failure=on_gate_failure,
         gate_output_tail_bytes=tail,
+        gate_sandbox=tuple(sandbox),
         metrics_listen=listen,
         merge_paused=paused,
         speculative_window=window,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,15 +87,22 @@ async def run_gate(
     *,
     tail_bytes: int = 64 * 1024,
     env: Mapping[str, str] | None = None,
+    sandbox: Sequence[str] = (),
 ) -> GateResult:
-    """Run ``gate`` in ``checkout``; stdout and stderr are merged into one tail."""
+    """Run ``gate`` in ``checkout``; stdout and stderr are merged into one tail.
+
+    ``sandbox`` (``merge.gate_sandbox``) is an argv prefix the gate's command is appended
+    to, e.g. ``bwrap ... --`` or ``systemd-run --user --pipe --wait ...``: gates run the
+    agents' code, and the prefix is how a deployment confines it. Only the tail of the
+    output is kept in memory, however much the gate writes."""
+    argv = [*sandbox, *gate.run]
     started = time.time()
     clock = time.monotonic()
     tail = _Tail(tail_bytes)
     full_env = {**os.environ, **(env or {}), **gate.env}
     try:
         process = await anyio.open_process(
-            list(gate.run),
+            argv,
             cwd=checkout,
             env=full_env,
             stdin=None,
@@ -109,7 +116,7 @@ async def run_gate(
             exit_status=127,
             timed_out=False,
             duration_s=time.monotonic() - clock,
-            output_tail=f"could not start gate {gate.name!r} ({' '.join(gate.run)}): {exc}",
+            output_tail=f"could not start gate {gate.name!r} ({' '.join(argv)}): {exc}",
             started_at=started,
         )
     timed_out = False

@@ -290,7 +290,11 @@ class MergeQueue:
         for gate in self.config.gates:
             bound.info("gate_started", gate=gate.name, candidate=candidate)
             result = await run_gate(
-                gate, checkout, tail_bytes=self.config.gate_output_tail_bytes, env=env
+                gate,
+                checkout,
+                tail_bytes=self.config.gate_output_tail_bytes,
+                env=env,
+                sandbox=self.config.gate_sandbox,
             )
             await self.offload.db(
                 self.store.record_gate,

@@ -7,6 +7,7 @@ exits in test_merge_queue.py.)
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections.abc import Iterator
@@ -185,3 +186,51 @@ def test_a_gate_that_floods_its_output_and_its_checkout_is_contained(
                         if line.startswith("VmHWM:")).split()[1])
     assert peak_kib < 150 * 1024, f"the daemon's peak RSS was {peak_kib} KiB"
     assert (tmp_path / "state" / "orchestrator.sqlite3").stat().st_size < 5 * 1024 * 1024
+
+
+SANDBOX = """\
+import json, os, sys
+# A stand-in for bwrap/systemd-run: record what it was asked to run, then run it (or, with
+# SANDBOX_DENY set, refuse as a sandbox refusing a forbidden action would).
+with open(os.environ["SANDBOX_LOG"], "a") as f:
+    f.write(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd()}) + "\\n")
+if os.path.exists(os.environ["SANDBOX_LOG"] + ".deny"):
+    print("sandbox: denied", flush=True)
+    sys.exit(99)
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_gates_run_behind_the_configured_sandbox_prefix(
+    tmp_path: Path, repo: Path, stop_later: list[Daemon]
+) -> None:
+    sandbox = tmp_path / "sandbox.py"
+    sandbox.write_text(SANDBOX)
+    record = tmp_path / "sandbox.log"
+    gate_argv = [sys.executable, "-c", "print('gate ran')"]
+    gates = f'[[gates]]\nname = "check"\nrun = {json.dumps(gate_argv)}\n'
+    config = write_config(tmp_path, repo, gates=gates,
+                          merge=f'gate_sandbox = ["{sys.executable}", "{sandbox}"]')
+    daemon = Daemon(config, tmp_path / "daemon.log", env={"SANDBOX_LOG": str(record)}).start()
+    stop_later.append(daemon)
+    control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("boxed")]})
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        wait_for(lambda: states(daemon.socket)["boxed"] == "merged", "the sandboxed gate")
+        runs = [json.loads(line) for line in record.read_text().splitlines()]
+        assert [run["argv"] for run in runs] == [gate_argv]
+        assert Path(runs[0]["cwd"]) == tmp_path / "state" / "worktrees" / ".gate"
+        gate = control(daemon.socket, "handoff.get", {"name": "boxed"})["gates"][0]
+        assert gate["outputTail"] == "gate ran\n"
+
+        # What the sandbox refuses fails the gate: nothing lands around it.
+        Path(f"{record}.deny").write_text("")
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("escape")]})
+        wait_for(lambda: states(daemon.socket)["escape"] in ("queued", "failed"),
+                 "the denied gate to fail")
+    finally:
+        kill_group(worker)
+    record_ = control(daemon.socket, "handoff.get", {"name": "escape"})
+    assert record_["gates"][0]["exitStatus"] == 99
+    assert "sandbox: denied" in record_["gates"][0]["outputTail"]
+    assert "escape" not in git(repo, "log", "--format=%s", "main")
