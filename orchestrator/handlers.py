@@ -16,6 +16,7 @@ from orchestrator.leases import LeaseManager
 from orchestrator.merge import MergeQueue
 from orchestrator.protocol import (
     DUPLICATE_HANDOFF,
+    INTERNAL_ERROR,
     INVALID_HANDOFF,
     INVALID_PARAMS,
     LEASE_NOT_HELD,
@@ -37,6 +38,7 @@ from orchestrator.store import (
     LeaseNotHeld,
     NewHandoff,
     Store,
+    StoreFull,
     UnknownHandoff,
 )
 from orchestrator.worktrees import Workspace
@@ -97,6 +99,9 @@ class Handlers:
             ) from exc
         except InvalidTransition as exc:
             raise RpcError(INVALID_PARAMS, str(exc)) from exc
+        except StoreFull as exc:
+            # No protocol code of its own: an internal error, with a reason to match on.
+            raise RpcError(INTERNAL_ERROR, str(exc), {"reason": "store_full"}) from exc
 
     # ---- worker methods ---------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from orchestrator.config import Config
 from orchestrator.metrics import Metrics
 from orchestrator.protocol import INTERNAL_ERROR, RpcError, rfc3339
 from orchestrator.server import Session
-from orchestrator.store import Grant, Store
+from orchestrator.store import Grant, Store, StoreFull
 from orchestrator.worktrees import Workspace
 
 log = logs.get("leases")
@@ -150,12 +150,23 @@ class LeaseManager:
     async def expire_forever(self) -> None:
         """Expire leases that missed their heartbeats; runs for the daemon's lifetime."""
         interval = min(1.0, self.config.lease_ttl_s / 10)
+        store_full = False
         while True:
-            expired = await self.offload.db(
-                self.store.expire_due,
-                now=time.time(),
-                max_duration_s=self.config.lease_max_duration_s or None,
-            )
+            try:
+                expired = await self.offload.db(
+                    self.store.expire_due,
+                    now=time.time(),
+                    max_duration_s=self.config.lease_max_duration_s or None,
+                )
+            except StoreFull as exc:
+                # Nothing expires while nothing can be written; the leases keep running
+                # and are judged once the store can record the outcome.
+                if not store_full:
+                    log.error("store_full", detail=str(exc))
+                store_full = True
+                await anyio.sleep(interval)
+                continue
+            store_full = False
             for item in expired:
                 self.metrics.lease_expired()
                 log.warning(

@@ -8,6 +8,7 @@ moved meanwhile, the candidate is rebuilt and gated again; nothing unvalidated l
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ from orchestrator.blocking import Offload
 from orchestrator.config import Config
 from orchestrator.gates import GateResult, run_gate
 from orchestrator.metrics import Metrics
-from orchestrator.store import InvalidTransition, MergeJob, Store
+from orchestrator.store import InvalidTransition, MergeJob, Store, StoreFull
 from orchestrator.worktrees import (
     GitError,
     IntegrationLocked,
@@ -67,6 +68,26 @@ class MergeQueue:
         self._wakeup.set()
 
     async def run(self) -> None:
+        """Integrate reported handoffs one train at a time, for the daemon's lifetime.
+
+        A store that cannot be written (full disk) pauses the queue, says so in status,
+        and resumes once writes work again; it never takes the daemon down."""
+        while True:
+            try:
+                await self._run()
+            except StoreFull as exc:
+                self.blocked_reason = f"merging paused: {exc}"
+                log.error("store_full", detail=str(exc))
+                await anyio.sleep(BLOCKED_RETRY_S)
+                # A train cut short left its handoffs in ``gating``: settle a landing whose
+                # ref moved but whose record could not be written (never land it twice),
+                # then put the rest back in the queue.
+                with contextlib.suppress(StoreFull):
+                    await self.reconcile_landings()
+                    await self.offload.db(self.store.recover_gating, now=time.time())
+                    self.blocked_reason = None
+
+    async def _run(self) -> None:
         if self.config.merge_paused:
             self.blocked_reason = "merging is paused (merge.paused = true in the config)"
             await anyio.sleep_forever()

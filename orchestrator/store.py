@@ -146,6 +146,13 @@ class StateLocked(StoreError):
     """Another daemon holds the state directory."""
 
 
+class StoreFull(StoreError):
+    """The store could not write: its disk is full (or the file hit a size limit).
+
+    Nothing was changed (the transaction rolled back). Reads still work, so the daemon
+    keeps answering status and lookups and refuses only what would write."""
+
+
 class UnknownHandoff(StoreError):
     pass
 
@@ -245,6 +252,19 @@ def lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
+# SQLite primary result codes: SQLITE_FULL, and SQLITE_IOERR (a write refused outright,
+# e.g. EFBIG past RLIMIT_FSIZE, is an I/O error rather than "full").
+_SQLITE_IOERR, _SQLITE_FULL = 10, 13
+
+
+def _cannot_write(exc: sqlite3.DatabaseError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR)
+    text = str(exc)
+    return "database or disk is full" in text or "disk I/O error" in text
+
+
 def _loads(value: str | None) -> Any:
     return None if value is None else json.loads(value)
 
@@ -298,15 +318,24 @@ class Store:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         # BEGIN IMMEDIATE takes the write lock up front, so a read-then-write can't be
         # interleaved with another writer (e.g. a CLI reading while the daemon writes).
-        self._conn.execute("BEGIN IMMEDIATE")
         try:
-            yield self._conn
-            self._conn.execute("COMMIT")
-        except BaseException:
-            # Also after a failed COMMIT: a transaction left open would make every later
-            # BEGIN fail.
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                # Also after a failed COMMIT: a transaction left open would make every
+                # later BEGIN fail.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as exc:
+            if _cannot_write(exc):
+                raise StoreFull(
+                    f"the store {self.path} cannot be written ({exc}): its disk is full or "
+                    "the file hit a size limit. Nothing was changed; new work is refused "
+                    "until space is freed, while status and lookups keep working"
+                ) from exc
             raise
 
     def _event(
@@ -931,6 +960,15 @@ class Store:
                 (now + ttl_s,),
             )
             self._release_waiting(c, now)
+            return names
+
+    def recover_gating(self, *, now: float) -> list[str]:
+        """Put every ``gating`` handoff back to ``reported`` (the merge queue was cut short
+        and will take them again); returns their names."""
+        with self._tx() as c:
+            names = [r[0] for r in c.execute("SELECT name FROM handoffs WHERE state = 'gating'")]
+            for name in names:
+                self._set_state(c, name, "reported", now, detail="gating interrupted")
             return names
 
     def open_leases(self) -> list[dict[str, Any]]:

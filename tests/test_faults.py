@@ -8,7 +8,9 @@ exits in test_merge_queue.py.)
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,3 +236,51 @@ def test_gates_run_behind_the_configured_sandbox_prefix(
     assert record_["gates"][0]["exitStatus"] == 99
     assert "sandbox: denied" in record_["gates"][0]["outputTail"]
     assert "escape" not in git(repo, "log", "--format=%s", "main")
+
+
+def test_a_full_disk_for_the_store_refuses_new_work_and_keeps_serving_reads(
+    tmp_path: Path, repo: Path, stop_later: list[Daemon]
+) -> None:
+    config = write_config(tmp_path, repo, merge="paused = true")
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    stop_later.append(daemon)
+    control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("before")]})
+    assert daemon.process is not None
+    # A full disk, for this process only and without root: RLIMIT_FSIZE makes every write
+    # past the limit fail (EFBIG) as a full disk's writes fail (ENOSPC). The limit sits
+    # above every file the daemon has open now (so its log still works) but below what
+    # the next big transaction needs.
+    state = tmp_path / "state"
+    files = [state / "orchestrator.sqlite3", state / "orchestrator.sqlite3-wal",
+             tmp_path / "daemon.log"]
+    limit = max(f.stat().st_size for f in files if f.exists()) + 256 * 1024
+    pid = daemon.process.pid
+    _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, hard))
+    notes = "\n## NOTES\n" + "a line of notes that takes up room\n" * 20_000  # ~700 KB
+    big = handoff_doc("too-big") + notes
+    try:
+        conn = Conn(daemon.socket)
+        conn.initialize("control")
+        reply = conn.request("handoff.submit", {"markdown": [big]})
+        assert reply["error"]["code"] == -32603, reply
+        assert reply["error"]["data"] == {"reason": "store_full"}
+        assert "cannot be written" in reply["error"]["message"]
+        assert "new work is refused" in reply["error"]["message"]
+        # Reads keep working, on the same connection and on others.
+        assert [h["name"] for h in conn.request("handoff.list")["result"]["handoffs"]] == [
+            "before"]
+        assert conn.request("status")["result"]["counts"]["queued"] == 1
+        assert control(daemon.socket, "handoff.get", {"name": "before"})["state"] == "queued"
+        conn.close()
+        assert daemon.process.poll() is None
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))
+    # Space is back: the same submission goes through, and nothing was lost meanwhile.
+    control(daemon.socket, "handoff.submit", {"markdown": [big]})
+    assert states(daemon.socket) == {"before": "queued", "too-big": "queued"}
+    db = sqlite3.connect(state / "orchestrator.sqlite3")
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        db.close()
