@@ -284,3 +284,29 @@ def test_a_full_disk_for_the_store_refuses_new_work_and_keeps_serving_reads(
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         db.close()
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
+def test_a_gate_that_fills_the_disk_is_stopped_by_a_sandbox_size_limit(
+    tmp_path: Path, repo: Path, stop_later: list[Daemon]
+) -> None:
+    # The disk itself cannot be filled in a test; a per-file size cap from the sandbox
+    # prefix (RLIMIT_FSIZE, here via prlimit) stops the gate the same way, at its first
+    # write past the cap, and the daemon is not affected.
+    fill = [sys.executable, "-c", "open('huge.bin', 'wb').write(b'x' * (64 << 20))"]
+    gates = f'[[gates]]\nname = "fill"\nrun = {json.dumps(fill)}\n'
+    config = write_config(tmp_path, repo, gates=gates, max_attempts=1,
+                          merge='gate_sandbox = ["prlimit", "--fsize=1048576", "--"]')
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    stop_later.append(daemon)
+    control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("filler")]})
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        wait_for(lambda: states(daemon.socket)["filler"] == "failed", "the gate to fail")
+    finally:
+        kill_group(worker)
+    gate = control(daemon.socket, "handoff.get", {"name": "filler"})["gates"][0]
+    assert gate["exitStatus"] != 0
+    assert "File too large" in gate["outputTail"]
+    assert (tmp_path / "state" / "worktrees" / ".gate" / "huge.bin").stat().st_size <= 1 << 20
+    assert "filler" not in git(repo, "log", "--format=%s", "main")
