@@ -270,8 +270,8 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
     tail = r.get("merge", "gate_output_tail_bytes", int, 64 * 1024)
     if tail < 256:
         problems.append(f"merge.gate_output_tail_bytes must be at least 256, got {tail}")
-    sandbox = r.get("merge", "gate_sandbox", list, [])
-    if not all(isinstance(a, str) and a for a in sandbox):
+    sandbox = r.get("merge", "gate_sandbox", (list, str), [])
+    if isinstance(sandbox, str) or not all(isinstance(a, str) and a for a in sandbox):
         problems.append(
             'merge.gate_sandbox must be an argv prefix (non-empty strings), e.g. ["bwrap", '
             f'"--ro-bind", "/", "/", ...], got {sandbox!r}'
