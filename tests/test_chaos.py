@@ -79,12 +79,15 @@ def test_chaos_sigkill_loses_nothing_lands_once_and_lands_only_gated(
         # A few dependency chains, so "waiting" handoffs must be released across crashes.
         deps = names[i - 1] if i % 7 == 6 else "none"
         docs.append(handoff_doc(name, priority=rng.choice(["HIGH", "MEDIUM", "LOW"]), deps=deps))
-    control(daemon.socket, "handoff.submit", {"markdown": docs})
+    # Submitted in three waves, the later ones between kills, so submissions meet restarts
+    # too.
+    waves = [docs[w * len(docs) // 3 : (w + 1) * len(docs) // 3] for w in range(3)]
+    control(daemon.socket, "handoff.submit", {"markdown": waves[0]})
     workers = [
         start_worker(daemon.socket, "chaos.py", tmp_path / f"w{i}.log", name=f"w{i}")
         for i in range(WORKERS)
     ]
-    kills = aimed = 0
+    kills = aimed = during_work = 0
     try:
         while kills < KILLS:
             if rng.random() < 0.5:
@@ -97,10 +100,17 @@ def test_chaos_sigkill_loses_nothing_lands_once_and_lands_only_gated(
                 )
                 time.sleep(rng.uniform(0.0, 0.4))
             else:
-                time.sleep(rng.uniform(0.1, 1.5))
+                time.sleep(rng.uniform(0.05, 0.8))
+            # Counted as "during the work" if anything was still short of merged.
+            during_work += set(_states(daemon).values()) != {"merged"}
             daemon.kill()
             kills += 1
             daemon.start()
+            for wave in (1, 2):
+                # Early in the schedule: the work is quick, and the pipeline should stay full
+                # for most of the kills.
+                if kills == max(1, wave * KILLS // 5):
+                    control(daemon.socket, "handoff.submit", {"markdown": waves[wave]})
         wait_for(
             lambda: set(_states(daemon).values()) == {"merged"},
             f"every handoff merged after {kills} kills (seed {seed})",
@@ -111,6 +121,12 @@ def test_chaos_sigkill_loses_nothing_lands_once_and_lands_only_gated(
         for worker in workers:
             kill_group(worker)
         daemon.stop()
+
+    # The kills did strike while there was work in flight (not after it was all done).
+    # (Most of them: a long schedule may outlast the work, which is quick.)
+    assert during_work >= min(KILLS, 10) * 2 // 3, (
+        f"only {during_work} of {kills} kills hit work in flight"
+    )
 
     # Nothing lost: every submitted handoff is there and merged, with its work on main.
     assert sorted(_names(random.Random(seed))) == sorted(names)
@@ -177,5 +193,6 @@ def test_chaos_sigkill_loses_nothing_lands_once_and_lands_only_gated(
     recovery = {k: v for k, v in logged.items() if k.startswith("reconcile_") or k in (
         "gating_interrupted", "merge_recovered", "landing_not_done", "lease_expired",
         "checkout_update_finished")}
-    print(json.dumps({"seed": seed, "kills": kills, "handoffs": HANDOFFS,
-                      "aimed_at_gating": aimed, **recovery}, sort_keys=True))
+    figures = {"seed": seed, "kills": kills, "handoffs": HANDOFFS, "aimed_at_gating": aimed,
+               "during_work": during_work, **recovery}
+    print(json.dumps(figures, sort_keys=True))

@@ -4,6 +4,8 @@ other handoff does its work right away. Each writes only its own file, so none c
 
 import json
 import os
+import random
+import time
 from pathlib import Path
 
 from _common import HANDOFF, commit, git, progress, write
@@ -13,6 +15,9 @@ repairing = feedback_file.is_file() and json.loads(feedback_file.read_text())["r
     "gate_failed"
 )
 broken = "-flaky" in HANDOFF and not repairing
+# A little think time (the same for a given handoff and attempt), so kills also catch
+# agents mid-work, heartbeating.
+time.sleep(random.Random(f"{HANDOFF}-{os.environ['ORCHESTRATOR_ATTEMPT']}").uniform(0.1, 0.6))
 progress(50, "writing")
 attempt = os.environ["ORCHESTRATOR_ATTEMPT"]
 # The attempt number makes each attempt's commit differ: a later attempt (its lease
