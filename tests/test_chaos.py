@@ -53,6 +53,10 @@ def _names(rng: random.Random) -> list[str]:
     return [f"chaos-{i:02d}{'-flaky' if i % 5 == 3 else ''}" for i in range(HANDOFFS)]
 
 
+def _tail(daemon: Daemon, lines: int = 40) -> str:
+    return "\n".join(daemon.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
 def _states(daemon: Daemon) -> dict[str, str]:
     try:
         return {h["name"]: h["state"] for h in control(daemon.socket, "handoff.list")["handoffs"]}
@@ -103,6 +107,11 @@ def test_chaos_sigkill_loses_nothing_lands_once_and_lands_only_gated(
                 time.sleep(rng.uniform(0.05, 0.8))
             # Counted as "during the work" if anything was still short of merged.
             during_work += set(_states(daemon).values()) != {"merged"}
+            # Only our kills may end it: a daemon that died by itself is a failure.
+            assert daemon.process is not None and daemon.process.poll() is None, (
+                f"the daemon died by itself (exit {daemon.process.returncode}) after {kills} "
+                f"kills (seed {seed}):\n{_tail(daemon)}"
+            )
             daemon.kill()
             kills += 1
             daemon.start()
