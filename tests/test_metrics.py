@@ -39,9 +39,10 @@ from orchestrator.metrics import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
-PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-DASHBOARD = ROOT / "deploy" / "grafana" / "orchestrator-dashboard.json"
+ALERTS = ROOT / "config" / "prometheus" / "orchestrator-rules.yml"
+ALERT_TESTS = ROOT / "config" / "prometheus" / "orchestrator-rules.test.yml"
+PROMETHEUS_CONFIG = ROOT / "config" / "prometheus" / "prometheus.yml"
+DASHBOARD = ROOT / "config" / "grafana" / "orchestrator-dashboard.json"
 
 # The names DESIGN.md promises, with the type each must be exported as (counter names as
 # the text parser reports them, without the _total suffix).
@@ -407,7 +408,7 @@ def test_alert_rules_pass_promtool() -> None:
 
 def test_example_prometheus_config_passes_promtool() -> None:
     promtool = need("promtool")
-    # rule_files are resolved relative to the config file, so this also loads alerts.yml.
+    # rule_files are resolved relative to the config file, so this also loads the rules.
     result = subprocess.run(
         [promtool, "check", "config", str(PROMETHEUS_CONFIG)],
         capture_output=True,
@@ -418,165 +419,24 @@ def test_example_prometheus_config_passes_promtool() -> None:
     assert "1 rule files found" in result.stdout
 
 
-# promtool's rule unit tests: synthetic series in, expected alerts out, checking that each
-# alert fires in the situation it is meant for and stays quiet in a healthy one. promtool
-# compares the rendered annotations too, which also exercises their templates. The file is
-# written as JSON, which YAML accepts, so no YAML library is needed.
-
-
-def series(metric: str, values: str, **labels: str) -> dict[str, str]:
-    rendered = ", ".join(f'{k}="{v}"' for k, v in {"job": "orchestrator", **labels}.items())
-    return {"series": f"{metric}{{{rendered}}}", "values": values}
-
-
-def firing(
-    alertname: str, eval_time: str, severity: str, summary: str, description: str, **labels: str
-) -> dict[str, Any]:
-    return {
-        "eval_time": eval_time,
-        "alertname": alertname,
-        "exp_alerts": [
-            {
-                "exp_labels": {"severity": severity, "job": "orchestrator", **labels},
-                "exp_annotations": {"summary": summary, "description": description},
-            }
-        ],
-    }
-
-
-def quiet(alertname: str, eval_time: str) -> dict[str, Any]:
-    return {"eval_time": eval_time, "alertname": alertname, "exp_alerts": []}
-
-
-RULE_TESTS: list[dict[str, Any]] = [
-    {
-        "interval": "1m",
-        "input_series": [
-            series("up", "0x20", instance="down:9464"),
-            series("up", "1x20", instance="idle:9464"),
-            series("orchestrator_workers_connected", "0x20", instance="idle:9464"),
-            series("orchestrator_handoffs", "3x20", instance="idle:9464", state="queued"),
-            series("up", "1x20", instance="busy:9464"),
-            series("orchestrator_workers_connected", "2x20", instance="busy:9464"),
-            series("orchestrator_handoffs", "3x20", instance="busy:9464", state="queued"),
-        ],
-        "alert_rule_test": [
-            quiet("OrchestratorDown", "1m"),
-            firing(
-                "OrchestratorDown",
-                "15m",
-                "critical",
-                "orchestrator on down:9464 is down",
-                "Prometheus has failed to scrape down:9464 for 2 minutes. The daemon is"
-                " stopped, crashed, or [metrics] listen does not match the scrape target."
-                " Check `systemctl status orchestrator` and its journal.",
-                instance="down:9464",
-            ),
-            quiet("OrchestratorNoWorkers", "5m"),
-            firing(
-                "OrchestratorNoWorkers",
-                "15m",
-                "warning",
-                "handoffs are queued on idle:9464 but no worker is connected",
-                "No agent worker has been attached to idle:9464 for 10 minutes while"
-                " handoffs wait in the queue, so nothing is being worked on. Start workers"
-                " (`orchestrator worker -- CMD...`) and check they can reach the socket.",
-                instance="idle:9464",
-            ),
-            quiet("OrchestratorMetricsAbsent", "15m"),
-        ],
-    },
-    {
-        "interval": "1m",
-        "input_series": [
-            series("orchestrator_merge_queue_depth", "2x60", instance="stuck:9464"),
-            series("orchestrator_merges_total", "5x60", instance="stuck:9464", result="merged"),
-            series("orchestrator_merges_total", "0x60", instance="stuck:9464", result="conflict"),
-            series("orchestrator_merge_queue_depth", "2x60", instance="moving:9464"),
-            series("orchestrator_merges_total", "0+1x60", instance="moving:9464", result="merged"),
-            series("orchestrator_merges_total", "0x60", instance="moving:9464", result="conflict"),
-        ],
-        "alert_rule_test": [
-            # Younger than 30 minutes: not enough history to call the queue stuck.
-            quiet("OrchestratorMergeQueueStuck", "25m"),
-            firing(
-                "OrchestratorMergeQueueStuck",
-                "45m",
-                "critical",
-                "merge queue on stuck:9464 has not moved for 30 minutes",
-                "2 candidates are waiting and none finished in 30 minutes. A gate may hang"
-                " longer than expected, or the merge task is wedged. Check the daemon log,"
-                " the gate timeouts and `orchestrator status`.",
-                instance="stuck:9464",
-            ),
-            firing(
-                "OrchestratorMetricsAbsent",
-                "45m",
-                "warning",
-                "no orchestrator scrape target in Prometheus",
-                'Prometheus has no target for job "orchestrator", so none of the other'
-                " orchestrator alerts can fire. Check the scrape configuration.",
-            ),
-        ],
-    },
-    {
-        "interval": "1m",
-        "input_series": [
-            series("orchestrator_merges_total", "0+1x120", instance="a:9464", result="gate_failed"),
-            series("orchestrator_merges_total", "0x120", instance="a:9464", result="merged"),
-            series("orchestrator_merges_total", "0+1x120", instance="b:9464", result="gate_failed"),
-            series("orchestrator_merges_total", "0+3x120", instance="b:9464", result="merged"),
-            series("orchestrator_lease_expirations_total", "0+1x120", instance="a:9464"),
-            series("orchestrator_lease_expirations_total", "0x120", instance="b:9464"),
-            series("orchestrator_protocol_errors_total", "0+60x120", instance="a:9464", code="1"),
-            series("orchestrator_protocol_errors_total", "0+1x120", instance="b:9464", code="1"),
-        ],
-        "alert_rule_test": [
-            firing(
-                "OrchestratorGateFailuresHigh",
-                "90m",
-                "warning",
-                "most merge candidates fail their gates on a:9464",
-                "100% of the merge candidates finished in the last hour failed a validation"
-                " gate. The integration branch itself may be broken, a gate may be flaky, or"
-                " agents are reporting unfinished work.",
-                instance="a:9464",
-            ),
-            firing(
-                "OrchestratorLeaseExpirationsRising",
-                "60m",
-                "warning",
-                "leases keep expiring on a:9464",
-                "30 leases expired in the last 30 minutes: workers are dying or stop"
-                " heartbeating within leases.ttl_s. Each expiry sends the handoff back to the"
-                " queue. Check the workers' logs and the lease TTL.",
-                instance="a:9464",
-            ),
-            firing(
-                "OrchestratorProtocolErrorsHigh",
-                "60m",
-                "warning",
-                "clients keep getting protocol errors from a:9464",
-                "Socket clients receive 1.00 JSON-RPC errors per second. A worker or tool"
-                " probably speaks an incompatible protocol version or sends stale fencing"
-                " tokens. The `code` label of orchestrator_protocol_errors_total tells which"
-                " error.",
-                instance="a:9464",
-            ),
-        ],
-    },
-]
-
-
-def test_alert_rules_fire_when_they_should(tmp_path: Path) -> None:
+def test_alert_rules_fire_when_they_should() -> None:
+    """promtool's rule unit tests (config/prometheus/orchestrator-rules.test.yml): each
+    alert fires in the situation it is meant for and stays quiet in a healthy one."""
     promtool = need("promtool")
-    tests = tmp_path / "alerts_test.yml"
-    document = {"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": RULE_TESTS}
-    tests.write_text(json.dumps(document, indent=2))
     result = subprocess.run(
-        [promtool, "test", "rules", str(tests)], capture_output=True, text=True, check=False
+        [promtool, "test", "rules", str(ALERT_TESTS)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ALERT_TESTS.parent,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_unit_test() -> None:
+    rules = set(re.findall(r"^\s*- alert: (\w+)$", ALERTS.read_text(), re.M))
+    tested = set(re.findall(r"^\s*alertname: (\w+)$", ALERT_TESTS.read_text(), re.M))
+    assert rules and rules == tested, (rules - tested, tested - rules)
 
 
 # --- the Grafana dashboard ----------------------------------------------------------
@@ -732,7 +592,7 @@ async def test_real_prometheus_scrapes_the_endpoint_and_runs_every_query(
             assert series["metric"]["version"] == "7.7.7-test"
             assert series["metric"]["job"] == "orchestrator"
             assert series["value"][1] == "1"
-            assert len(health) == 7
+            assert len(health) == 8
 
             for expr in dashboard_exprs():
                 answer = await prometheus_api(base, "query", query=as_promql(expr))
