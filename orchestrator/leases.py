@@ -125,6 +125,7 @@ class LeaseManager:
             expires_at=expires,
         )
         self.track(grant.lease_id, session)
+        self.metrics.lease_started(grant.lease_id)
         log.info(
             "lease_granted",
             handoff=grant.handoff,
@@ -153,12 +154,13 @@ class LeaseManager:
         while True:
             expired = await self.offload.db(self.store.expire_due, now=time.time())
             for item in expired:
-                self.metrics.lease_expired()
+                self.metrics.lease_expired(item.lease_id)
                 log.warning(
                     "lease_expired",
                     handoff=item.handoff,
                     lease=item.lease_id,
                     new_state=item.new_state,
+                    metric="orchestrator_lease_expirations_total",
                 )
                 await self.revoke(item.lease_id, "expired")
             if expired:

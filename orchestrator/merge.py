@@ -52,6 +52,7 @@ class MergeQueue:
         self.metrics = metrics
         self.on_change = on_change
         self.blocked_reason: str | None = None
+        self.running = False  # for /readyz
         self.current: set[str] = set()
         self._focus: MergeJob | None = None
         self._wakeup = anyio.Event()
@@ -61,6 +62,7 @@ class MergeQueue:
         self._wakeup.set()
 
     async def run(self) -> None:
+        self.running = True
         if self.config.merge_paused:
             self.blocked_reason = "merging is paused (merge.paused = true in the config)"
             await anyio.sleep_forever()
@@ -125,8 +127,15 @@ class MergeQueue:
                     now=time.time(),
                 )
                 self.metrics.merge_finished("merged")
-                self.metrics.handoff_merged(cycle)
-                log.warning("merge_recovered", handoff=name, attempt=attempt, commit=candidate)
+                self.metrics.handoff_merged(cycle, attempt)
+                log.warning(
+                    "merge_recovered",
+                    handoff=name,
+                    attempt=attempt,
+                    commit=candidate,
+                    metric="orchestrator_merges_total",
+                    result="merged",
+                )
                 # The crash may have come between moving the branch and updating a
                 # checkout of it, which would now look dirty and block every merge.
                 fixed = await self.offload.git(
@@ -157,6 +166,8 @@ class MergeQueue:
         candidate of job *i* is built on the candidate of job *i-1*, all are gated at once,
         and they land in order while their gates passed; a failure ends the train there.
         """
+        for job in jobs:
+            self.metrics.merge_started(job.name)
         tip = await self.offload.git(self.workspace.integration_tip)
         train: list[tuple[MergeJob, MergeResult]] = []
         base = tip
@@ -298,9 +309,16 @@ class MergeQueue:
                 output_tail=result.output_tail,
                 started_at=result.started_at,
             )
-            self.metrics.gate_finished(gate.name, result.duration_s)
+            outcome = self.metrics.gate_finished(
+                gate.name,
+                result.duration_s,
+                exit_status=result.exit_status,
+                timed_out=result.timed_out,
+            )
             bound.info(
                 "gate_finished",
+                metric="orchestrator_gate_runs_total",
+                outcome=outcome,
                 gate=gate.name,
                 passed=result.passed,
                 exit_status=result.exit_status,
@@ -351,8 +369,15 @@ class MergeQueue:
             now=time.time(),
         )
         self.metrics.merge_finished("merged")
-        self.metrics.handoff_merged(cycle)
-        bound.info("merged", commit=commit, base=base, cycle_s=round(cycle, 3))
+        self.metrics.handoff_merged(cycle, job.attempt)
+        bound.info(
+            "merged",
+            commit=commit,
+            base=base,
+            cycle_s=round(cycle, 3),
+            metric="orchestrator_merges_total",
+            result="merged",
+        )
         try:
             if not await self.offload.db(self.store.has_open_lease, job.name):
                 await self.offload.git(self.workspace.release_worktree, job.name)
@@ -379,7 +404,14 @@ class MergeQueue:
             conflicts=paths,
             hold=self.config.on_conflict == "hold",
         )
-        bound.warning("merge_conflict", paths=paths, new_state=state, base=base)
+        bound.warning(
+            "merge_conflict",
+            paths=paths,
+            new_state=state,
+            base=base,
+            metric="orchestrator_merges_total",
+            result="conflict",
+        )
 
     async def _gate_failed(
         self, job: MergeJob, base: str, candidate: str, result: GateResult, bound: Any
@@ -403,7 +435,14 @@ class MergeQueue:
             conflicts=[],
             hold=self.config.on_gate_failure == "hold",
         )
-        bound.warning("gate_failed", gate=result.name, new_state=state, candidate=candidate)
+        bound.warning(
+            "gate_failed",
+            gate=result.name,
+            new_state=state,
+            candidate=candidate,
+            metric="orchestrator_merges_total",
+            result="gate_failed",
+        )
 
     async def _failed(
         self,

@@ -25,6 +25,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from orchestrator import __version__, logs
 from orchestrator.config import Config
+from orchestrator.metrics import Metrics
 from orchestrator.protocol import (
     CONTROL_METHODS,
     INTERNAL_ERROR,
@@ -92,13 +93,14 @@ class Session:
 class Dispatcher(Protocol):
     """What the server needs from the daemon."""
 
+    # Messages, errors and handling times are counted here, where every frame passes.
+    metrics: Metrics
+
     async def dispatch(self, session: Session, request: Request) -> Any: ...
 
     def session_opened(self, session: Session) -> None: ...
 
     def session_closed(self, session: Session) -> None: ...
-
-    def protocol_error(self, code: int) -> None: ...
 
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; not exported by Python
@@ -127,6 +129,7 @@ class SocketServer:
         self.config = config
         self.dispatcher = dispatcher
         self.shutting_down = False
+        self.listening = False
         self.requests_in_flight = 0
         self._idle: anyio.Event | None = None
         self.sessions: dict[str, Session] = {}
@@ -156,9 +159,11 @@ class SocketServer:
         log.info("socket_listening", socket=str(path), mode=oct(self.config.socket_mode))
         try:
             async with listener, anyio.create_task_group() as tg:
+                self.listening = True
                 task_status.started()
                 await self._accept_loop(listener, tg)
         finally:
+            self.listening = False
             path.unlink(missing_ok=True)
 
     async def _accept_loop(self, listener: Any, tg: anyio.abc.TaskGroup) -> None:
@@ -290,8 +295,10 @@ class SocketServer:
             try:
                 request = parse_request(decode_line(line))
             except RpcError as exc:
+                self.dispatcher.metrics.request_received(None)
                 await self._error(session, _peek_id(line), exc)
                 continue
+            self.dispatcher.metrics.request_received(request.method)
             if session.role is None:
                 # initialize runs inline: nothing else may start before it finished.
                 await self._initialize(session, request, bound)
@@ -311,12 +318,15 @@ class SocketServer:
                     f"call initialize first (got {request.method!r} before initialize)",
                 ),
                 notify=request.is_notification,
+                method=request.method,
             )
             return
         try:
             result = self._handshake(session, request.params)
         except RpcError as exc:
-            await self._error(session, request.id, exc, notify=request.is_notification)
+            await self._error(
+                session, request.id, exc, notify=request.is_notification, method=request.method
+            )
             return
         self.dispatcher.session_opened(session)
         bound.info(
@@ -364,9 +374,11 @@ class SocketServer:
 
     async def _call(self, session: Session, request: Request, bound: Any) -> None:
         self.requests_in_flight += 1
+        started = time.monotonic()
         try:
             await self._answer(session, request, bound)
         finally:
+            self.dispatcher.metrics.request_handled(request.method, time.monotonic() - started)
             self.requests_in_flight -= 1
             session.in_flight.release()
             if not self.requests_in_flight and self._idle is not None:
@@ -404,10 +416,16 @@ class SocketServer:
                 raise RpcError(METHOD_NOT_FOUND, f"unknown method {request.method!r}")
             result = await self.dispatcher.dispatch(session, request)
         except RpcError as exc:
-            await self._error(session, request.id, exc, notify=request.is_notification)
+            await self._error(
+                session, request.id, exc, notify=request.is_notification, method=request.method
+            )
             if exc.code not in (INVALID_PARAMS,):
                 bound.info(
-                    "request_refused", method=request.method, code=exc.code, error=exc.message
+                    "request_refused",
+                    method=request.method,
+                    code=exc.code,
+                    error=exc.message,
+                    metric="orchestrator_protocol_errors_total",
                 )
             return
         except Exception as exc:  # a bug must cost one request, never the daemon
@@ -417,6 +435,7 @@ class SocketServer:
                 request.id,
                 RpcError(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}"),
                 notify=request.is_notification,
+                method=request.method,
             )
             return
         if not request.is_notification:
@@ -427,9 +446,15 @@ class SocketServer:
                 bound.warning("reply_undelivered", method=request.method)
 
     async def _error(
-        self, session: Session, request_id: Any, error: RpcError, *, notify: bool = False
+        self,
+        session: Session,
+        request_id: Any,
+        error: RpcError,
+        *,
+        notify: bool = False,
+        method: str | None = None,
     ) -> None:
-        self.dispatcher.protocol_error(error.code)
+        self.dispatcher.metrics.protocol_error(error.code, method)
         if notify:
             return  # JSON-RPC: notifications get no reply, not even an error
         try:

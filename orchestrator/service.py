@@ -21,7 +21,7 @@ from orchestrator.config import Config
 from orchestrator.handlers import Handlers
 from orchestrator.leases import LeaseManager
 from orchestrator.merge import MergeQueue
-from orchestrator.metrics import Metrics, serve_http
+from orchestrator.metrics import Metrics, StoreSnapshot, serve_http
 from orchestrator.protocol import Request
 from orchestrator.server import Session, SocketServer
 from orchestrator.store import Store, lock_state_dir
@@ -91,7 +91,6 @@ class Daemon:
             sessions=lambda: list(self.server.sessions.values()),
             on_change=self._changed,
         )
-        self._refresh_needed = anyio.Event()
         await merges.reconcile_landings()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals)
@@ -100,7 +99,6 @@ class Daemon:
                 self.metrics_port = await self._start_metrics(tg)
             tg.start_soon(leases.expire_forever)
             tg.start_soon(merges.run)
-            tg.start_soon(self._refresh_gauges)
             tg.start_soon(self._watchdog)
             self._changed()
             self.ready = True
@@ -129,7 +127,11 @@ class Daemon:
         try:
             port: int = await tg.start(
                 lambda task_status: serve_http(
-                    listen, self.metrics, ready=lambda: self.ready, task_status=task_status
+                    listen,
+                    self.metrics,
+                    ready=self._readiness,
+                    refresh=self._refresh_metrics,
+                    task_status=task_status,
                 )
             )
         except OSError as exc:
@@ -155,28 +157,26 @@ class Daemon:
             await anyio.sleep(interval)
 
     def _changed(self) -> None:
-        """Handoff states changed: wake dispatch and the merge queue, refresh gauges."""
+        """Handoff states changed: wake dispatch and the merge queue."""
         self.leases.wake()
         self.merges.wake()
-        self._refresh_needed.set()
 
-    async def _refresh_gauges(self) -> None:
-        while True:
-            with anyio.move_on_after(2.0):  # leases also end by the clock
-                await self._refresh_needed.wait()
-            self._refresh_needed = anyio.Event()
+    async def _refresh_metrics(self) -> None:
+        """Before each scrape: gauges from the store's truth, read off the event loop."""
+        snapshot = await self.offload.db(self.store.metrics_snapshot, now=time.time())
+        self.metrics.set_store_snapshot(StoreSnapshot(**snapshot))
+        self.metrics.set_merge_blocked(self.merges.blocked_reason is not None)
+        self._count_workers()
 
-            def read(now: float) -> tuple[dict[str, int], int, int]:
-                return (
-                    self.store.counts(),
-                    len(self.store.active_leases(now=now)),
-                    len(self.store.merge_queue()),
-                )
-
-            counts, active, depth = await self.offload.db(read, time.time())
-            self.metrics.set_handoff_counts(counts)
-            self.metrics.set_leases_active(active)
-            self.metrics.set_merge_queue_depth(depth)
+    def _readiness(self) -> dict[str, bool]:
+        """``/readyz``: started and not stopping, store open, socket listening, merge
+        queue running."""
+        return {
+            "daemon": self.ready,
+            "store": self.store.is_open(),
+            "socket": self.server.listening,
+            "merge_queue": self.merges.running,
+        }
 
     # ---- the server's Dispatcher interface ----------------------------------------------
 
@@ -188,9 +188,6 @@ class Daemon:
 
     def session_closed(self, session: Session) -> None:
         self._count_workers()
-
-    def protocol_error(self, code: int) -> None:
-        self.metrics.protocol_error(code)
 
     def _count_workers(self) -> None:
         self.metrics.set_workers_connected(
