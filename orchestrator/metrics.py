@@ -793,8 +793,11 @@ class _Handler:
             await stream.send_eof()
             with anyio.move_on_after(LINGER_TIMEOUT_S):
                 drained = 0
-                while drained < 65536:
-                    drained += len(await stream.receive())
+                try:
+                    while drained < 65536:
+                        drained += len(await stream.receive())
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    pass  # the client read the response and closed: the normal ending
 
 
 def wants_openmetrics(accept: str) -> bool:
