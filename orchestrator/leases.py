@@ -155,10 +155,13 @@ class LeaseManager:
             expired = await self.offload.db(self.store.expire_due, now=time.time())
             for item in expired:
                 self.metrics.lease_expired(item.lease_id)
+                # Worker names are no metric label (unbounded); the log names the worker.
+                holder = self._holders.get(item.lease_id)
                 log.warning(
                     "lease_expired",
                     handoff=item.handoff,
                     lease=item.lease_id,
+                    worker=holder.worker_name if holder is not None else None,
                     new_state=item.new_state,
                     metric="orchestrator_lease_expirations_total",
                 )

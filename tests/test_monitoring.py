@@ -327,6 +327,7 @@ def test_log_events_carry_the_metric_names_and_the_same_counts(run: Run) -> None
             logged[(metric, event["gate"], event["outcome"])] += 1
         elif metric == "orchestrator_lease_expirations_total":
             logged[(metric,)] += 1
+            assert (event["worker"], event["handoff"]) == ("dies", "fragile"), event
         elif metric == "orchestrator_protocol_errors_total":
             logged[(metric, str(event["code"]), event["method"])] += 1
     assert logged == {
