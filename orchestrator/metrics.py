@@ -429,14 +429,6 @@ class Metrics:
         """Set ``orchestrator_workers_connected``."""
         self._workers_connected.set(n)
 
-    def set_leases_active(self, n: int) -> None:
-        """Set ``orchestrator_leases_active``."""
-        self._leases_active.set(n)
-
-    def set_merge_queue_depth(self, n: int) -> None:
-        """Set ``orchestrator_merge_queue_depth``."""
-        self._merge_queue_depth.set(n)
-
     def set_merge_blocked(self, blocked: bool) -> None:
         """Set ``orchestrator_merge_blocked`` (1 while merging is held back)."""
         self._merge_blocked.set(1 if blocked else 0)
