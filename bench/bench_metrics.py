@@ -24,7 +24,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import anyio
 
@@ -142,8 +142,15 @@ class _Side:
     body: bytes = b""
 
     async def refresh(self) -> None:
-        snapshot = await self.offload.db(self.store.metrics_snapshot, now=time.time())
+        # What the daemon does before each scrape (orchestrator/service.py).
+        cursor = self.metrics.state_cursor or 0
+
+        def read() -> tuple[dict[str, Any], list[tuple[int, float, str, str]]]:
+            return self.store.metrics_snapshot(now=time.time()), self.store.state_changes(cursor)
+
+        snapshot, changes = await self.offload.db(read)
         self.metrics.set_store_snapshot(StoreSnapshot(**snapshot))
+        self.metrics.state_changes(changes)
 
 
 async def _measure(sides: list[_Side], runs: int) -> None:
@@ -202,7 +209,9 @@ def run(config: BenchConfig) -> list[BenchResult]:
         directory = config.scratch / f"metrics-{total}-{backlog}"
         directory.mkdir(parents=True, exist_ok=True)
         store = build_store(directory / "state.db", total, backlog=backlog)
-        sides.append(_Side(store, Metrics("b"), Offload()))
+        side = _Side(store, Metrics("b"), Offload())
+        side.metrics.start_state_clock(*store.state_clock_start())
+        sides.append(side)
     try:
         anyio.run(_measure, sides, runs)
     finally:

@@ -14,7 +14,7 @@ import ipaddress
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -160,6 +160,24 @@ MERGE_QUEUE_WAIT_BUCKETS = (
     3600.0,
     7200.0,
     14400.0,
+)
+# Time in one state: none at all (failed on the way back to the queue), seconds (waiting
+# for a worker, gating), hours (held for a person, a long agent run).
+STATE_DURATION_BUCKETS = (
+    0.01,
+    0.1,
+    1.0,
+    5.0,
+    15.0,
+    60.0,
+    300.0,
+    900.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    14400.0,
+    43200.0,
+    86400.0,
 )
 # Attempts a merged handoff needed: leases.max_attempts defaults to 3, a person's retry
 # adds a fresh budget on top.
@@ -349,6 +367,14 @@ class Metrics:
             buckets=HANDOFF_CYCLE_BUCKETS,
             registry=r,
         )
+        self._state_duration = Histogram(
+            "orchestrator_handoff_state_duration_seconds",
+            "Time a handoff spent in a state, observed when it left it (read from the store's "
+            "event log at scrape time).",
+            ["state"],
+            buckets=STATE_DURATION_BUCKETS,
+            registry=r,
+        )
         self._attempts = Histogram(
             "orchestrator_handoff_attempts",
             "Attempts a handoff needed until it merged.",
@@ -393,11 +419,18 @@ class Metrics:
             self._merges.labels(result=result)
         for outcome in LEASE_OUTCOMES:
             self._lease_duration.labels(outcome=outcome)
+        for state in HANDOFF_STATES:
+            if state != "merged":
+                self._state_duration.labels(state=state)
         self._extra_states: set[str] = set()
         # lease id -> [handed over, last renewed], in time.monotonic() seconds.
         self._leases: OrderedDict[str, list[float]] = OrderedDict()
         # handoff name -> when its report was accepted, for the merge-queue wait.
         self._reported: OrderedDict[str, float] = OrderedDict()
+        # handoff name -> (state, entered at, wall clock), for the time in each state; and
+        # the id of the last store event read. None until seeded at start-up.
+        self._states: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self.state_cursor: int | None = None
 
     # --- gauges ---------------------------------------------------------------------
 
@@ -436,6 +469,28 @@ class Metrics:
     def refresh_failed(self) -> None:
         """Count a scrape served with stale gauges (``..._metrics_refresh_failures_total``)."""
         self._refresh_failures.inc()
+
+    def start_state_clock(self, cursor: int, live: Iterable[tuple[str, str, float]]) -> None:
+        """Start timing states from store event ``cursor`` on, knowing the ``live``
+        handoffs' ``(name, state, since)``; earlier history is not replayed."""
+        self.state_cursor = cursor
+        self._states.clear()
+        for name, state, since in live:
+            self._states[name] = (state, since)
+
+    def state_changes(self, changes: Iterable[tuple[int, float, str, str]]) -> None:
+        """Observe the state each handoff left, for changes ``(event id, at, handoff, new
+        state)`` in order (``orchestrator_handoff_state_duration_seconds{state}``)."""
+        for event_id, at, name, state in changes:
+            previous = self._states.pop(name, None)
+            if previous is not None:
+                left, since = previous
+                self._state_duration.labels(state=left).observe(max(0.0, at - since))
+            if state != "merged":  # the only state nothing leaves
+                self._states[name] = (state, at)
+            self.state_cursor = event_id
+        while len(self._states) > MAX_TRACKED:
+            self._states.popitem(last=False)
 
     # --- leases ---------------------------------------------------------------------
 

@@ -92,6 +92,7 @@ class Daemon:
             on_change=self._changed,
         )
         await merges.reconcile_landings()
+        self.metrics.start_state_clock(*await self.offload.db(store.state_clock_start))
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals)
             await tg.start(self.server.serve)
@@ -163,8 +164,14 @@ class Daemon:
 
     async def _refresh_metrics(self) -> None:
         """Before each scrape: gauges from the store's truth, read off the event loop."""
-        snapshot = await self.offload.db(self.store.metrics_snapshot, now=time.time())
+        cursor = self.metrics.state_cursor or 0
+
+        def read() -> tuple[dict[str, Any], list[tuple[int, float, str, str]]]:
+            return self.store.metrics_snapshot(now=time.time()), self.store.state_changes(cursor)
+
+        snapshot, changes = await self.offload.db(read)
         self.metrics.set_store_snapshot(StoreSnapshot(**snapshot))
+        self.metrics.state_changes(changes)
         self.metrics.set_merge_blocked(self.merges.blocked_reason is not None)
         self._count_workers()
 

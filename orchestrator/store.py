@@ -1069,6 +1069,40 @@ class Store:
             "oldest_s": oldest,
         }
 
+    def state_clock_start(self) -> tuple[int, list[tuple[str, str, float]]]:
+        """Where :meth:`state_changes` should start reading (the last event's id), and the
+        live handoffs with their state and since when, to time their next change."""
+        c = self._conn
+        c.execute("BEGIN")
+        try:
+            last = c.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+            live = ",".join("?" * len(LIVE_STATES))
+            rows = c.execute(
+                f"SELECT name, state, updated_at FROM handoffs WHERE state IN ({live})",
+                LIVE_STATES,
+            ).fetchall()
+        finally:
+            c.execute("COMMIT")
+        return int(last), [(r[0], r[1], float(r[2])) for r in rows]
+
+    def state_changes(self, after: int, limit: int = 10_000) -> list[tuple[int, float, str, str]]:
+        """State changes recorded after event id ``after``, oldest first, as
+        ``(event id, at, handoff, new state)``; a submission enters ``waiting``."""
+        rows = self._conn.execute(
+            "SELECT id, at, handoff, kind, detail FROM events"
+            " WHERE id > ? AND kind IN ('state', 'submitted') ORDER BY id LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [
+            (
+                int(r[0]),
+                float(r[1]),
+                str(r[2]),
+                "waiting" if r[3] == "submitted" else str(json.loads(r[4])["state"]),
+            )
+            for r in rows
+        ]
+
     def is_open(self) -> bool:
         """Whether the database connection is still open (for ``/readyz``)."""
         try:

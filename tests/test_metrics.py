@@ -78,6 +78,7 @@ OPERATOR_METRICS = {
     "orchestrator_merge_queue_wait_seconds": "histogram",
     "orchestrator_gate_runs": "counter",
     "orchestrator_handoff_attempts": "histogram",
+    "orchestrator_handoff_state_duration_seconds": "histogram",
     "orchestrator_requests": "counter",
     "orchestrator_request_duration_seconds": "histogram",
 }
@@ -100,6 +101,7 @@ EXPOSED_NAMES = (
     "orchestrator_merge_queue_wait_seconds",
     "orchestrator_gate_runs_total",
     "orchestrator_handoff_attempts",
+    "orchestrator_handoff_state_duration_seconds",
     "orchestrator_requests_total",
     "orchestrator_request_duration_seconds",
 )
@@ -138,6 +140,8 @@ def exercised_metrics(version: str = "1.2.3-test") -> Metrics:
     m.gate_finished("tests", 12.5, exit_status=1)
     m.gate_finished("lint", 0.3)
     m.handoff_merged(3600.0, 2)
+    m.start_state_clock(10, [("h", "queued", 100.0)])
+    m.state_changes([(11, 130.0, "h", "leased"), (12, 190.0, "h", "reported")])
     m.request_received("lease.heartbeat")
     m.request_handled("lease.heartbeat", 0.002)
     m.protocol_error(-32600)
@@ -256,6 +260,9 @@ def test_collectors_record_events() -> None:
     assert get("orchestrator_handoff_cycle_seconds_bucket", {"le": "3600.0"}) == 1
     assert get("orchestrator_handoff_cycle_seconds_bucket", {"le": "1800.0"}) == 0
     assert get("orchestrator_handoff_attempts_sum") == 2
+    assert get("orchestrator_handoff_state_duration_seconds_sum", {"state": "queued"}) == 30
+    assert get("orchestrator_handoff_state_duration_seconds_sum", {"state": "leased"}) == 60
+    assert get("orchestrator_handoff_state_duration_seconds_count", {"state": "gating"}) == 0
     assert get("orchestrator_lease_duration_seconds_count", {"outcome": "reported"}) == 1
     assert get("orchestrator_lease_duration_seconds_count", {"outcome": "expired"}) == 1
     assert get("orchestrator_lease_duration_seconds_count", {"outcome": "released"}) == 0
@@ -286,6 +293,29 @@ def test_lease_and_queue_clocks_forget_what_ended() -> None:
     assert get("orchestrator_merge_queue_wait_seconds_count") == 1
     with pytest.raises(ValueError, match="lease outcome"):
         m.lease_ended("x", "vanished")
+
+
+def test_time_in_state_starts_at_the_clock_start_and_ends_at_merged() -> None:
+    m = Metrics("1.0.0")
+    get = m.registry.get_sample_value
+    m.start_state_clock(5, [("old", "gating", 0.0)])
+    assert m.state_cursor == 5
+    m.state_changes(
+        [
+            (6, 1.0, "new", "waiting"),  # submitted: enters waiting, nothing left yet
+            (7, 1.0, "new", "queued"),
+            (8, 4.0, "old", "merged"),
+            (9, 9.0, "new", "leased"),
+        ]
+    )
+    assert m.state_cursor == 9
+    assert get("orchestrator_handoff_state_duration_seconds_count", {"state": "waiting"}) == 1
+    assert get("orchestrator_handoff_state_duration_seconds_sum", {"state": "waiting"}) == 0
+    assert get("orchestrator_handoff_state_duration_seconds_sum", {"state": "queued"}) == 8
+    assert get("orchestrator_handoff_state_duration_seconds_sum", {"state": "gating"}) == 4
+    # Nothing leaves merged, so it has no series and is not remembered.
+    assert get("orchestrator_handoff_state_duration_seconds_count", {"state": "merged"}) is None
+    assert "old" not in m._states
 
 
 def test_tracking_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:

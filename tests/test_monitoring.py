@@ -290,6 +290,22 @@ def test_metrics_say_exactly_what_happened(run: Run) -> None:
     assert get("orchestrator_handoff_attempts_count") == 5
     assert get("orchestrator_handoff_attempts_sum") == 8
     assert get("orchestrator_handoff_attempts_bucket", le="1.0") == 2
+    # Time in each state, from the store's event log: 5 submissions released at once, 8
+    # grants (solo 1, mend 2, clash 3, fragile 2) and 8 lease ends (7 reports, 1 expiry),
+    # 7 candidates taken up and decided, one gate failure and one conflict on the way back.
+    left = {
+        state: get("orchestrator_handoff_state_duration_seconds_count", state=state)
+        for state in ("waiting", "queued", "leased", "reported", "gating", "failed", "conflict")
+    }
+    assert left == {
+        "waiting": 5,
+        "queued": 8,
+        "leased": 8,
+        "reported": 7,
+        "gating": 7,
+        "failed": 1,
+        "conflict": 1,
+    }
     # Exactly the two refused calls, by code and method (an unknown one is "other").
     errors = {
         (dict(labels)["code"], dict(labels)["method"]): v
