@@ -20,6 +20,7 @@ need it are skipped and the rest still run.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -47,7 +48,7 @@ from harness import (
     write_config,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from test_metrics import ALERTS, as_promql, dashboard_panels
+from test_metrics import ALERTS, DASHBOARD, as_promql, dashboard_panels
 
 pytestmark = pytest.mark.slow
 
@@ -408,6 +409,16 @@ def test_prometheus_scrapes_the_daemon_and_every_query_runs(run: Run) -> None:
                 expr = expr.replace(name, replacement)
             result = prometheus.query(as_promql(expr))
             assert result, f"no data for panel {panel['title']!r}: {expr}"
+
+    # The job and instance drop-downs: Grafana's label_values(selector, label) asks the
+    # label values API, which must offer this daemon's.
+    dashboard = json.loads(DASHBOARD.read_text())
+    for variable in dashboard["templating"]["list"]:
+        match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["definition"])
+        assert match, variable["definition"]
+        selector, label = as_promql(match[1]), match[2]
+        answer = prometheus.api(f"label/{label}/values", **{"match[]": selector})
+        assert answer["status"] == "success" and answer["data"], (variable["name"], answer)
 
     # Every alert rule's expression evaluates; Prometheus itself loaded them all healthy.
     def rules_evaluated() -> list[dict[str, Any]]:
