@@ -328,14 +328,19 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
 
 def _workers(r: _Reader) -> WorkerPoolConfig | None:
     count = r.get("workers", "count", int, 0)
-    command = r.get("workers", "command", list, [])
+    command = r.get("workers", "command", (list, str), [])
+    if isinstance(command, str):
+        # A string is a shell command line, as AGENT_COMMAND in orchestrator-worker@.service.
+        command = ["/bin/sh", "-c", command] if command.strip() else []
     labels = r.get("workers", "labels", list, [])
     name = r.get("workers", "name", str, "worker")
     problems = r.problems
     if count < 0 or count > 256:
         problems.append(f"workers.count must be from 0 to 256, got {count}")
     if not all(isinstance(a, str) for a in command):
-        problems.append("workers.command must be a list of strings (the agent's argv)")
+        problems.append(
+            "workers.command must be the agent's argv (a list of strings) or a shell command line"
+        )
         command = []
     elif count > 0 and not command:
         problems.append(

@@ -25,6 +25,8 @@ from harness import (
     write_config,
 )
 
+from orchestrator import config as config_file
+
 pytestmark = pytest.mark.slow
 
 
@@ -424,3 +426,42 @@ def test_supervised_pool_runs_restarts_and_never_orphans_its_workers(
 
 def states_of(path: Path) -> dict[str, str]:
     return {h["name"]: h["state"] for h in control(path, "handoff.list")["handoffs"]}
+
+
+@pytest.mark.parametrize(
+    ("table", "problem"),
+    [
+        ("count = 2", "workers.command is required when workers.count > 0"),
+        ("count = -1\ncommand = ['a']", "workers.count must be from 0 to 256"),
+        ("count = 1\ncommand = [1]", "workers.command must be the agent's argv"),
+        ("count = 1\ncommand = ['a']\nlabels = ['']", "workers.labels must be a list"),
+        ("count = 1\ncommand = ['a']\nname = 'a b'", "workers.name must be letters"),
+        ("count = 1\ncommand = ['a']\nrestart = true", "unknown key workers.restart"),
+    ],
+)
+def test_a_bad_workers_table_names_what_to_fix(tmp_path: Path, table: str, problem: str) -> None:
+    data = config_file.tomllib.loads(f"[repository]\npath = '.'\n[workers]\n{table}\n")
+    with pytest.raises(config_file.ConfigError) as raised:
+        config_file.from_mapping(data, source="t.toml", base_dir=tmp_path)
+    assert any(problem in p for p in raised.value.problems), raised.value.problems
+
+
+def test_workers_command_as_a_string_runs_through_the_shell(tmp_path: Path) -> None:
+    data = config_file.tomllib.loads(
+        "[repository]\npath = '.'\n[workers]\ncount = 3\ncommand = 'agent --auto \"x y\"'\n"
+    )
+    pool = config_file.from_mapping(data, source="t.toml", base_dir=tmp_path).workers
+    assert pool is not None
+    assert pool.command == ("/bin/sh", "-c", 'agent --auto "x y"') and pool.count == 3
+
+
+def test_reload_keeps_restart_only_settings_and_names_them(tmp_path: Path) -> None:
+    def load(extra: str) -> config_file.Config:
+        text = f"[repository]\npath = '.'\n[daemon]\nsocket = 's.sock'\n{extra}"
+        data = config_file.tomllib.loads(text)
+        return config_file.from_mapping(data, source="t", base_dir=tmp_path)
+
+    old = load("[leases]\nttl_s = 60\n")
+    new, ignored = config_file.reloaded(old, load("socket_mode = '0600'\n[leases]\nttl_s = 5\n"))
+    assert ignored == ["socket_mode"]
+    assert new.socket_mode == old.socket_mode and new.lease_ttl_s == 5
