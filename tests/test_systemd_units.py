@@ -1,5 +1,5 @@
 """The unit files in systemd/: systemd accepts them, they stay hardened, and they agree with
-the daemon's defaults.
+the daemon's defaults; `make install-service` lays them out.
 
 Nothing here needs systemd running as PID 1: `systemd-analyze verify` and `security
 --offline=yes` only read unit files. Tests needing a tool that is absent are skipped.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +213,57 @@ def test_sysusers_entry_is_valid(tmp_path: Path) -> None:
     assert "Creating user 'orchestrator'" in result.stdout + result.stderr
     # Home = state directory, the one place the units let the user write.
     assert "/var/lib/orchestrator" in (UNITS_DIR / "orchestrator.sysusers").read_text()
+
+
+needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make not found")
+
+
+def _make(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", str(ROOT), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@needs_make
+def test_install_service_lays_out_files_under_destdir(tmp_path: Path) -> None:
+    destdir = tmp_path / "root"
+    result = _make("install-service-files", f"DESTDIR={destdir}", "SERVICE_PREFIX=/opt/orch-test")
+    assert result.returncode == 0, result.stdout + result.stderr
+    units = destdir / "etc" / "systemd" / "system"
+    assert sorted(p.name for p in units.iterdir()) == sorted(UNITS)
+    for unit in UNITS:
+        text = (units / unit).read_text(encoding="utf-8")
+        assert INSTALLED_BINARY not in text
+        if unit.endswith(".service"):
+            assert "ExecStart=/opt/orch-test/bin/orchestrator --config" in text
+    assert (destdir / "etc" / "sysusers.d" / "orchestrator.conf").is_file()
+    assert (destdir / "etc" / "orchestrator" / "workers" / "worker.env.example").is_file()
+    config = destdir / "etc" / "orchestrator" / "orchestrator.toml"
+    # Readable by the service's group only: gates' environments may hold secrets.
+    assert stat.S_IMODE(config.stat().st_mode) == 0o640
+    # A staged install touches nothing on the running system.
+    assert "systemctl enable" not in result.stdout
+
+    # An existing config is the administrator's: a second install leaves it alone.
+    config.write_text("# edited\n", encoding="utf-8")
+    again = _make("install-service-files", f"DESTDIR={destdir}")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert config.read_text(encoding="utf-8") == "# edited\n"
+
+
+@needs_make
+def test_install_service_puts_the_package_under_destdir_too(tmp_path: Path) -> None:
+    """Dry run (-n): building a venv and installing the package takes minutes and the
+    network, but where it would go is what matters here."""
+    destdir = tmp_path / "root"
+    result = _make("-n", "install-service", f"DESTDIR={destdir}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"-m venv {destdir}/opt/orchestrator" in result.stdout
+    assert f"{destdir}/opt/orchestrator/bin/python -m pip install" in result.stdout
+    # The CLI link points at the final path, not into the staging directory.
+    assert f"ln -sfn /opt/orchestrator/bin/orchestrator {destdir}/usr/local/bin/" in result.stdout
+    assert not destdir.exists()
