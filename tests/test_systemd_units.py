@@ -155,6 +155,8 @@ def test_socket_file_survives_a_stop_of_the_service() -> None:
     runtime = "/run/" + service["RuntimeDirectory"][0] + "/"
     assert socket["ListenStream"][0].startswith(runtime)
     assert service["RuntimeDirectoryPreserve"] == ["yes"]
+    # Nor may stopping the socket unit unlink the path a running daemon still serves on.
+    assert socket.get("RemoveOnStop", ["no"]) == ["no"]
 
 
 def test_service_works_without_the_socket_unit() -> None:
