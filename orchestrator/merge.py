@@ -21,12 +21,19 @@ from orchestrator.config import Config
 from orchestrator.gates import GateResult, run_gate
 from orchestrator.metrics import Metrics
 from orchestrator.store import InvalidTransition, MergeJob, Store
-from orchestrator.worktrees import GitError, IntegrationTreeDirty, MergeResult, Workspace
+from orchestrator.worktrees import (
+    GIT_TIMEOUT_S,
+    GitError,
+    IntegrationTreeDirty,
+    MergeResult,
+    Workspace,
+)
 
 log = logs.get("merge")
 
 # How often a merge held back by a dirty integration checkout is tried again.
 BLOCKED_RETRY_S = 2.0
+PAUSED = "merging is paused (merge.paused = true in the config)"
 # A speculative candidate whose gates were stopped because one ahead of it failed.
 _SKIPPED = object()
 # How much of a gate log goes into an agent's feedback.
@@ -56,18 +63,37 @@ class MergeQueue:
         self.current: set[str] = set()
         self._focus: MergeJob | None = None
         self._wakeup = anyio.Event()
+        # When the step in progress began (monotonic), for the systemd watchdog.
+        self._busy_since: float | None = None
 
     def wake(self) -> None:
         """A report arrived or a handoff was retried: look at the queue again."""
         self._wakeup.set()
 
+    def stuck_for(self, now: float) -> float | None:
+        """Seconds the merge step in progress has run beyond every bound it has, or None.
+
+        Each step is bounded (every gate's timeout, git's timeout), and waiting for a
+        person to clean a dirty checkout counts as progress, so only a wedge (a thread
+        that never returns) makes this non-None.
+        """
+        if self._busy_since is None:
+            return None
+        elapsed = now - self._busy_since
+        bound = sum(g.timeout_s for g in self.config.gates) + 2 * GIT_TIMEOUT_S
+        return elapsed if elapsed > bound else None
+
     async def run(self) -> None:
         self.running = True
-        if self.config.merge_paused:
-            self.blocked_reason = "merging is paused (merge.paused = true in the config)"
-            await anyio.sleep_forever()
         while True:
             self._wakeup = anyio.Event()
+            if self.config.merge_paused:
+                # Re-read on every pass: a SIGHUP reload may pause or resume merging.
+                self.blocked_reason = PAUSED
+                await self._wakeup.wait()
+                continue
+            if self.blocked_reason == PAUSED:
+                self.blocked_reason = None
             jobs = await self.offload.db(
                 self.store.next_merge_jobs,
                 limit=self.config.speculative_window,
@@ -79,6 +105,7 @@ class MergeQueue:
                 continue
             self.current = {job.name for job in jobs}
             self._focus = None
+            self._busy_since = time.monotonic()
             try:
                 await self.integrate(jobs)
             except Exception as exc:
@@ -96,6 +123,7 @@ class MergeQueue:
                 await anyio.sleep(1.0)
             finally:
                 self.current = set()
+                self._busy_since = None
                 # Whatever is still ``gating`` (speculation discarded, or shutdown) goes
                 # back to the queue in its place, at no cost to its attempts.
                 with anyio.CancelScope(shield=True):
@@ -353,6 +381,7 @@ class MergeQueue:
                     bound.error("merge_blocked", reason=reason, path=str(exc.path))
                 self.blocked_reason = reason
                 await anyio.sleep(BLOCKED_RETRY_S)
+                self._busy_since = time.monotonic()  # waiting for a person is not a wedge
                 continue
             if self.blocked_reason is not None:
                 bound.info("merge_unblocked")

@@ -125,9 +125,14 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 class SocketServer:
     """Serves protocol v1 on ``config.socket`` until cancelled."""
 
-    def __init__(self, config: Config, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, config: Config, dispatcher: Dispatcher, inherited: socket.socket | None = None
+    ) -> None:
+        """``inherited`` is a listening socket from systemd's socket activation; without
+        one the server binds ``config.socket`` itself."""
         self.config = config
         self.dispatcher = dispatcher
+        self.inherited = inherited
         self.shutting_down = False
         self.listening = False
         self.requests_in_flight = 0
@@ -135,6 +140,9 @@ class SocketServer:
         self.sessions: dict[str, Session] = {}
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        if self.inherited is not None:
+            await self._serve_inherited(self.inherited, task_status)
+            return
         path = self.config.socket
         await _clear_stale_socket(path)
         try:
@@ -165,6 +173,24 @@ class SocketServer:
         finally:
             self.listening = False
             path.unlink(missing_ok=True)
+
+    async def _serve_inherited(self, sock: socket.socket, task_status: TaskStatus[None]) -> None:
+        # systemd owns this socket's file, mode and owner (orchestrator.socket): it stays
+        # bound across our restarts, so connections queue up while we start again.
+        name = sock.getsockname()
+        address = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        if address != str(self.config.socket):
+            log.warning(
+                "socket_mismatch",
+                inherited=address,
+                configured=str(self.config.socket),
+                detail="clients use daemon.socket; make it match ListenStream= in the socket unit",
+            )
+        listener = await anyio.abc.SocketListener.from_socket(sock)
+        log.info("socket_listening", socket=address, activated=True)
+        async with listener, anyio.create_task_group() as tg:
+            task_status.started()
+            await self._accept_loop(listener, tg)
 
     async def _accept_loop(self, listener: Any, tg: anyio.abc.TaskGroup) -> None:
         """Accept forever; running out of file descriptors pauses accepting, never ends it."""
