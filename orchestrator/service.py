@@ -243,6 +243,8 @@ class Daemon:
     async def _refresh_status(self) -> None:
         """Keep systemd's ``STATUS=`` current as states change (metrics read the store
         themselves, at each scrape)."""
+        if not os.environ.get("NOTIFY_SOCKET"):
+            return  # not under systemd: nobody reads STATUS=, so spare the store the reads
         while True:
             with anyio.move_on_after(2.0):  # leases also end by the clock
                 await self._refresh_needed.wait()
