@@ -48,3 +48,56 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# --- make install-service: the daemon as a systemd service (README, "Run as a service") ---
+# Run as root: `sudo make install-service`. DESTDIR stages every file under another root
+# (packaging, tests); then nothing is done to the running system: no user is created and
+# systemd is not reloaded.
+DESTDIR ?=
+# The virtual environment the units run the daemon from (ExecStart= is rewritten to it).
+SERVICE_PREFIX ?= /opt/orchestrator
+UNITDIR ?= /etc/systemd/system
+SYSUSERSDIR ?= /etc/sysusers.d
+CONFDIR ?= /etc/orchestrator
+BINDIR ?= /usr/local/bin
+SERVICE_UNITS := orchestrator.service orchestrator.socket orchestrator-worker@.service
+
+.PHONY: install-service install-service-package install-service-files
+
+install-service: install-service-package install-service-files
+
+# The package in its own venv, not pip into the system Python: the service's dependencies
+# stay apart from the distribution's, and re-running this upgrades it in place. A venv
+# records its own path in its scripts, so one built under DESTDIR runs only once moved to
+# SERVICE_PREFIX by whatever copies the staged tree there.
+install-service-package:
+	$(PYTHON) -m venv $(DESTDIR)$(SERVICE_PREFIX)
+	$(DESTDIR)$(SERVICE_PREFIX)/bin/python -m pip install --quiet --upgrade pip
+	$(DESTDIR)$(SERVICE_PREFIX)/bin/python -m pip install --quiet --upgrade .
+	install -d $(DESTDIR)$(BINDIR)
+	ln -sfn $(SERVICE_PREFIX)/bin/orchestrator $(DESTDIR)$(BINDIR)/orchestrator
+
+# Units, the user, and a config and a worker example that are never overwritten.
+install-service-files:
+	install -d $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(CONFDIR)/workers
+	for unit in $(SERVICE_UNITS); do \
+	  sed 's|/opt/orchestrator/bin/orchestrator|$(SERVICE_PREFIX)/bin/orchestrator|g' \
+	    "systemd/$$unit" > "$(DESTDIR)$(UNITDIR)/$$unit" && \
+	  chmod 0644 "$(DESTDIR)$(UNITDIR)/$$unit" || exit 1; \
+	done
+	install -m 0644 systemd/orchestrator.sysusers $(DESTDIR)$(SYSUSERSDIR)/orchestrator.conf
+	install -m 0644 systemd/worker.env.example $(DESTDIR)$(CONFDIR)/workers/worker.env.example
+	test -e $(DESTDIR)$(CONFDIR)/orchestrator.toml || \
+	  install -m 0640 config/orchestrator.toml $(DESTDIR)$(CONFDIR)/orchestrator.toml
+	@if [ -z "$(DESTDIR)" ]; then \
+	  if command -v systemd-sysusers >/dev/null 2>&1; then \
+	    systemd-sysusers $(SYSUSERSDIR)/orchestrator.conf; \
+	  elif ! id orchestrator >/dev/null 2>&1; then \
+	    useradd --system --user-group --home-dir /var/lib/orchestrator \
+	      --shell /usr/sbin/nologin orchestrator; \
+	  fi && \
+	  chgrp orchestrator $(CONFDIR)/orchestrator.toml && \
+	  if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi && \
+	  echo "installed; set repository.path in $(CONFDIR)/orchestrator.toml, then:" && \
+	  echo "  systemctl enable --now orchestrator.socket orchestrator.service"; \
+	fi

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,28 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class WorkerPoolConfig:
+    """``[workers]``: agent workers the daemon starts and supervises itself."""
+
+    count: int
+    command: tuple[str, ...]
+    labels: tuple[str, ...] = ()
+    name: str = "worker"
+
+
+# What a SIGHUP cannot change: the daemon holds these open (the lock, the database, the
+# socket, the port, the repository) for as long as it runs.
+RESTART_ONLY = (
+    "repository_path",
+    "integration_branch",
+    "state_dir",
+    "socket",
+    "socket_mode",
+    "metrics_listen",
+)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, with defaults filled in and paths made absolute."""
 
@@ -73,6 +95,7 @@ class Config:
     metrics_listen: str = "127.0.0.1:9464"
     merge_paused: bool = False
     speculative_window: int = 1
+    workers: WorkerPoolConfig | None = None
 
     @property
     def worktrees_dir(self) -> Path:
@@ -156,7 +179,7 @@ class _Reader:
         return value
 
     def unknown_keys(self) -> None:
-        known_tables = {"repository", "daemon", "leases", "gates", "merge", "metrics"}
+        known_tables = {"repository", "daemon", "leases", "gates", "merge", "metrics", "workers"}
         for name in self.data:
             if name not in known_tables:
                 self.problems.append(
@@ -287,6 +310,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         except ValueError as exc:
             problems.append(f"metrics.listen: {exc}")
     gates = _gates(data.get("gates", []), problems)
+    workers = _workers(r)
     r.unknown_keys()
     if problems:
         raise ConfigError(source, problems)
@@ -314,7 +338,45 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         metrics_listen=listen,
         merge_paused=paused,
         speculative_window=window,
+        workers=workers,
     )
+
+
+def _workers(r: _Reader) -> WorkerPoolConfig | None:
+    count = r.get("workers", "count", int, 0)
+    command = r.get("workers", "command", (list, str), [])
+    if isinstance(command, str):
+        # A string is a shell command line, as AGENT_COMMAND in orchestrator-worker@.service.
+        command = ["/bin/sh", "-c", command] if command.strip() else []
+    labels = r.get("workers", "labels", list, [])
+    name = r.get("workers", "name", str, "worker")
+    problems = r.problems
+    if count < 0 or count > 256:
+        problems.append(f"workers.count must be from 0 to 256, got {count}")
+    if not all(isinstance(a, str) for a in command):
+        problems.append(
+            "workers.command must be the agent's argv (a list of strings) or a shell command line"
+        )
+        command = []
+    elif count > 0 and not command:
+        problems.append(
+            'workers.command is required when workers.count > 0, e.g. ["my-agent", "--auto"]'
+        )
+    if not all(isinstance(label, str) and label for label in labels):
+        problems.append('workers.labels must be a list of non-empty strings, e.g. ["python"]')
+        labels = []
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        problems.append(f"workers.name must be letters, digits, '-', '_' or '.', got {name!r}")
+    if count <= 0 or not command:
+        return None
+    return WorkerPoolConfig(count=count, command=tuple(command), labels=tuple(labels), name=name)
+
+
+def reloaded(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """``new`` with every restart-only setting kept from ``old``, and the names of those
+    that the new file would have changed (a SIGHUP cannot apply them)."""
+    ignored = [key for key in RESTART_ONLY if getattr(old, key) != getattr(new, key)]
+    return replace(new, **{key: getattr(old, key) for key in RESTART_ONLY}), ignored
 
 
 def _int_list(r: _Reader, table: str, key: str) -> tuple[int, ...]:

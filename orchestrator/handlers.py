@@ -126,6 +126,7 @@ class Handlers:
         )
         # A worker that reconnected (e.g. after a daemon restart) is now the one to notify.
         self.leases.track(lease_id, session)
+        self.leases.metrics.heartbeat(lease_id)
         return {"expiresAt": rfc3339(expires)}
 
     async def lease_release(self, session: Session, params: dict[str, Any]) -> Any:
@@ -143,6 +144,7 @@ class Handlers:
             worker=session.worker_name,
         )
         self.leases.forget(lease_id)
+        self.leases.metrics.lease_ended(lease_id, "released")
         log.info("lease_released", lease=lease_id, reason=reason, new_state=state)
         self.on_change()
         return {}
@@ -193,6 +195,9 @@ class Handlers:
             self.store.accept_report, lease_id, token, report=report, head=head, now=time.time()
         )
         self.leases.forget(lease_id)
+        self.leases.metrics.lease_ended(lease_id, "reported")
+        if state == "reported":
+            self.leases.metrics.report_accepted(lease["handoff"])
         log.info(
             "report_accepted",
             handoff=lease["handoff"],
@@ -297,6 +302,7 @@ class Handlers:
         name = param_str(params, "name")
         lease_id = await self.offload.db(self.store.cancel, name, now=time.time())
         if lease_id is not None:
+            self.leases.metrics.lease_ended(lease_id, "cancelled")
             await self.leases.revoke(lease_id, "cancelled")
         log.info("handoff_cancelled", handoff=name, revoked_lease=lease_id)
         self.on_change()

@@ -125,6 +125,7 @@ class LeaseManager:
             expires_at=expires,
         )
         self.track(grant.lease_id, session)
+        self.metrics.lease_started(grant.lease_id)
         log.info(
             "lease_granted",
             handoff=grant.handoff,
@@ -168,13 +169,17 @@ class LeaseManager:
                 continue
             store_full = False
             for item in expired:
-                self.metrics.lease_expired()
+                self.metrics.lease_expired(item.lease_id)
+                # Worker names are no metric label (unbounded); the log names the worker.
+                holder = self._holders.get(item.lease_id)
                 log.warning(
                     "lease_expired",
                     handoff=item.handoff,
                     lease=item.lease_id,
+                    worker=holder.worker_name if holder is not None else None,
                     new_state=item.new_state,
                     reason=item.reason,
+                    metric="orchestrator_lease_expirations_total",
                 )
                 # The protocol's revocation reasons are cancelled/expired/shutdown: a lease
                 # over its maximum duration has expired, by a longer clock.

@@ -23,6 +23,7 @@ from orchestrator.gates import GateResult, run_gate
 from orchestrator.metrics import Metrics
 from orchestrator.store import InvalidTransition, MergeJob, Store, StoreFull
 from orchestrator.worktrees import (
+    GIT_TIMEOUT_S,
     GitError,
     IntegrationLocked,
     IntegrationTreeDirty,
@@ -34,6 +35,7 @@ log = logs.get("merge")
 
 # How often a merge held back by a dirty integration checkout is tried again.
 BLOCKED_RETRY_S = 2.0
+PAUSED = "merging is paused (merge.paused = true in the config)"
 # A speculative candidate whose gates were stopped because one ahead of it failed.
 _SKIPPED = object()
 # How much of a gate log goes into an agent's feedback.
@@ -59,13 +61,29 @@ class MergeQueue:
         self.metrics = metrics
         self.on_change = on_change
         self.blocked_reason: str | None = None
+        self.running = False  # for /readyz
         self.current: set[str] = set()
         self._focus: MergeJob | None = None
         self._wakeup = anyio.Event()
+        # When the step in progress began (monotonic), for the systemd watchdog.
+        self._busy_since: float | None = None
 
     def wake(self) -> None:
         """A report arrived or a handoff was retried: look at the queue again."""
         self._wakeup.set()
+
+    def stuck_for(self, now: float) -> float | None:
+        """Seconds the merge step in progress has run beyond every bound it has, or None.
+
+        Each step is bounded (every gate's timeout, git's timeout), and waiting for a
+        person to clean a dirty checkout counts as progress, so only a wedge (a thread
+        that never returns) makes this non-None.
+        """
+        if self._busy_since is None:
+            return None
+        elapsed = now - self._busy_since
+        bound = sum(g.timeout_s for g in self.config.gates) + 2 * GIT_TIMEOUT_S
+        return elapsed if elapsed > bound else None
 
     async def run(self) -> None:
         """Integrate reported handoffs one train at a time, for the daemon's lifetime.
@@ -88,11 +106,16 @@ class MergeQueue:
                     self.blocked_reason = None
 
     async def _run(self) -> None:
-        if self.config.merge_paused:
-            self.blocked_reason = "merging is paused (merge.paused = true in the config)"
-            await anyio.sleep_forever()
+        self.running = True
         while True:
             self._wakeup = anyio.Event()
+            if self.config.merge_paused:
+                # Re-read on every pass: a SIGHUP reload may pause or resume merging.
+                self.blocked_reason = PAUSED
+                await self._wakeup.wait()
+                continue
+            if self.blocked_reason == PAUSED:
+                self.blocked_reason = None
             jobs = await self.offload.db(
                 self.store.next_merge_jobs,
                 limit=self.config.speculative_window,
@@ -104,6 +127,7 @@ class MergeQueue:
                 continue
             self.current = {job.name for job in jobs}
             self._focus = None
+            self._busy_since = time.monotonic()
             try:
                 await self.integrate(jobs)
             except Exception as exc:
@@ -121,6 +145,7 @@ class MergeQueue:
                 await anyio.sleep(1.0)
             finally:
                 self.current = set()
+                self._busy_since = None
                 # Whatever is still ``gating`` (speculation discarded, or shutdown) goes
                 # back to the queue in its place, at no cost to its attempts.
                 with anyio.CancelScope(shield=True):
@@ -152,8 +177,15 @@ class MergeQueue:
                     now=time.time(),
                 )
                 self.metrics.merge_finished("merged")
-                self.metrics.handoff_merged(cycle)
-                log.warning("merge_recovered", handoff=name, attempt=attempt, commit=candidate)
+                self.metrics.handoff_merged(cycle, attempt)
+                log.warning(
+                    "merge_recovered",
+                    handoff=name,
+                    attempt=attempt,
+                    commit=candidate,
+                    metric="orchestrator_merges_total",
+                    result="merged",
+                )
                 # The crash may have come between moving the branch and updating a
                 # checkout of it, which would now look dirty and block every merge.
                 fixed = await self.offload.git(
@@ -184,6 +216,8 @@ class MergeQueue:
         candidate of job *i* is built on the candidate of job *i-1*, all are gated at once,
         and they land in order while their gates passed; a failure ends the train there.
         """
+        for job in jobs:
+            self.metrics.merge_started(job.name)
         tip = await self.offload.git(self.workspace.integration_tip)
         train: list[tuple[MergeJob, MergeResult]] = []
         base = tip
@@ -329,9 +363,16 @@ class MergeQueue:
                 output_tail=result.output_tail,
                 started_at=result.started_at,
             )
-            self.metrics.gate_finished(gate.name, result.duration_s)
+            outcome = self.metrics.gate_finished(
+                gate.name,
+                result.duration_s,
+                exit_status=result.exit_status,
+                timed_out=result.timed_out,
+            )
             bound.info(
                 "gate_finished",
+                metric="orchestrator_gate_runs_total",
+                outcome=outcome,
                 gate=gate.name,
                 passed=result.passed,
                 exit_status=result.exit_status,
@@ -363,6 +404,7 @@ class MergeQueue:
                     bound.error("merge_blocked", reason=reason, locks=[str(p) for p in exc.locks])
                 self.blocked_reason = reason
                 await anyio.sleep(BLOCKED_RETRY_S)
+                self._busy_since = time.monotonic()  # another git's lock is not a wedge
                 continue
             except IntegrationTreeDirty as exc:
                 reason = (
@@ -373,6 +415,7 @@ class MergeQueue:
                     bound.error("merge_blocked", reason=reason, path=str(exc.path))
                 self.blocked_reason = reason
                 await anyio.sleep(BLOCKED_RETRY_S)
+                self._busy_since = time.monotonic()  # waiting for a person is not a wedge
                 continue
             if self.blocked_reason is not None:
                 bound.info("merge_unblocked")
@@ -389,8 +432,15 @@ class MergeQueue:
             now=time.time(),
         )
         self.metrics.merge_finished("merged")
-        self.metrics.handoff_merged(cycle)
-        bound.info("merged", commit=commit, base=base, cycle_s=round(cycle, 3))
+        self.metrics.handoff_merged(cycle, job.attempt)
+        bound.info(
+            "merged",
+            commit=commit,
+            base=base,
+            cycle_s=round(cycle, 3),
+            metric="orchestrator_merges_total",
+            result="merged",
+        )
         try:
             if not await self.offload.db(self.store.has_open_lease, job.name):
                 await self.offload.git(self.workspace.release_worktree, job.name)
@@ -417,7 +467,14 @@ class MergeQueue:
             conflicts=paths,
             hold=self.config.on_conflict == "hold",
         )
-        bound.warning("merge_conflict", paths=paths, new_state=state, base=base)
+        bound.warning(
+            "merge_conflict",
+            paths=paths,
+            new_state=state,
+            base=base,
+            metric="orchestrator_merges_total",
+            result="conflict",
+        )
 
     async def _gate_failed(
         self, job: MergeJob, base: str, candidate: str, result: GateResult, bound: Any
@@ -441,7 +498,14 @@ class MergeQueue:
             conflicts=[],
             hold=self.config.on_gate_failure == "hold",
         )
-        bound.warning("gate_failed", gate=result.name, new_state=state, candidate=candidate)
+        bound.warning(
+            "gate_failed",
+            gate=result.name,
+            new_state=state,
+            candidate=candidate,
+            metric="orchestrator_merges_total",
+            result="gate_failed",
+        )
 
     async def _failed(
         self,

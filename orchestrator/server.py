@@ -25,6 +25,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from orchestrator import __version__, logs
 from orchestrator.config import Config
+from orchestrator.metrics import Metrics
 from orchestrator.protocol import (
     CONTROL_METHODS,
     INTERNAL_ERROR,
@@ -92,13 +93,14 @@ class Session:
 class Dispatcher(Protocol):
     """What the server needs from the daemon."""
 
+    # Messages, errors and handling times are counted here, where every frame passes.
+    metrics: Metrics
+
     async def dispatch(self, session: Session, request: Request) -> Any: ...
 
     def session_opened(self, session: Session) -> None: ...
 
     def session_closed(self, session: Session) -> None: ...
-
-    def protocol_error(self, code: int) -> None: ...
 
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; not exported by Python
@@ -123,15 +125,24 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 class SocketServer:
     """Serves protocol v1 on ``config.socket`` until cancelled."""
 
-    def __init__(self, config: Config, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, config: Config, dispatcher: Dispatcher, inherited: socket.socket | None = None
+    ) -> None:
+        """``inherited`` is a listening socket from systemd's socket activation; without
+        one the server binds ``config.socket`` itself."""
         self.config = config
         self.dispatcher = dispatcher
+        self.inherited = inherited
         self.shutting_down = False
+        self.listening = False
         self.requests_in_flight = 0
         self._idle: anyio.Event | None = None
         self.sessions: dict[str, Session] = {}
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        if self.inherited is not None:
+            await self._serve_inherited(self.inherited, task_status)
+            return
         path = self.config.socket
         await _clear_stale_socket(path)
         try:
@@ -156,10 +167,30 @@ class SocketServer:
         log.info("socket_listening", socket=str(path), mode=oct(self.config.socket_mode))
         try:
             async with listener, anyio.create_task_group() as tg:
+                self.listening = True
                 task_status.started()
                 await self._accept_loop(listener, tg)
         finally:
+            self.listening = False
             path.unlink(missing_ok=True)
+
+    async def _serve_inherited(self, sock: socket.socket, task_status: TaskStatus[None]) -> None:
+        # systemd owns this socket's file, mode and owner (orchestrator.socket): it stays
+        # bound across our restarts, so connections queue up while we start again.
+        name = sock.getsockname()
+        address = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        if address != str(self.config.socket):
+            log.warning(
+                "socket_mismatch",
+                inherited=address,
+                configured=str(self.config.socket),
+                detail="clients use daemon.socket; make it match ListenStream= in the socket unit",
+            )
+        listener = await anyio.abc.SocketListener.from_socket(sock)
+        log.info("socket_listening", socket=address, activated=True)
+        async with listener, anyio.create_task_group() as tg:
+            task_status.started()
+            await self._accept_loop(listener, tg)
 
     async def _accept_loop(self, listener: Any, tg: anyio.abc.TaskGroup) -> None:
         """Accept forever; running out of file descriptors pauses accepting, never ends it."""
@@ -290,8 +321,10 @@ class SocketServer:
             try:
                 request = parse_request(decode_line(line))
             except RpcError as exc:
+                self.dispatcher.metrics.request_received(None)
                 await self._error(session, _peek_id(line), exc)
                 continue
+            self.dispatcher.metrics.request_received(request.method)
             if session.role is None:
                 # initialize runs inline: nothing else may start before it finished.
                 await self._initialize(session, request, bound)
@@ -311,12 +344,15 @@ class SocketServer:
                     f"call initialize first (got {request.method!r} before initialize)",
                 ),
                 notify=request.is_notification,
+                method=request.method,
             )
             return
         try:
             result = self._handshake(session, request.params)
         except RpcError as exc:
-            await self._error(session, request.id, exc, notify=request.is_notification)
+            await self._error(
+                session, request.id, exc, notify=request.is_notification, method=request.method
+            )
             return
         self.dispatcher.session_opened(session)
         bound.info(
@@ -364,9 +400,11 @@ class SocketServer:
 
     async def _call(self, session: Session, request: Request, bound: Any) -> None:
         self.requests_in_flight += 1
+        started = time.monotonic()
         try:
             await self._answer(session, request, bound)
         finally:
+            self.dispatcher.metrics.request_handled(request.method, time.monotonic() - started)
             self.requests_in_flight -= 1
             session.in_flight.release()
             if not self.requests_in_flight and self._idle is not None:
@@ -404,10 +442,16 @@ class SocketServer:
                 raise RpcError(METHOD_NOT_FOUND, f"unknown method {request.method!r}")
             result = await self.dispatcher.dispatch(session, request)
         except RpcError as exc:
-            await self._error(session, request.id, exc, notify=request.is_notification)
+            await self._error(
+                session, request.id, exc, notify=request.is_notification, method=request.method
+            )
             if exc.code not in (INVALID_PARAMS,):
                 bound.info(
-                    "request_refused", method=request.method, code=exc.code, error=exc.message
+                    "request_refused",
+                    method=request.method,
+                    code=exc.code,
+                    error=exc.message,
+                    metric="orchestrator_protocol_errors_total",
                 )
             return
         except Exception as exc:  # a bug must cost one request, never the daemon
@@ -417,6 +461,7 @@ class SocketServer:
                 request.id,
                 RpcError(INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}"),
                 notify=request.is_notification,
+                method=request.method,
             )
             return
         if not request.is_notification:
@@ -427,9 +472,15 @@ class SocketServer:
                 bound.warning("reply_undelivered", method=request.method)
 
     async def _error(
-        self, session: Session, request_id: Any, error: RpcError, *, notify: bool = False
+        self,
+        session: Session,
+        request_id: Any,
+        error: RpcError,
+        *,
+        notify: bool = False,
+        method: str | None = None,
     ) -> None:
-        self.dispatcher.protocol_error(error.code)
+        self.dispatcher.metrics.protocol_error(error.code, method)
         if notify:
             return  # JSON-RPC: notifications get no reply, not even an error
         try:

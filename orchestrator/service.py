@@ -10,28 +10,35 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
 from orchestrator import __version__, logs, systemd
+from orchestrator import config as config_file
 from orchestrator.blocking import Offload
-from orchestrator.config import Config
+from orchestrator.config import Config, ConfigError
 from orchestrator.handlers import Handlers
 from orchestrator.leases import LeaseManager
 from orchestrator.merge import MergeQueue
-from orchestrator.metrics import Metrics, serve_http
+from orchestrator.metrics import Metrics, StoreSnapshot, serve_http
 from orchestrator.protocol import Request
 from orchestrator.reconcile import reconcile
 from orchestrator.server import Session, SocketServer
 from orchestrator.store import Store, lock_state_dir
+from orchestrator.worker_pool import WorkerPool
 from orchestrator.worktrees import Workspace
 
 log = logs.get("service")
 
 # How long a graceful stop waits for requests in progress.
 DRAIN_S = 5.0
+# Set by tests only: SIGUSR2 then blocks the event loop, as a bug in a callback would, so
+# a test can watch the systemd watchdog go quiet.
+TEST_HOOKS_ENV = "ORCHESTRATOR_TEST_HOOKS"
 
 
 class Daemon:
@@ -43,7 +50,12 @@ class Daemon:
         self.offload = Offload()
         self.ready = False
         self.metrics_port: int | None = None
+        self.pool = WorkerPool(config)
         self._stop = anyio.Event()
+        self._status = ""
+        self._watchdog_withheld = False
+        # Taken before anything else: the variables must not leak into agents and gates.
+        self._inherited_socket = systemd.listen_socket()
 
     def stop(self) -> None:
         """Ask the daemon to shut down gracefully."""
@@ -81,7 +93,7 @@ class Daemon:
             config, store, workspace, self.offload, self.metrics, on_change=self._changed
         )
         self.leases, self.merges = leases, merges
-        self.server = SocketServer(config, self)
+        self.server = SocketServer(config, self, inherited=self._inherited_socket)
         self.handlers = Handlers(
             config,
             store,
@@ -96,6 +108,7 @@ class Daemon:
         await merges.reconcile_landings()
         # Before serving, so nothing else uses the store or the repository meanwhile.
         await self.offload.git(reconcile, store, workspace)
+        self.metrics.start_state_clock(*await self.offload.db(store.state_clock_start))
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals)
             await tg.start(self.server.serve)
@@ -103,11 +116,14 @@ class Daemon:
                 self.metrics_port = await self._start_metrics(tg)
             tg.start_soon(leases.expire_forever)
             tg.start_soon(merges.run)
-            tg.start_soon(self._refresh_gauges)
+            tg.start_soon(self._refresh_status)
             tg.start_soon(self._watchdog)
+            tg.start_soon(self.pool.run)
             self._changed()
             self.ready = True
-            systemd.notify(f"READY=1\nSTATUS=serving on {config.socket}\nMAINPID={os.getpid()}")
+            # READY=1 only now: the store is open, recovery is done and the socket accepts.
+            self._status = f"serving on {config.socket}"
+            systemd.notify(f"READY=1\nSTATUS={self._status}\nMAINPID={os.getpid()}")
             log.info(
                 "daemon_ready",
                 socket=str(config.socket),
@@ -118,12 +134,14 @@ class Daemon:
             task_status.started()
             await self._stop.wait()
             self.ready = False
-            systemd.notify("STOPPING=1")
+            systemd.notify("STOPPING=1\nSTATUS=stopping: draining requests in progress")
             log.info("daemon_stopping")
             # Long polls answer "no lease" at once; a report or a submission in progress
-            # gets its reply. Leases stay valid: workers reconnect after the restart.
+            # gets its reply. Leases stay valid: workers reconnect after the restart. The
+            # pool's own workers cannot outlive us, so they give their leases back first.
             leases.stopping = True
             leases.wake()
+            await self.pool.shutdown()
             await self.server.drain(DRAIN_S)
             tg.cancel_scope.cancel()
 
@@ -132,7 +150,11 @@ class Daemon:
         try:
             port: int = await tg.start(
                 lambda task_status: serve_http(
-                    listen, self.metrics, ready=lambda: self.ready, task_status=task_status
+                    listen,
+                    self.metrics,
+                    ready=self._readiness,
+                    refresh=self._refresh_metrics,
+                    task_status=task_status,
                 )
             )
         except OSError as exc:
@@ -143,27 +165,89 @@ class Daemon:
         return port
 
     async def _signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        wanted = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+        hooks = os.environ.get(TEST_HOOKS_ENV) == "1"
+        if hooks:
+            wanted.append(signal.SIGUSR2)
+        with anyio.open_signal_receiver(*wanted) as signals:
             async for signum in signals:
                 log.info("signal", signal=signal.Signals(signum).name)
-                self.stop()
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                elif signum == signal.SIGUSR2 and hooks:
+                    log.warning("test_hook_wedging_event_loop")
+                    time.sleep(3600)  # noqa: ASYNC251 - the point: block the loop
+                else:
+                    self.stop()
+
+    async def reload(self) -> None:
+        """Re-read the config file (SIGHUP). A bad file is refused and the old config stays.
+
+        Gates, lease timings, merge settings, allowed peers and ``[workers]`` take effect
+        at once; settings the daemon holds open (see ``config.RESTART_ONLY``) are kept
+        and logged as needing a restart.
+        """
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={systemd.monotonic_usec()}")
+        try:
+            new = await anyio.to_thread.run_sync(config_file.load, Path(self.config.source))
+        except ConfigError as exc:
+            log.error(
+                "reload_refused",
+                source=exc.source,
+                problems=exc.problems,
+                detail="the running configuration stays; fix the file and send SIGHUP again",
+            )
+        else:
+            new, ignored = config_file.reloaded(self.config, new)
+            if ignored:
+                log.warning(
+                    "reload_needs_restart",
+                    settings=ignored,
+                    detail="these settings keep their old values until the daemon restarts",
+                )
+            changed = [
+                f.name
+                for f in fields(Config)
+                if getattr(self.config, f.name) != getattr(new, f.name)
+            ]
+            for part in (self, self.leases, self.merges, self.server, self.handlers):
+                part.config = new
+            self.pool.reconfigure(new)
+            self._changed()
+            log.info("config_reloaded", source=new.source, changed=changed)
+        systemd.notify(f"READY=1\nSTATUS={self._status}")
 
     async def _watchdog(self) -> None:
         interval = systemd.watchdog_interval_s()
         if interval is None:
             return
         while True:
-            # Pinging from the loop proves the loop itself is alive, not just the process.
-            systemd.notify("WATCHDOG=1")
+            # Pinging from a task of the loop proves the loop itself is alive; withholding
+            # the ping when the merge queue is stuck gets a wedged daemon restarted too.
+            stuck = self.merges.stuck_for(time.monotonic())
+            if stuck is None:
+                systemd.notify("WATCHDOG=1")
+                self._watchdog_withheld = False
+            elif not self._watchdog_withheld:
+                self._watchdog_withheld = True
+                log.error(
+                    "watchdog_withheld",
+                    reason=f"one merge step has run for {stuck:.0f} s, beyond every timeout",
+                    handoffs=sorted(self.merges.current),
+                )
             await anyio.sleep(interval)
 
     def _changed(self) -> None:
-        """Handoff states changed: wake dispatch and the merge queue, refresh gauges."""
+        """Handoff states changed: wake dispatch and the merge queue, refresh the status."""
         self.leases.wake()
         self.merges.wake()
         self._refresh_needed.set()
 
-    async def _refresh_gauges(self) -> None:
+    async def _refresh_status(self) -> None:
+        """Keep systemd's ``STATUS=`` current as states change (metrics read the store
+        themselves, at each scrape)."""
+        if not os.environ.get("NOTIFY_SOCKET"):
+            return  # not under systemd: nobody reads STATUS=, so spare the store the reads
         while True:
             with anyio.move_on_after(2.0):  # leases also end by the clock
                 await self._refresh_needed.wait()
@@ -177,9 +261,46 @@ class Daemon:
                 )
 
             counts, active, depth = await self.offload.db(read, time.time())
-            self.metrics.set_handoff_counts(counts)
-            self.metrics.set_leases_active(active)
-            self.metrics.set_merge_queue_depth(depth)
+            self._announce(counts, active, depth)
+
+    def _announce(self, counts: dict[str, int], active: int, depth: int) -> None:
+        """Keep systemd's one-line ``STATUS=`` (``systemctl status``) current."""
+        if not self.ready:
+            return
+        workers = sum(
+            1 for s in self.server.sessions.values() if s.role == "worker" and not s.closed
+        )
+        status = (
+            f"{workers} workers, {active} leases, {counts.get('queued', 0)} queued, "
+            f"{depth} to merge, {counts.get('merged', 0)} merged"
+        )
+        if self.merges.blocked_reason:
+            status += f"; blocked: {self.merges.blocked_reason}"
+        if status != self._status:
+            self._status = status
+            systemd.notify(f"STATUS={status}")
+
+    async def _refresh_metrics(self) -> None:
+        """Before each scrape: gauges from the store's truth, read off the event loop."""
+        cursor = self.metrics.state_cursor or 0
+
+        def read() -> tuple[dict[str, Any], list[tuple[int, float, str, str]]]:
+            return self.store.metrics_snapshot(now=time.time()), self.store.state_changes(cursor)
+
+        snapshot, changes = await self.offload.db(read)
+        self.metrics.set_store_snapshot(StoreSnapshot(**snapshot))
+        self.metrics.state_changes(changes)
+        self.metrics.set_merge_blocked(self.merges.blocked_reason is not None)
+
+    def _readiness(self) -> dict[str, bool]:
+        """``/readyz``: started and not stopping, store open, socket listening, merge
+        queue running."""
+        return {
+            "daemon": self.ready,
+            "store": self.store.is_open(),
+            "socket": self.server.listening,
+            "merge_queue": self.merges.running,
+        }
 
     # ---- the server's Dispatcher interface ----------------------------------------------
 
@@ -192,10 +313,8 @@ class Daemon:
     def session_closed(self, session: Session) -> None:
         self._count_workers()
 
-    def protocol_error(self, code: int) -> None:
-        self.metrics.protocol_error(code)
-
     def _count_workers(self) -> None:
         self.metrics.set_workers_connected(
             sum(1 for s in self.server.sessions.values() if s.role == "worker" and not s.closed)
         )
+        self._refresh_needed.set()

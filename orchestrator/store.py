@@ -1130,6 +1130,92 @@ class Store:
             for r in reversed(rows)
         ]
 
+    # ---- metrics (read-only) ----------------------------------------------------------
+
+    def metrics_snapshot(self, *, now: float) -> dict[str, Any]:
+        """What the store-backed gauges show, read in one transaction for a scrape.
+
+        ``counts`` (handoffs by state), ``leases_active``, ``merge_queue_depth`` and
+        ``oldest_s`` (per live state, how long its longest-waiting handoff has been in it).
+        Costs an index scan plus a row per *live* handoff, so thousands of merged ones in
+        the history do not slow a scrape down.
+        """
+        c = self._conn
+        c.execute("BEGIN")  # deferred: one read snapshot for every query, no write lock
+        try:
+            # Covered by the handoffs_state index: no row is read.
+            counts = dict.fromkeys(STATES, 0)
+            for state, n in c.execute("SELECT state, COUNT(*) FROM handoffs GROUP BY state"):
+                counts[state] = n
+            live = ",".join("?" * len(LIVE_STATES))
+            # updated_at is when the handoff entered its state, except that a heartbeat's
+            # progress also moves it while leased: a leased one's age comes from its lease.
+            oldest = {
+                state: now - since
+                for state, since in c.execute(
+                    f"SELECT state, MIN(updated_at) FROM handoffs WHERE state IN ({live})"
+                    " AND state != 'leased' GROUP BY state",
+                    LIVE_STATES,
+                )
+            }
+            active, granted = c.execute(
+                "SELECT COUNT(*), MIN(granted_at) FROM leases"
+                " WHERE ended_at IS NULL AND expires_at > ?",
+                (now,),
+            ).fetchone()
+            if granted is not None:
+                oldest["leased"] = now - granted
+        finally:
+            c.execute("COMMIT")
+        return {
+            "counts": counts,
+            "leases_active": int(active),
+            "merge_queue_depth": counts["reported"] + counts["gating"],
+            "oldest_s": oldest,
+        }
+
+    def state_clock_start(self) -> tuple[int, list[tuple[str, str, float]]]:
+        """Where :meth:`state_changes` should start reading (the last event's id), and the
+        live handoffs with their state and since when, to time their next change."""
+        c = self._conn
+        c.execute("BEGIN")
+        try:
+            last = c.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+            live = ",".join("?" * len(LIVE_STATES))
+            rows = c.execute(
+                f"SELECT name, state, updated_at FROM handoffs WHERE state IN ({live})",
+                LIVE_STATES,
+            ).fetchall()
+        finally:
+            c.execute("COMMIT")
+        return int(last), [(r[0], r[1], float(r[2])) for r in rows]
+
+    def state_changes(self, after: int, limit: int = 10_000) -> list[tuple[int, float, str, str]]:
+        """State changes recorded after event id ``after``, oldest first, as
+        ``(event id, at, handoff, new state)``; a submission enters ``waiting``."""
+        rows = self._conn.execute(
+            "SELECT id, at, handoff, kind, detail FROM events"
+            " WHERE id > ? AND kind IN ('state', 'submitted') ORDER BY id LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [
+            (
+                int(r[0]),
+                float(r[1]),
+                str(r[2]),
+                "waiting" if r[3] == "submitted" else str(json.loads(r[4])["state"]),
+            )
+            for r in rows
+        ]
+
+    def is_open(self) -> bool:
+        """Whether the database connection is still open (for ``/readyz``)."""
+        try:
+            self._conn.total_changes  # noqa: B018 - raises once the connection is closed
+        except sqlite3.ProgrammingError:
+            return False
+        return True
+
 
 def _summary(row: sqlite3.Row) -> dict[str, Any]:
     return {

@@ -17,7 +17,7 @@ import textwrap
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.message import Message
@@ -26,22 +26,33 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator import metrics as metrics_module
 from orchestrator.metrics import (
     HANDOFF_STATES,
     MERGE_RESULTS,
+    METHODS,
     Metrics,
+    Readiness,
+    StoreSnapshot,
+    gate_outcome,
+    method_label,
     parse_listen,
     serve_http,
+    wants_openmetrics,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
-PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-DASHBOARD = ROOT / "deploy" / "grafana" / "orchestrator-dashboard.json"
+ALERTS = ROOT / "config" / "prometheus" / "orchestrator-rules.yml"
+ALERT_TESTS = ROOT / "config" / "prometheus" / "orchestrator-rules.test.yml"
+PROMETHEUS_CONFIG = ROOT / "config" / "prometheus" / "prometheus.yml"
+DASHBOARD = ROOT / "config" / "grafana" / "orchestrator-dashboard.json"
 
 # The names DESIGN.md promises, with the type each must be exported as (counter names as
 # the text parser reports them, without the _total suffix).
@@ -57,6 +68,20 @@ DESIGN_METRICS = {
     "orchestrator_protocol_errors": "counter",
     "orchestrator_build_info": "gauge",
 }
+# What an operator needs beyond DESIGN.md (issue 4).
+OPERATOR_METRICS = {
+    "orchestrator_handoff_oldest_age_seconds": "gauge",
+    "orchestrator_merge_blocked": "gauge",
+    "orchestrator_metrics_refresh_failures": "counter",
+    "orchestrator_lease_duration_seconds": "histogram",
+    "orchestrator_heartbeat_lag_seconds": "histogram",
+    "orchestrator_merge_queue_wait_seconds": "histogram",
+    "orchestrator_gate_runs": "counter",
+    "orchestrator_handoff_attempts": "histogram",
+    "orchestrator_handoff_state_duration_seconds": "histogram",
+    "orchestrator_requests": "counter",
+    "orchestrator_request_duration_seconds": "histogram",
+}
 EXPOSED_NAMES = (
     "orchestrator_handoffs",
     "orchestrator_workers_connected",
@@ -68,6 +93,17 @@ EXPOSED_NAMES = (
     "orchestrator_handoff_cycle_seconds",
     "orchestrator_protocol_errors_total",
     "orchestrator_build_info",
+    "orchestrator_handoff_oldest_age_seconds",
+    "orchestrator_merge_blocked",
+    "orchestrator_metrics_refresh_failures_total",
+    "orchestrator_lease_duration_seconds",
+    "orchestrator_heartbeat_lag_seconds",
+    "orchestrator_merge_queue_wait_seconds",
+    "orchestrator_gate_runs_total",
+    "orchestrator_handoff_attempts",
+    "orchestrator_handoff_state_duration_seconds",
+    "orchestrator_requests_total",
+    "orchestrator_request_duration_seconds",
 )
 
 
@@ -81,18 +117,35 @@ def need(tool: str) -> str:
 def exercised_metrics(version: str = "1.2.3-test") -> Metrics:
     """A Metrics object with every collector touched, so each has samples to lint."""
     m = Metrics(version)
-    m.set_handoff_counts({"queued": 3, "leased": 2, "merged": 7})
+    m.set_store_snapshot(
+        StoreSnapshot(
+            counts={"queued": 3, "leased": 2, "reported": 1, "merged": 7},
+            leases_active=2,
+            merge_queue_depth=1,
+            oldest_s={"queued": 12.0, "leased": 30.0, "reported": 4.5},
+        )
+    )
     m.set_workers_connected(2)
-    m.set_leases_active(2)
-    m.lease_expired()
+    m.set_merge_blocked(False)
+    m.refresh_failed()
+    m.lease_started("L1")
+    m.heartbeat("L1")
+    m.lease_ended("L1", "reported")
+    m.lease_started("L2")
+    m.lease_expired("L2")
     for result in MERGE_RESULTS:
         m.merge_finished(result)
-    m.set_merge_queue_depth(1)
-    m.gate_finished("tests", 12.5)
+    m.report_accepted("h")
+    m.merge_started("h")
+    m.gate_finished("tests", 12.5, exit_status=1)
     m.gate_finished("lint", 0.3)
-    m.handoff_merged(3600.0)
+    m.handoff_merged(3600.0, 2)
+    m.start_state_clock(10, [("h", "queued", 100.0)])
+    m.state_changes([(11, 130.0, "h", "leased"), (12, 190.0, "h", "reported")])
+    m.request_received("lease.heartbeat")
+    m.request_handled("lease.heartbeat", 0.002)
     m.protocol_error(-32600)
-    m.protocol_error(-32001)
+    m.protocol_error(-32001, "lease.heartbeat")
     return m
 
 
@@ -110,8 +163,10 @@ class Reply:
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _http(url: str, method: str = "GET", data: bytes | None = None) -> Reply:
-    request = urllib.request.Request(url, method=method, data=data)
+def _http(
+    url: str, method: str = "GET", data: bytes | None = None, headers: dict[str, str] | None = None
+) -> Reply:
+    request = urllib.request.Request(url, method=method, data=data, headers=headers or {})
     try:
         with _OPENER.open(request, timeout=10) as response:
             return Reply(response.status, response.headers, response.read())
@@ -120,9 +175,15 @@ def _http(url: str, method: str = "GET", data: bytes | None = None) -> Reply:
             return Reply(err.code, err.headers, err.read())
 
 
-async def fetch(port: int, path: str, method: str = "GET", data: bytes | None = None) -> Reply:
+async def fetch(
+    port: int,
+    path: str,
+    method: str = "GET",
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
     url = f"http://127.0.0.1:{port}{path}"
-    return await anyio.to_thread.run_sync(partial(_http, url, method, data))
+    return await anyio.to_thread.run_sync(partial(_http, url, method, data, headers))
 
 
 async def raw_exchange(port: int, data: bytes) -> bytes:
@@ -141,10 +202,15 @@ async def raw_exchange(port: int, data: bytes) -> bytes:
 
 @asynccontextmanager
 async def endpoint(
-    metrics: Metrics, ready: Callable[[], bool] = lambda: True, listen: str = "127.0.0.1:0"
+    metrics: Metrics,
+    ready: Readiness = lambda: True,
+    listen: str = "127.0.0.1:0",
+    refresh: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[int]:
     async with anyio.create_task_group() as tg:
-        port: int = await tg.start(partial(serve_http, listen, metrics, ready=ready))
+        port: int = await tg.start(
+            partial(serve_http, listen, metrics, ready=ready, refresh=refresh)
+        )
         try:
             yield port
         finally:
@@ -184,11 +250,140 @@ def test_collectors_record_events() -> None:
     assert get("orchestrator_lease_expirations_total") == 1
     assert get("orchestrator_merges_total", {"result": "gate_failed"}) == 1
     assert get("orchestrator_merge_queue_depth") == 1
+    assert get("orchestrator_handoffs", {"state": "reported"}) == 1
+    assert get("orchestrator_handoff_oldest_age_seconds", {"state": "leased"}) == 30
+    assert get("orchestrator_handoff_oldest_age_seconds", {"state": "gating"}) == 0
     assert get("orchestrator_gate_duration_seconds_count", {"gate": "tests"}) == 1
     assert get("orchestrator_gate_duration_seconds_sum", {"gate": "lint"}) == 0.3
+    assert get("orchestrator_gate_runs_total", {"gate": "tests", "outcome": "failed"}) == 1
+    assert get("orchestrator_gate_runs_total", {"gate": "lint", "outcome": "passed"}) == 1
     assert get("orchestrator_handoff_cycle_seconds_bucket", {"le": "3600.0"}) == 1
     assert get("orchestrator_handoff_cycle_seconds_bucket", {"le": "1800.0"}) == 0
-    assert get("orchestrator_protocol_errors_total", {"code": "-32600"}) == 1
+    assert get("orchestrator_handoff_attempts_sum") == 2
+    assert get("orchestrator_handoff_state_duration_seconds_sum", {"state": "queued"}) == 30
+    assert get("orchestrator_handoff_state_duration_seconds_sum", {"state": "leased"}) == 60
+    assert get("orchestrator_handoff_state_duration_seconds_count", {"state": "gating"}) == 0
+    assert get("orchestrator_lease_duration_seconds_count", {"outcome": "reported"}) == 1
+    assert get("orchestrator_lease_duration_seconds_count", {"outcome": "expired"}) == 1
+    assert get("orchestrator_lease_duration_seconds_count", {"outcome": "released"}) == 0
+    assert get("orchestrator_heartbeat_lag_seconds_count") == 1
+    assert get("orchestrator_merge_queue_wait_seconds_count") == 1
+    assert get("orchestrator_requests_total", {"method": "lease.heartbeat"}) == 1
+    assert get("orchestrator_request_duration_seconds_count", {"method": "lease.heartbeat"}) == 1
+    labels = {"code": "-32600", "method": "none"}
+    assert get("orchestrator_protocol_errors_total", labels) == 1
+    labels = {"code": "-32001", "method": "lease.heartbeat"}
+    assert get("orchestrator_protocol_errors_total", labels) == 1
+
+
+def test_lease_and_queue_clocks_forget_what_ended() -> None:
+    m = Metrics("1.0.0")
+    get = m.registry.get_sample_value
+    # A lease handed over before a restart: its first heartbeat only starts the clock,
+    # its end is not observed (its start is unknown), and nothing is left behind.
+    m.heartbeat("old")
+    m.heartbeat("old")
+    assert get("orchestrator_heartbeat_lag_seconds_count") == 1
+    m.lease_ended("never-seen", "released")
+    assert get("orchestrator_lease_duration_seconds_count", {"outcome": "released"}) == 0
+    # A wait is observed once per report, not again when the candidate is rebuilt.
+    m.report_accepted("h")
+    m.merge_started("h")
+    m.merge_started("h")
+    assert get("orchestrator_merge_queue_wait_seconds_count") == 1
+    with pytest.raises(ValueError, match="lease outcome"):
+        m.lease_ended("x", "vanished")
+
+
+def test_time_in_state_starts_at_the_clock_start_and_ends_at_merged() -> None:
+    m = Metrics("1.0.0")
+    get = m.registry.get_sample_value
+    m.start_state_clock(5, [("old", "gating", 0.0)])
+    assert m.state_cursor == 5
+    m.state_changes(
+        [
+            (6, 1.0, "new", "waiting"),  # submitted: enters waiting, nothing left yet
+            (7, 1.0, "new", "queued"),
+            (8, 4.0, "old", "merged"),
+            (9, 9.0, "new", "leased"),
+        ]
+    )
+    assert m.state_cursor == 9
+    assert get("orchestrator_handoff_state_duration_seconds_count", {"state": "waiting"}) == 1
+    assert get("orchestrator_handoff_state_duration_seconds_sum", {"state": "waiting"}) == 0
+    assert get("orchestrator_handoff_state_duration_seconds_sum", {"state": "queued"}) == 8
+    assert get("orchestrator_handoff_state_duration_seconds_sum", {"state": "gating"}) == 4
+    # Nothing leaves merged, so it has no series and is not remembered.
+    assert get("orchestrator_handoff_state_duration_seconds_count", {"state": "merged"}) is None
+    assert "old" not in m._states
+
+
+def test_tracking_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics_module, "MAX_TRACKED", 3)
+    m = Metrics("1.0.0")
+    for i in range(10):
+        m.lease_started(f"L{i}")
+        m.report_accepted(f"h{i}")
+    m.lease_ended("L0", "reported")  # long forgotten: not observed
+    m.lease_ended("L9", "reported")
+    m.merge_started("h0")
+    m.merge_started("h9")
+    get = m.registry.get_sample_value
+    assert get("orchestrator_lease_duration_seconds_count", {"outcome": "reported"}) == 1
+    assert get("orchestrator_merge_queue_wait_seconds_count") == 1
+
+
+@pytest.mark.parametrize(
+    ("exit_status", "timed_out", "outcome"),
+    [
+        (0, False, "passed"),
+        (1, False, "failed"),
+        (-9, False, "failed"),
+        (None, True, "timed_out"),
+        (127, False, "error"),
+        (126, False, "error"),
+    ],
+)
+def test_gate_outcomes(exit_status: int | None, timed_out: bool, outcome: str) -> None:
+    assert gate_outcome(exit_status, timed_out) == outcome
+
+
+def test_method_label_is_bounded() -> None:
+    assert method_label("lease.heartbeat") == "lease.heartbeat"
+    assert method_label("initialize") == "initialize"
+    assert method_label("rm -rf /") == "other"
+    assert method_label(None) == "none"
+    m = Metrics("1.0.0")
+    for i in range(100):
+        m.request_received(f"made.up.{i}")
+        m.protocol_error(-32601, f"made.up.{i}")
+    families = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
+    methods = {s.labels["method"] for s in families["orchestrator_requests"].samples}
+    assert methods == {"other"}
+    assert set(METHODS) >= {"other", "none", "lease.acquire", "status"}
+
+
+@pytest.mark.parametrize(
+    ("accept", "openmetrics"),
+    [
+        ("", False),
+        ("*/*", False),
+        ("text/plain", False),
+        ("application/openmetrics-text", True),
+        ("application/openmetrics-text; version=1.0.0; charset=utf-8", True),
+        # What Prometheus 2.x sends.
+        (
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+            "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+            True,
+        ),
+        ("text/plain;q=1, application/openmetrics-text;q=0.5", False),
+        ("application/openmetrics-text;q=0", False),
+        ("Application/OpenMetrics-Text;q=bogus", False),
+    ],
+)
+def test_content_negotiation(accept: str, openmetrics: bool) -> None:
+    assert wants_openmetrics(accept) is openmetrics
 
 
 def test_unknown_merge_result_is_refused() -> None:
@@ -214,7 +409,7 @@ def test_two_instances_in_one_process_do_not_clash() -> None:
 def test_render_has_every_design_metric_with_its_type() -> None:
     text = exercised_metrics().render().decode()
     families = {f.name: f.type for f in text_string_to_metric_families(text)}
-    for name, kind in DESIGN_METRICS.items():
+    for name, kind in {**DESIGN_METRICS, **OPERATOR_METRICS}.items():
         assert families.get(name) == kind, f"{name}: expected {kind}, got {families.get(name)}"
     # Counters and histograms carry no *_created gauges (see metrics._Registry).
     assert "_created" not in text
@@ -292,6 +487,74 @@ async def test_endpoint_serves_metrics_health_and_readiness() -> None:
         assert (await fetch(port, "/metrics/extra")).status == 404
         # The query string does not change the route.
         assert (await fetch(port, "/metrics?name[]=x")).status == 200
+
+
+@pytest.mark.anyio
+async def test_openmetrics_when_asked_for() -> None:
+    async with endpoint(exercised_metrics()) as port:
+        accept = {"Accept": "application/openmetrics-text; version=1.0.0"}
+        reply = await fetch(port, "/metrics", headers=accept)
+        assert reply.status == 200
+        assert reply.headers["Content-Type"] == metrics_module.OPENMETRICS_CONTENT_TYPE
+        assert reply.headers["Vary"] == "Accept"
+        text = reply.body.decode()
+        assert text.endswith("# EOF\n")
+        families = {f.name: f.type for f in openmetrics_families(text)}
+        for name, kind in {**DESIGN_METRICS, **OPERATOR_METRICS}.items():
+            assert families.get(name) == kind, name
+        plain = await fetch(port, "/metrics", headers={"Accept": "text/plain"})
+        assert plain.headers["Content-Type"] == metrics_module.METRICS_CONTENT_TYPE
+        assert "# EOF" not in plain.body.decode()
+
+
+@pytest.mark.anyio
+async def test_readiness_names_the_failed_check() -> None:
+    checks = {"store": True, "socket": False, "merge_queue": True}
+    async with endpoint(Metrics("1.0.0"), ready=lambda: checks) as port:
+        reply = await fetch(port, "/readyz")
+        assert reply.status == 503
+        assert reply.body == b"not ready\nstore: ok\nsocket: NO\nmerge_queue: ok\n"
+        checks["socket"] = True
+        reply = await fetch(port, "/readyz")
+        assert (reply.status, reply.body) == (
+            200,
+            b"ready\nstore: ok\nsocket: ok\nmerge_queue: ok\n",
+        )
+
+
+@pytest.mark.anyio
+async def test_scrape_reads_gauges_first_and_survives_a_failed_read() -> None:
+    m = Metrics("1.0.0")
+    depth = 0
+    fail = False
+
+    async def refresh() -> None:
+        await anyio.lowlevel.checkpoint()
+        if fail:
+            raise RuntimeError("database is locked")
+        m.set_store_snapshot(
+            StoreSnapshot(counts={"queued": depth}, leases_active=0, merge_queue_depth=depth)
+        )
+
+    def scraped(body: bytes, name: str) -> float | None:
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                if sample.name == name:
+                    return sample.value
+        return None
+
+    async with endpoint(m, refresh=refresh) as port:
+        depth = 4
+        body = (await fetch(port, "/metrics")).body
+        assert scraped(body, "orchestrator_merge_queue_depth") == 4
+        depth, fail = 9, True
+        reply = await fetch(port, "/metrics")
+        assert reply.status == 200  # a scrape with the last known values, not a gap
+        assert scraped(reply.body, "orchestrator_merge_queue_depth") == 4
+        assert scraped(reply.body, "orchestrator_metrics_refresh_failures_total") == 1
+        fail = False
+        body = (await fetch(port, "/metrics")).body
+        assert scraped(body, "orchestrator_merge_queue_depth") == 9
 
 
 @pytest.mark.anyio
@@ -407,7 +670,7 @@ def test_alert_rules_pass_promtool() -> None:
 
 def test_example_prometheus_config_passes_promtool() -> None:
     promtool = need("promtool")
-    # rule_files are resolved relative to the config file, so this also loads alerts.yml.
+    # rule_files are resolved relative to the config file, so this also loads the rules.
     result = subprocess.run(
         [promtool, "check", "config", str(PROMETHEUS_CONFIG)],
         capture_output=True,
@@ -418,165 +681,24 @@ def test_example_prometheus_config_passes_promtool() -> None:
     assert "1 rule files found" in result.stdout
 
 
-# promtool's rule unit tests: synthetic series in, expected alerts out, checking that each
-# alert fires in the situation it is meant for and stays quiet in a healthy one. promtool
-# compares the rendered annotations too, which also exercises their templates. The file is
-# written as JSON, which YAML accepts, so no YAML library is needed.
-
-
-def series(metric: str, values: str, **labels: str) -> dict[str, str]:
-    rendered = ", ".join(f'{k}="{v}"' for k, v in {"job": "orchestrator", **labels}.items())
-    return {"series": f"{metric}{{{rendered}}}", "values": values}
-
-
-def firing(
-    alertname: str, eval_time: str, severity: str, summary: str, description: str, **labels: str
-) -> dict[str, Any]:
-    return {
-        "eval_time": eval_time,
-        "alertname": alertname,
-        "exp_alerts": [
-            {
-                "exp_labels": {"severity": severity, "job": "orchestrator", **labels},
-                "exp_annotations": {"summary": summary, "description": description},
-            }
-        ],
-    }
-
-
-def quiet(alertname: str, eval_time: str) -> dict[str, Any]:
-    return {"eval_time": eval_time, "alertname": alertname, "exp_alerts": []}
-
-
-RULE_TESTS: list[dict[str, Any]] = [
-    {
-        "interval": "1m",
-        "input_series": [
-            series("up", "0x20", instance="down:9464"),
-            series("up", "1x20", instance="idle:9464"),
-            series("orchestrator_workers_connected", "0x20", instance="idle:9464"),
-            series("orchestrator_handoffs", "3x20", instance="idle:9464", state="queued"),
-            series("up", "1x20", instance="busy:9464"),
-            series("orchestrator_workers_connected", "2x20", instance="busy:9464"),
-            series("orchestrator_handoffs", "3x20", instance="busy:9464", state="queued"),
-        ],
-        "alert_rule_test": [
-            quiet("OrchestratorDown", "1m"),
-            firing(
-                "OrchestratorDown",
-                "15m",
-                "critical",
-                "orchestrator on down:9464 is down",
-                "Prometheus has failed to scrape down:9464 for 2 minutes. The daemon is"
-                " stopped, crashed, or [metrics] listen does not match the scrape target."
-                " Check `systemctl status orchestrator` and its journal.",
-                instance="down:9464",
-            ),
-            quiet("OrchestratorNoWorkers", "5m"),
-            firing(
-                "OrchestratorNoWorkers",
-                "15m",
-                "warning",
-                "handoffs are queued on idle:9464 but no worker is connected",
-                "No agent worker has been attached to idle:9464 for 10 minutes while"
-                " handoffs wait in the queue, so nothing is being worked on. Start workers"
-                " (`orchestrator worker -- CMD...`) and check they can reach the socket.",
-                instance="idle:9464",
-            ),
-            quiet("OrchestratorMetricsAbsent", "15m"),
-        ],
-    },
-    {
-        "interval": "1m",
-        "input_series": [
-            series("orchestrator_merge_queue_depth", "2x60", instance="stuck:9464"),
-            series("orchestrator_merges_total", "5x60", instance="stuck:9464", result="merged"),
-            series("orchestrator_merges_total", "0x60", instance="stuck:9464", result="conflict"),
-            series("orchestrator_merge_queue_depth", "2x60", instance="moving:9464"),
-            series("orchestrator_merges_total", "0+1x60", instance="moving:9464", result="merged"),
-            series("orchestrator_merges_total", "0x60", instance="moving:9464", result="conflict"),
-        ],
-        "alert_rule_test": [
-            # Younger than 30 minutes: not enough history to call the queue stuck.
-            quiet("OrchestratorMergeQueueStuck", "25m"),
-            firing(
-                "OrchestratorMergeQueueStuck",
-                "45m",
-                "critical",
-                "merge queue on stuck:9464 has not moved for 30 minutes",
-                "2 candidates are waiting and none finished in 30 minutes. A gate may hang"
-                " longer than expected, or the merge task is wedged. Check the daemon log,"
-                " the gate timeouts and `orchestrator status`.",
-                instance="stuck:9464",
-            ),
-            firing(
-                "OrchestratorMetricsAbsent",
-                "45m",
-                "warning",
-                "no orchestrator scrape target in Prometheus",
-                'Prometheus has no target for job "orchestrator", so none of the other'
-                " orchestrator alerts can fire. Check the scrape configuration.",
-            ),
-        ],
-    },
-    {
-        "interval": "1m",
-        "input_series": [
-            series("orchestrator_merges_total", "0+1x120", instance="a:9464", result="gate_failed"),
-            series("orchestrator_merges_total", "0x120", instance="a:9464", result="merged"),
-            series("orchestrator_merges_total", "0+1x120", instance="b:9464", result="gate_failed"),
-            series("orchestrator_merges_total", "0+3x120", instance="b:9464", result="merged"),
-            series("orchestrator_lease_expirations_total", "0+1x120", instance="a:9464"),
-            series("orchestrator_lease_expirations_total", "0x120", instance="b:9464"),
-            series("orchestrator_protocol_errors_total", "0+60x120", instance="a:9464", code="1"),
-            series("orchestrator_protocol_errors_total", "0+1x120", instance="b:9464", code="1"),
-        ],
-        "alert_rule_test": [
-            firing(
-                "OrchestratorGateFailuresHigh",
-                "90m",
-                "warning",
-                "most merge candidates fail their gates on a:9464",
-                "100% of the merge candidates finished in the last hour failed a validation"
-                " gate. The integration branch itself may be broken, a gate may be flaky, or"
-                " agents are reporting unfinished work.",
-                instance="a:9464",
-            ),
-            firing(
-                "OrchestratorLeaseExpirationsRising",
-                "60m",
-                "warning",
-                "leases keep expiring on a:9464",
-                "30 leases expired in the last 30 minutes: workers are dying or stop"
-                " heartbeating within leases.ttl_s. Each expiry sends the handoff back to the"
-                " queue. Check the workers' logs and the lease TTL.",
-                instance="a:9464",
-            ),
-            firing(
-                "OrchestratorProtocolErrorsHigh",
-                "60m",
-                "warning",
-                "clients keep getting protocol errors from a:9464",
-                "Socket clients receive 1.00 JSON-RPC errors per second. A worker or tool"
-                " probably speaks an incompatible protocol version or sends stale fencing"
-                " tokens. The `code` label of orchestrator_protocol_errors_total tells which"
-                " error.",
-                instance="a:9464",
-            ),
-        ],
-    },
-]
-
-
-def test_alert_rules_fire_when_they_should(tmp_path: Path) -> None:
+def test_alert_rules_fire_when_they_should() -> None:
+    """promtool's rule unit tests (config/prometheus/orchestrator-rules.test.yml): each
+    alert fires in the situation it is meant for and stays quiet in a healthy one."""
     promtool = need("promtool")
-    tests = tmp_path / "alerts_test.yml"
-    document = {"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": RULE_TESTS}
-    tests.write_text(json.dumps(document, indent=2))
     result = subprocess.run(
-        [promtool, "test", "rules", str(tests)], capture_output=True, text=True, check=False
+        [promtool, "test", "rules", str(ALERT_TESTS)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ALERT_TESTS.parent,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_unit_test() -> None:
+    rules = set(re.findall(r"^\s*- alert: (\w+)$", ALERTS.read_text(), re.M))
+    tested = set(re.findall(r"^\s*alertname: (\w+)$", ALERT_TESTS.read_text(), re.M))
+    assert rules and rules == tested, (rules - tested, tested - rules)
 
 
 # --- the Grafana dashboard ----------------------------------------------------------
@@ -616,9 +738,15 @@ def test_dashboard_is_importable_and_covers_every_metric() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["id"] is None  # import must create a dashboard, not overwrite one
     assert dashboard["uid"] and dashboard["title"]
-    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
-    assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
+    # Grafana's import asks for a Prometheus data source and puts its uid wherever the
+    # file says ${DS_PROMETHEUS}; a hard-coded uid would point at someone else's.
+    (ds_input,) = dashboard["__inputs"]
+    assert ds_input["name"] == "DS_PROMETHEUS"
+    assert (ds_input["type"], ds_input["pluginId"]) == ("datasource", "prometheus")
+    uids = set(re.findall(r'"uid": "([^"]*)"', DASHBOARD.read_text()))
+    assert uids == {"${DS_PROMETHEUS}", "-- Grafana --", "orchestrator-overview"}, uids
+    for variable in dashboard["templating"]["list"]:
+        assert variable["datasource"]["uid"] == "${DS_PROMETHEUS}"
 
     panels = list(dashboard_panels())
     ids = [p["id"] for p in panels]
@@ -632,6 +760,9 @@ def test_dashboard_is_importable_and_covers_every_metric() -> None:
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${DS_PROMETHEUS}"
+
+    rows = [p["title"] for p in panels if p["type"] == "row"]
+    assert rows == ["Fleet overview", "Throughput", "Latency", "Failures"]
 
     exprs = "\n".join(dashboard_exprs())
     for name in EXPOSED_NAMES:
@@ -732,7 +863,7 @@ async def test_real_prometheus_scrapes_the_endpoint_and_runs_every_query(
             assert series["metric"]["version"] == "7.7.7-test"
             assert series["metric"]["job"] == "orchestrator"
             assert series["value"][1] == "1"
-            assert len(health) == 7
+            assert len(health) == 8
 
             for expr in dashboard_exprs():
                 answer = await prometheus_api(base, "query", query=as_promql(expr))

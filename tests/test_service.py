@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
-from harness import Daemon, control, handoff_doc, kill_group, start_worker, wait_for, write_config
+from harness import (
+    Conn,
+    Daemon,
+    control,
+    handoff_doc,
+    kill_group,
+    start_worker,
+    wait_for,
+    write_config,
+)
+
+from orchestrator import config as config_file
 
 pytestmark = pytest.mark.slow
 
@@ -92,3 +107,361 @@ def test_a_busy_metrics_port_is_a_clear_start_up_error(tmp_path: Path, repo: Pat
     assert result.returncode == 2
     assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
     assert 'set it to ""' in result.stderr
+
+
+class NotifyListener:
+    """What systemd is to the daemon: a datagram socket named in ``$NOTIFY_SOCKET``."""
+
+    def __init__(self, tmp_path: Path, *, abstract: bool = False) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract:
+            name = f"orchestrator-test-{os.getpid()}-{tmp_path.name}"
+            self.sock.bind("\0" + name)
+            self.env_value = "@" + name
+        else:
+            self.sock.bind(str(tmp_path / "notify.sock"))
+            self.env_value = str(tmp_path / "notify.sock")
+        self.messages: list[str] = []
+
+    def wait_for(self, word: str, timeout: float = 60) -> str:
+        """The first message (received from now on or before) containing ``word``."""
+        for message in self.messages:
+            if word in message:
+                return message
+        self.sock.settimeout(timeout)
+        while True:
+            message = self.sock.recv(4096).decode()
+            self.messages.append(message)
+            if word in message:
+                return message
+
+    def drain(self) -> None:
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.messages.append(self.sock.recv(4096).decode())
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.setblocking(True)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_ready_only_once_serving_watchdog_until_the_loop_wedges(
+    tmp_path: Path, repo: Path, abstract: bool
+) -> None:
+    systemd = NotifyListener(tmp_path, abstract=abstract)
+    config = write_config(tmp_path, repo)
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": systemd.env_value,
+        "WATCHDOG_USEC": "200000",
+        "ORCHESTRATOR_TEST_HOOKS": "1",
+    }
+    log = tmp_path / "daemon.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "--config", str(config), "serve"],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env,
+    )
+    try:
+        ready = systemd.wait_for("READY=1")
+        # READY=1 promises the socket accepts: connect at once, no retry.
+        daemon_socket = Path(str(config.read_text()).split('socket = "')[1].split('"')[0])
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(str(daemon_socket))
+        assert f"MAINPID={process.pid}" in ready
+        for _ in range(3):
+            systemd.messages.clear()
+            systemd.wait_for("WATCHDOG=1")
+        process.send_signal(signal.SIGUSR2)
+        wait_for(lambda: "test_hook_wedging_event_loop" in log.read_text(), "the wedge")
+        systemd.drain()
+        systemd.sock.settimeout(2.0)  # ten watchdog intervals
+        with pytest.raises(TimeoutError):
+            while True:
+                message = systemd.sock.recv(4096).decode()
+                assert "WATCHDOG=1" not in message, "a wedged loop must not ping the watchdog"
+    finally:
+        process.kill()
+        process.wait()
+        systemd.close()
+
+
+def test_status_line_follows_workers_and_queue(tmp_path: Path, repo: Path) -> None:
+    systemd = NotifyListener(tmp_path)
+    daemon = Daemon(
+        write_config(tmp_path, repo), tmp_path / "daemon.log",
+        env={"NOTIFY_SOCKET": systemd.env_value},
+    ).start()
+    worker = None
+    try:
+        systemd.wait_for("READY=1")
+        worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+        systemd.wait_for("STATUS=1 workers")
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("status-line")]})
+        systemd.wait_for("1 merged")
+    finally:
+        if worker is not None:
+            kill_group(worker)
+        assert daemon.stop() == 0
+    assert "STOPPING=1" in systemd.wait_for("STOPPING=1")
+    systemd.close()
+
+
+def _activated_daemon(
+    config: Path, listener: socket.socket, log: Path
+) -> subprocess.Popen[bytes]:
+    """Start ``serve`` as systemd would for orchestrator.socket: the listening socket on
+    fd 3, ``LISTEN_FDS=1`` and ``LISTEN_PID`` naming the daemon itself (the small launcher
+    execs the daemon, so its pid is the daemon's)."""
+    fd = listener.fileno()
+    launcher = (
+        "import os, sys\n"
+        f"os.dup2({fd}, 3)\n"
+        f"os.close({fd})\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1')\n"
+        "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", launcher, "-m", "orchestrator", "--config", str(config), "serve"],
+        pass_fds=(fd,), stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_socket_activation_serves_the_inherited_socket_and_queues_across_restarts(
+    tmp_path: Path, repo: Path
+) -> None:
+    config = write_config(tmp_path, repo)
+    path = Path(config.read_text().split('socket = "')[1].split('"')[0])
+    path.parent.mkdir(parents=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    log = tmp_path / "daemon.log"
+    first = _activated_daemon(config, listener, log)
+    try:
+        wait_for(lambda: "socket_listening" in log.read_text(), "the daemon to take the socket")
+        assert "counts" in control(path, "status")
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+        # The socket outlived the daemon, as systemd keeps it: the file is still there
+        # and a client connecting now waits in the backlog instead of being refused.
+        assert path.exists()
+        waiting = Conn(path)
+        second = _activated_daemon(config, listener, log)
+        try:
+            waiting.initialize("control")
+            reply = waiting.request("status")
+            assert "result" in reply, reply
+        finally:
+            waiting.close()
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(timeout=60) == 0
+    finally:
+        for process in (first,):
+            if process.poll() is None:
+                process.kill()
+        listener.close()
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    activated = [e for e in events if e["event"] == "socket_listening"]
+    assert len(activated) == 2 and all(e.get("activated") for e in activated)
+
+
+def _events(log: Path, name: str) -> list[dict[str, Any]]:
+    out = []
+    for line in log.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == name:
+            out.append(event)
+    return out
+
+
+def test_sighup_applies_a_good_config_and_refuses_a_bad_one(tmp_path: Path, repo: Path) -> None:
+    systemd = NotifyListener(tmp_path)
+    gates = f'[[gates]]\nname = "tests"\nrun = ["{sys.executable}", "-c", "pass"]\n'
+    config = write_config(tmp_path, repo, gates=gates, merge="paused = true")
+    log = tmp_path / "daemon.log"
+    daemon = Daemon(config, log, env={"NOTIFY_SOCKET": systemd.env_value}).start()
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("held")]})
+        wait_for(lambda: control(daemon.socket, "handoff.get", {"name": "held"})["state"]
+                 == "reported", "the report")
+        assert control(daemon.socket, "status")["mergeBlocked"].startswith("merging is paused")
+
+        # Resume merging, and also change a setting only a restart can apply.
+        config.write_text(
+            config.read_text().replace("paused = true", "paused = false")
+            .replace("[daemon]\n", '[daemon]\nsocket_mode = "0600"\n')
+        )
+        systemd.messages.clear()
+        daemon.process.send_signal(signal.SIGHUP)
+        assert "MONOTONIC_USEC=" in systemd.wait_for("RELOADING=1")
+        systemd.wait_for("READY=1")
+        wait_for(lambda: control(daemon.socket, "handoff.get", {"name": "held"})["state"]
+                 == "merged", "the merge once resumed")
+        reloaded = _events(log, "config_reloaded")
+        assert len(reloaded) == 1 and "merge_paused" in reloaded[0]["changed"]
+        assert _events(log, "reload_needs_restart")[0]["settings"] == ["socket_mode"]
+
+        good = config.read_text()
+        config.write_text(good.replace("[merge]\n", '[merge]\nstrategy = "rebase"\n'))
+        daemon.process.send_signal(signal.SIGHUP)
+        refused = wait_for(lambda: _events(log, "reload_refused"), "the refusal")
+        assert any("merge.strategy" in p for p in refused[0]["problems"])
+        # The old configuration stays in force: work still merges.
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("after")]})
+        wait_for(lambda: control(daemon.socket, "handoff.get", {"name": "after"})["state"]
+                 == "merged", "a merge under the old config")
+    finally:
+        kill_group(worker)
+        assert daemon.stop() == 0
+        systemd.close()
+
+
+def test_sigterm_with_a_lease_held_and_a_gate_running_loses_nothing(
+    tmp_path: Path, repo: Path
+) -> None:
+    release = tmp_path / "release-gate"
+    gate_code = (
+        f"import os, time\nwhile not os.path.exists({str(release)!r}):\n    time.sleep(0.05)\n"
+    )
+    gates = f"[[gates]]\nname = \"slow\"\nrun = [{json.dumps(sys.executable)}, \"-c\", " \
+        f"{json.dumps(gate_code)}]\n"
+    config = write_config(tmp_path, repo, gates=gates)
+    log = tmp_path / "daemon.log"
+    daemon = Daemon(config, log).start()
+    good = start_worker(daemon.socket, "good.py", tmp_path / "good.log", name="good",
+                        extra=["--max-handoffs", "1"])
+    hanging = None
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("gated")]})
+        wait_for(lambda: control(daemon.socket, "handoff.get", {"name": "gated"})["state"]
+                 == "gating", "the gate to start")
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("held")]})
+        hanging = start_worker(daemon.socket, "hangs.py", tmp_path / "hang.log", name="hang")
+        wait_for(lambda: control(daemon.socket, "handoff.get", {"name": "held"})["state"]
+                 == "leased", "the lease")
+        def held() -> list[tuple[str, int, str]]:
+            leases = control(daemon.socket, "status")["leases"]
+            return [(lease["id"], lease["token"], lease["handoff"]) for lease in leases]
+
+        lease_before = held()
+        assert daemon.stop() == 0
+
+        daemon.start()
+        # The lease survived the restart and its worker carries on with it.
+        assert held() == lease_before
+        wait_for(lambda: control(daemon.socket, "status")["workers"], "the worker to reconnect")
+        release.write_text("")
+        wait_for(lambda: control(daemon.socket, "handoff.get", {"name": "gated"})["state"]
+                 == "merged", "the interrupted gate to run again and merge")
+        assert control(daemon.socket, "handoff.get", {"name": "held"})["state"] == "leased"
+        merges = subprocess.run(
+            ["git", "log", "--first-parent", "--format=%s", "main"], cwd=repo,
+            capture_output=True, text=True, check=True,
+        ).stdout
+        assert merges.count("Merge handoff gated:") == 1
+    finally:
+        kill_group(good)
+        if hanging is not None:
+            kill_group(hanging)
+        daemon.stop()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a dead child of a dead parent may wait for init to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_supervised_pool_runs_restarts_and_never_orphans_its_workers(
+    tmp_path: Path, repo: Path
+) -> None:
+    config = write_config(tmp_path, repo)
+    agent = Path(__file__).parent / "agents" / "good.py"
+    config.write_text(
+        config.read_text()
+        + f'[workers]\ncount = 2\nname = "pool"\ncommand = [{json.dumps(sys.executable)}, '
+        f"{json.dumps(str(agent))}]\n"
+    )
+    log = tmp_path / "daemon.log"
+    daemon = Daemon(config, log).start()
+    try:
+        wait_for(lambda: len(control(daemon.socket, "status")["workers"]) == 2, "two workers")
+        names = sorted(w["name"] for w in control(daemon.socket, "status")["workers"])
+        assert names == ["pool-1", "pool-2"]
+        docs = [handoff_doc(f"pooled-{i}") for i in range(3)]
+        control(daemon.socket, "handoff.submit", {"markdown": docs})
+        wait_for(lambda: set(states_of(daemon.socket).values()) == {"merged"}, "three merges")
+
+        first = int(_events(log, "pool_worker_started")[0]["pid"])
+        os.killpg(first, signal.SIGKILL)
+        wait_for(lambda: len(_events(log, "pool_worker_started")) == 3, "a restart")
+        assert _events(log, "pool_worker_exited")[0]["worker"] == "pool-1"
+        wait_for(lambda: len(control(daemon.socket, "status")["workers"]) == 2, "two again")
+        pids = [int(e["pid"]) for e in _events(log, "pool_worker_started")]
+        assert daemon.stop() == 0
+        assert not [pid for pid in pids if _alive(pid)], "SIGTERM stops every pool worker"
+
+        daemon.start()
+        wait_for(lambda: len(control(daemon.socket, "status")["workers"]) == 2, "the pool back")
+        pids = [int(e["pid"]) for e in _events(log, "pool_worker_started")[3:]]
+        daemon.kill()
+        wait_for(lambda: not [pid for pid in pids if _alive(pid)],
+                 "the pool to die with a SIGKILLed daemon")
+    finally:
+        daemon.stop()
+
+
+def states_of(path: Path) -> dict[str, str]:
+    return {h["name"]: h["state"] for h in control(path, "handoff.list")["handoffs"]}
+
+
+@pytest.mark.parametrize(
+    ("table", "problem"),
+    [
+        ("count = 2", "workers.command is required when workers.count > 0"),
+        ("count = -1\ncommand = ['a']", "workers.count must be from 0 to 256"),
+        ("count = 1\ncommand = [1]", "workers.command must be the agent's argv"),
+        ("count = 1\ncommand = ['a']\nlabels = ['']", "workers.labels must be a list"),
+        ("count = 1\ncommand = ['a']\nname = 'a b'", "workers.name must be letters"),
+        ("count = 1\ncommand = ['a']\nrestart = true", "unknown key workers.restart"),
+    ],
+)
+def test_a_bad_workers_table_names_what_to_fix(tmp_path: Path, table: str, problem: str) -> None:
+    data = config_file.tomllib.loads(f"[repository]\npath = '.'\n[workers]\n{table}\n")
+    with pytest.raises(config_file.ConfigError) as raised:
+        config_file.from_mapping(data, source="t.toml", base_dir=tmp_path)
+    assert any(problem in p for p in raised.value.problems), raised.value.problems
+
+
+def test_workers_command_as_a_string_runs_through_the_shell(tmp_path: Path) -> None:
+    data = config_file.tomllib.loads(
+        "[repository]\npath = '.'\n[workers]\ncount = 3\ncommand = 'agent --auto \"x y\"'\n"
+    )
+    pool = config_file.from_mapping(data, source="t.toml", base_dir=tmp_path).workers
+    assert pool is not None
+    assert pool.command == ("/bin/sh", "-c", 'agent --auto "x y"') and pool.count == 3
+
+
+def test_reload_keeps_restart_only_settings_and_names_them(tmp_path: Path) -> None:
+    def load(extra: str) -> config_file.Config:
+        text = f"[repository]\npath = '.'\n[daemon]\nsocket = 's.sock'\n{extra}"
+        data = config_file.tomllib.loads(text)
+        return config_file.from_mapping(data, source="t", base_dir=tmp_path)
+
+    old = load("[leases]\nttl_s = 60\n")
+    new, ignored = config_file.reloaded(old, load("socket_mode = '0600'\n[leases]\nttl_s = 5\n"))
+    assert ignored == ["socket_mode"]
+    assert new.socket_mode == old.socket_mode and new.lease_ttl_s == 5
