@@ -60,7 +60,11 @@ def test_a_running_daemon_serves_its_metrics(tmp_path: Path, repo: Path) -> None
     daemon = Daemon(config, tmp_path / "daemon.log").start()
     worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
     try:
-        port = next(e["metrics_port"] for e in daemon.logs() if e["event"] == "daemon_ready")
+        # The socket accepts a moment before daemon_ready is logged: wait for the line.
+        ready = wait_for(
+            lambda: [e for e in daemon.logs() if e["event"] == "daemon_ready"], "daemon_ready"
+        )
+        port = ready[0]["metrics_port"]
         base = f"http://127.0.0.1:{port}"
         control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("measured")]})
         wait_for(lambda: control(daemon.socket, "handoff.get", {"name": "measured"})["state"]
