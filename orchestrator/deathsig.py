@@ -1,5 +1,6 @@
 """``python -m orchestrator.deathsig CMD ARGS...``: run CMD so that it, and every process it
-starts, dies with the worker that started it, even when the worker is SIGKILLed.
+starts, dies with the worker that started it, even when the worker is SIGKILLed. The
+daemon starts its gates and its pool's workers the same way, with its own pid.
 
 The generic worker runs agents through this small supervisor. The kernel's parent-death
 signal (``PR_SET_PDEATHSIG``) reaches only a direct child, so the supervisor takes it and
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> int:
     try:
         agent = subprocess.Popen(argv)
     except OSError as exc:
-        print(f"cannot run agent {argv[0]!r}: {exc}", file=sys.stderr)
+        print(f"cannot run {argv[0]!r}: {exc.strerror or exc}", file=sys.stderr)
         return 127
     status = agent.wait()
     return 128 - status if status < 0 else status

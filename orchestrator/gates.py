@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import Process
 
+from orchestrator import systemd
 from orchestrator.config import GateConfig
 
 # After SIGTERM, how long a gate's process group gets to exit before SIGKILL.
@@ -99,10 +101,15 @@ async def run_gate(
     started = time.time()
     clock = time.monotonic()
     tail = _Tail(tail_bytes)
-    full_env = {**os.environ, **(env or {}), **gate.env}
+    # Through deathsig with the daemon's pid: a daemon killed outright (outside systemd,
+    # whose cgroup would catch it) takes its gates along, so none keeps writing in a gate
+    # worktree the restarted daemon hands to the next candidate.
+    full_env = systemd.child_environment(
+        env or {}, gate.env, {"ORCHESTRATOR_WORKER_PID": str(os.getpid())}
+    )
     try:
         process = await anyio.open_process(
-            argv,
+            [sys.executable, "-m", "orchestrator.deathsig", *argv],
             cwd=checkout,
             env=full_env,
             stdin=None,

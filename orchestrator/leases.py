@@ -154,14 +154,22 @@ class LeaseManager:
         store_full = False
         while True:
             try:
+                if store_full:
+                    # The spell is over only once this write works; the heartbeats that
+                    # failed meanwhile were not the workers' fault.
+                    extended = await self.offload.db(
+                        self.store.extend_open_leases, until=time.time() + self.config.lease_ttl_s
+                    )
+                    log.info("store_writable_again", leases_extended=extended)
                 expired = await self.offload.db(
                     self.store.expire_due,
                     now=time.time(),
                     max_duration_s=self.config.lease_max_duration_s or None,
                 )
             except StoreFull as exc:
-                # Nothing expires while nothing can be written; the leases keep running
-                # and are judged once the store can record the outcome.
+                # Nothing expires while nothing can be written; the leases keep running,
+                # get a full TTL once the store can be written again, and only then are
+                # judged by their heartbeats.
                 if not store_full:
                     log.error("store_full", detail=str(exc))
                 store_full = True

@@ -8,7 +8,6 @@ moved meanwhile, the candidate is rebuilt and gated again; nothing unvalidated l
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -96,14 +95,20 @@ class MergeQueue:
             except StoreFull as exc:
                 self.blocked_reason = f"merging paused: {exc}"
                 log.error("store_full", detail=str(exc))
-                await anyio.sleep(BLOCKED_RETRY_S)
                 # A train cut short left its handoffs in ``gating``: settle a landing whose
                 # ref moved but whose record could not be written (never land it twice),
-                # then put the rest back in the queue.
-                with contextlib.suppress(StoreFull):
-                    await self.reconcile_landings()
-                    await self.offload.db(self.store.recover_gating, now=time.time())
-                    self.blocked_reason = None
+                # then put the rest back in the queue. Not one merge before both worked.
+                while True:
+                    await anyio.sleep(BLOCKED_RETRY_S)
+                    try:
+                        await self.reconcile_landings()
+                        await self.offload.db(self.store.recover_gating, now=time.time())
+                    except StoreFull:
+                        continue
+                    break
+                self.blocked_reason = None
+                log.info("store_writable_again", detail="merging resumes")
+                self.on_change()
 
     async def _run(self) -> None:
         self.running = True
@@ -130,18 +135,25 @@ class MergeQueue:
             self._busy_since = time.monotonic()
             try:
                 await self.integrate(jobs)
+            except StoreFull:
+                raise  # not the job's fault: run() waits for the disk and settles the train
             except Exception as exc:
                 # One broken job (a deleted branch, a corrupt object) must not take the
                 # daemon down, nor crash-loop it after a restart: hold it for a person.
                 culprit = self._focus or jobs[0]
                 log.exception("merge_error", handoff=culprit.name, attempt=culprit.attempt)
-                await self.offload.db(
-                    self.store.merge_error,
-                    culprit.name,
-                    detail=f"merge failed: {type(exc).__name__}: {exc}; fix it and "
-                    "`orchestrator retry` the handoff",
-                    now=time.time(),
-                )
+                # If the error came after the branch moved, the candidate did land: record
+                # it as merged, never hold a merged handoff for a person to retry.
+                await self.reconcile_landings(landed_only=True)
+                row = await self.offload.db(self.store.handoff_row, culprit.name)
+                if row["state"] == "gating":
+                    await self.offload.db(
+                        self.store.merge_error,
+                        culprit.name,
+                        detail=f"merge failed: {type(exc).__name__}: {exc}; fix it and "
+                        "`orchestrator retry` the handoff",
+                        now=time.time(),
+                    )
                 await anyio.sleep(1.0)
             finally:
                 self.current = set()
@@ -153,9 +165,10 @@ class MergeQueue:
                         await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
                     self.on_change()
 
-    async def reconcile_landings(self) -> None:
+    async def reconcile_landings(self, *, landed_only: bool = False) -> None:
         """Settle landings a crash left open (intent recorded, outcome not): a candidate
-        the branch contains was merged; any other never landed and is gated again."""
+        the branch contains was merged; any other never landed and is gated again (left
+        as it is with ``landed_only``)."""
         pending = await self.offload.db(self.store.pending_landings)
         if not pending:
             return
@@ -193,7 +206,7 @@ class MergeQueue:
                 )
                 if fixed:
                     log.warning("checkout_update_finished", paths=[str(p) for p in fixed])
-            else:
+            elif not landed_only:
                 await self.offload.db(
                     self.store.landing_superseded,
                     name,

@@ -188,9 +188,13 @@ class SocketServer:
             )
         listener = await anyio.abc.SocketListener.from_socket(sock)
         log.info("socket_listening", socket=address, activated=True)
-        async with listener, anyio.create_task_group() as tg:
-            task_status.started()
-            await self._accept_loop(listener, tg)
+        try:
+            async with listener, anyio.create_task_group() as tg:
+                self.listening = True
+                task_status.started()
+                await self._accept_loop(listener, tg)
+        finally:
+            self.listening = False
 
     async def _accept_loop(self, listener: Any, tg: anyio.abc.TaskGroup) -> None:
         """Accept forever; running out of file descriptors pauses accepting, never ends it."""
@@ -272,9 +276,10 @@ class SocketServer:
         tg: anyio.abc.TaskGroup,
         bound: Any,
     ) -> None:
-        authorized = self._authorized(session.uid, (session.gid, *session.groups))
-        limit = self.config.max_message_bytes
         while True:
+            # Read per frame, not per connection: a SIGHUP that shrinks the limit or drops
+            # a uid from daemon.allowed_uids applies to sessions already open too.
+            limit = self.config.max_message_bytes
             try:
                 if session.role is None:
                     with anyio.move_on_after(INITIALIZE_TIMEOUT_S) as deadline:
@@ -306,7 +311,7 @@ class SocketServer:
                 return
             if not line.strip():
                 continue
-            if not authorized:
+            if not self._authorized(session.uid, (session.gid, *session.groups)):
                 await self._error(
                     session,
                     _peek_id(line),

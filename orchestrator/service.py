@@ -63,6 +63,9 @@ class Daemon:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         config = self.config
+        # Until the signal receiver is up (start-up may take minutes on a big repository),
+        # a `systemctl reload` must not kill the daemon with SIGHUP's default action.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         lock_fd = lock_state_dir(config.state_dir)
         store: Store | None = None
         try:
@@ -141,6 +144,9 @@ class Daemon:
             # pool's own workers cannot outlive us, so they give their leases back first.
             leases.stopping = True
             leases.wake()
+            # One after the other: the pool's workers give their leases back (at most
+            # STOP_GRACE_S) while requests are still answered; then the drain. Both
+            # bounded, 15 s in all, inside the unit's TimeoutStopSec=30.
             await self.pool.shutdown()
             await self.server.drain(DRAIN_S)
             tg.cancel_scope.cancel()
@@ -173,7 +179,8 @@ class Daemon:
             async for signum in signals:
                 log.info("signal", signal=signal.Signals(signum).name)
                 if signum == signal.SIGHUP:
-                    await self.reload()
+                    if not self._stop.is_set():  # never READY=1 after STOPPING=1
+                        await self.reload()
                 elif signum == signal.SIGUSR2 and hooks:
                     log.warning("test_hook_wedging_event_loop")
                     time.sleep(3600)  # noqa: ASYNC251 - the point: block the loop

@@ -333,10 +333,17 @@ class Store:
                 raise
         except sqlite3.DatabaseError as exc:
             if _cannot_write(exc):
+                code = getattr(exc, "sqlite_errorcode", _SQLITE_FULL) & 0xFF
+                cause = (
+                    "its disk is full"
+                    if code == _SQLITE_FULL
+                    else "a write failed: the disk is full, the file hit a size limit, or "
+                    "the disk is failing (see the kernel log)"
+                )
                 raise StoreFull(
-                    f"the store {self.path} cannot be written ({exc}): its disk is full or "
-                    "the file hit a size limit. Nothing was changed; new work is refused "
-                    "until space is freed, while status and lookups keep working"
+                    f"the store {self.path} cannot be written ({exc}): {cause}. Nothing was "
+                    "changed; new work is refused until writes work again, while status "
+                    "and lookups keep working"
                 ) from exc
             raise
 
@@ -963,6 +970,17 @@ class Store:
             )
             self._release_waiting(c, now)
             return names
+
+    def extend_open_leases(self, *, until: float) -> int:
+        """Give every open lease at least until ``until``; returns how many were extended.
+
+        For after a spell when the store could not be written: heartbeats failed then
+        through no fault of their workers, so their leases must not expire for it."""
+        with self._tx() as c:
+            return c.execute(
+                "UPDATE leases SET expires_at = ? WHERE ended_at IS NULL AND expires_at < ?",
+                (until, until),
+            ).rowcount
 
     def recover_gating(self, *, now: float) -> list[str]:
         """Put every ``gating`` handoff back to ``reported`` (the merge queue was cut short

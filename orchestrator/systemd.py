@@ -12,8 +12,16 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Mapping
 
-__all__ = ["LISTEN_FDS_START", "listen_socket", "monotonic_usec", "notify", "watchdog_interval_s"]
+__all__ = [
+    "LISTEN_FDS_START",
+    "child_environment",
+    "listen_socket",
+    "monotonic_usec",
+    "notify",
+    "watchdog_interval_s",
+]
 
 # sd_listen_fds(3): passed descriptors start at 3, after stdin, stdout and stderr.
 LISTEN_FDS_START = 3
@@ -36,6 +44,28 @@ def notify(message: str) -> bool:
         except OSError:
             return False
     return True
+
+
+# What systemd tells the service alone; a child that saw these could speak for the service
+# (sd_notify's unset_environment does the same for the process itself).
+_SERVICE_ONLY = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+)
+
+
+def child_environment(*overlays: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment for a gate or a worker: without systemd's service-only
+    variables (so agent code cannot send READY=1 or WATCHDOG=1 for the daemon), plus
+    ``overlays`` in order."""
+    env = {k: v for k, v in os.environ.items() if k not in _SERVICE_ONLY}
+    for overlay in overlays:
+        env.update(overlay)
+    return env
 
 
 def monotonic_usec() -> int:

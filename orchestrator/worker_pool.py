@@ -18,7 +18,7 @@ import time
 import anyio
 import anyio.abc
 
-from orchestrator import logs
+from orchestrator import logs, systemd
 from orchestrator.config import Config, WorkerPoolConfig
 
 __all__ = ["WorkerPool"]
@@ -90,7 +90,7 @@ class WorkerPool:
                     stdout=None,  # the daemon's own output: the journal under systemd
                     stderr=None,
                     start_new_session=True,
-                    env={**os.environ, "ORCHESTRATOR_WORKER_PID": str(os.getpid())},
+                    env=systemd.child_environment({"ORCHESTRATOR_WORKER_PID": str(os.getpid())}),
                 )
             except OSError as exc:
                 log.error("pool_worker_unstartable", worker=name, error=str(exc))
@@ -130,13 +130,15 @@ class WorkerPool:
 
 
 async def _terminate(process: anyio.abc.Process) -> None:
-    """SIGTERM the worker's process group, SIGKILL it after :data:`STOP_GRACE_S`."""
-    if process.returncode is not None:
-        return
-    _signal_group(process.pid, signal.SIGTERM)
-    with anyio.move_on_after(STOP_GRACE_S):
-        await process.wait()
-        return
+    """SIGTERM the worker's process group, SIGKILL it after :data:`STOP_GRACE_S`.
+
+    The group is SIGKILLed in the end even when its leader (the deathsig wrapper) is
+    already gone: a wrapper that was itself killed leaves the worker under it running,
+    and a second worker of the same name must never start beside it."""
+    if process.returncode is None:
+        _signal_group(process.pid, signal.SIGTERM)
+        with anyio.move_on_after(STOP_GRACE_S):
+            await process.wait()
     _signal_group(process.pid, signal.SIGKILL)
     await process.wait()
 

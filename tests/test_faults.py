@@ -12,7 +12,9 @@ import resource
 import shutil
 import sqlite3
 import sys
+import time
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -310,3 +312,100 @@ def test_a_gate_that_fills_the_disk_is_stopped_by_a_sandbox_size_limit(
     assert "File too large" in gate["outputTail"]
     assert (tmp_path / "state" / "worktrees" / ".gate" / "huge.bin").stat().st_size <= 1 << 20
     assert "filler" not in git(repo, "log", "--format=%s", "main")
+
+
+def test_leases_heartbeating_through_a_full_store_do_not_expire_for_it(
+    tmp_path: Path, repo: Path, stop_later: list[Daemon]
+) -> None:
+    config = write_config(tmp_path, repo, ttl_s=2, heartbeat_s=0.25, merge="paused = true")
+    log = tmp_path / "daemon.log"
+    daemon = Daemon(config, log).start()
+    stop_later.append(daemon)
+    control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("steady")]})
+    worker = start_worker(daemon.socket, "hangs.py", tmp_path / "w.log")
+    assert daemon.process is not None
+    pid = daemon.process.pid
+    _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    try:
+        wait_for(lambda: states(daemon.socket)["steady"] == "leased", "the lease")
+        before = control(daemon.socket, "status")["leases"]
+        # Every write past the files' current sizes now fails: each heartbeat's commit
+        # (appended to the WAL) is refused, as on a full disk.
+        state = tmp_path / "state"
+        files = [state / "orchestrator.sqlite3", state / "orchestrator.sqlite3-wal", log]
+        limit = max(f.stat().st_size for f in files if f.exists()) + 4096
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, hard))
+        wait_for(lambda: "store_full" in log.read_text(), "expiry to meet the full store")
+        # Well past the TTL without one heartbeat recorded.
+        wait_for(lambda: _overdue(before[0]["expiresAt"], 2.0), "the TTL to pass")
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))
+    try:
+        wait_for(lambda: "store_writable_again" in log.read_text(), "the store to recover")
+        # The spell was not the worker's fault: same lease, same attempt, still held.
+        after = control(daemon.socket, "status")["leases"]
+        assert [(lease["id"], lease["attempt"]) for lease in after] == [
+            (lease["id"], lease["attempt"]) for lease in before]
+        assert not [e for e in daemon.logs() if e.get("event") == "lease_expired"]
+        assert states(daemon.socket)["steady"] == "leased"
+    finally:
+        kill_group(worker)
+
+
+def _overdue(expires_at: str, margin_s: float) -> bool:
+    """True once the wall clock is ``margin_s`` past an RFC 3339 time from the daemon."""
+    moment = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+    return datetime.now(timezone.utc).timestamp() > moment.timestamp() + margin_s
+
+
+def test_a_store_that_fills_just_after_the_branch_moved_records_the_merge_once(
+    tmp_path: Path, repo: Path, stop_later: list[Daemon]
+) -> None:
+    state = tmp_path / "state"
+    log = tmp_path / "daemon.log"
+    marker = tmp_path / "limited"
+    # git's reference-transaction hook runs inside the daemon's `git update-ref`: once the
+    # integration branch has moved, it fills the daemon's disk (every write past the
+    # store's current size fails), so the merge is on main but cannot be recorded.
+    hook = repo / ".git" / "hooks" / "reference-transaction"
+    hook.write_text(f"""#!{sys.executable}
+import os, pathlib, resource, sys
+lines = sys.stdin.read()
+marker = pathlib.Path({str(marker)!r})
+if sys.argv[1] == "committed" and " refs/heads/main" in lines and not marker.exists():
+    git_pid = os.getppid()
+    stat = pathlib.Path(f"/proc/{{git_pid}}/stat").read_text()
+    daemon = int(stat.rsplit(")", 1)[1].split()[1])
+    files = [pathlib.Path({str(state)!r}) / n for n in
+             ("orchestrator.sqlite3", "orchestrator.sqlite3-wal")] + [pathlib.Path({str(log)!r})]
+    limit = max(f.stat().st_size for f in files if f.exists()) + 4096
+    _, hard = resource.prlimit(daemon, resource.RLIMIT_FSIZE)
+    resource.prlimit(daemon, resource.RLIMIT_FSIZE, (limit, hard))
+    marker.write_text(str(daemon))
+""")
+    hook.chmod(0o755)
+    gates = f'[[gates]]\nname = "tests"\nrun = [{json.dumps(sys.executable)}, "-c", "pass"]\n'
+    daemon = Daemon(write_config(tmp_path, repo, gates=gates), log).start()
+    stop_later.append(daemon)
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("tight")]})
+        wait_for(lambda: '"store_full"' in log.read_text(), "the merge queue to meet the full disk")
+        assert "Merge handoff tight:" in git(repo, "log", "--first-parent", "--format=%s", "main")
+        blocked = control(daemon.socket, "status")["mergeBlocked"]
+        assert blocked and "cannot be written" in blocked
+        # Keep the disk full past the queue's first retry (BLOCKED_RETRY_S = 2 s), so that
+        # retry fails too: recovery must not give up after one try.
+        time.sleep(2.5)
+        pid = int(marker.read_text())
+        _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))
+        # Space is back: the landing is recorded as the merge it was, never failed and
+        # never landed a second time, and merging resumes.
+        wait_for(lambda: states(daemon.socket)["tight"] == "merged", "the merge to be recorded")
+        wait_for(lambda: control(daemon.socket, "status")["mergeBlocked"] is None,
+                 "merging to resume")
+    finally:
+        kill_group(worker)
+    subjects = git(repo, "log", "--first-parent", "--format=%s", "main")
+    assert subjects.count("Merge handoff tight:") == 1

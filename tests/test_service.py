@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -239,7 +240,7 @@ def _activated_daemon(
 def test_socket_activation_serves_the_inherited_socket_and_queues_across_restarts(
     tmp_path: Path, repo: Path
 ) -> None:
-    config = write_config(tmp_path, repo)
+    config = write_config(tmp_path, repo, metrics="127.0.0.1:0")
     path = Path(config.read_text().split('socket = "')[1].split('"')[0])
     path.parent.mkdir(parents=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -248,7 +249,11 @@ def test_socket_activation_serves_the_inherited_socket_and_queues_across_restart
     log = tmp_path / "daemon.log"
     first = _activated_daemon(config, listener, log)
     try:
-        wait_for(lambda: "socket_listening" in log.read_text(), "the daemon to take the socket")
+        ready = wait_for(lambda: _events(log, "daemon_ready"), "the daemon to take the socket")
+        # Ready on an inherited socket too: /readyz counts it as listening.
+        readyz = f"http://127.0.0.1:{ready[0]['metrics_port']}/readyz"
+        with urllib.request.urlopen(readyz, timeout=10) as response:
+            assert response.status == 200
         assert "counts" in control(path, "status")
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 0
@@ -469,3 +474,106 @@ def test_reload_keeps_restart_only_settings_and_names_them(tmp_path: Path) -> No
     new, ignored = config_file.reloaded(old, load("socket_mode = '0600'\n[leases]\nttl_s = 5\n"))
     assert ignored == ["socket_mode"]
     assert new.socket_mode == old.socket_mode and new.lease_ttl_s == 5
+
+
+def test_gates_die_with_a_killed_daemon_and_never_see_its_notify_socket(
+    tmp_path: Path, repo: Path
+) -> None:
+    systemd = NotifyListener(tmp_path)
+    seen = tmp_path / "gate-env"
+    gate_code = (
+        "import os, pathlib, time\n"
+        f"pathlib.Path({str(seen)!r}).write_text("
+        "f\"{os.getpid()} {os.environ.get('NOTIFY_SOCKET', '')}\")\n"
+        "time.sleep(3600)\n"
+    )
+    gates = (f'[[gates]]\nname = "slow"\nrun = [{json.dumps(sys.executable)}, "-c", '
+             f"{json.dumps(gate_code)}]\n")
+    daemon = Daemon(write_config(tmp_path, repo, gates=gates), tmp_path / "daemon.log",
+                    env={"NOTIFY_SOCKET": systemd.env_value}).start()
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("gated")]})
+        text = wait_for(lambda: seen.exists() and seen.read_text(), "the gate to start")
+        pid_text, _, notify = text.partition(" ")
+        assert notify == "", "agent code must not be able to speak for the service"
+        daemon.kill()
+        wait_for(lambda: not _alive(int(pid_text)), "the gate to die with its daemon")
+    finally:
+        kill_group(worker)
+        systemd.close()
+
+
+def test_a_pool_worker_whose_wrapper_died_is_not_left_running(
+    tmp_path: Path, repo: Path
+) -> None:
+    config = write_config(tmp_path, repo)
+    agent = Path(__file__).parent / "agents" / "good.py"
+    config.write_text(
+        config.read_text()
+        + f'[workers]\ncount = 1\ncommand = [{json.dumps(sys.executable)}, '
+        f"{json.dumps(str(agent))}]\n"
+    )
+    log = tmp_path / "daemon.log"
+    daemon = Daemon(config, log).start()
+    try:
+        wait_for(lambda: control(daemon.socket, "status")["workers"], "the pool's worker")
+        wrapper = int(_events(log, "pool_worker_started")[0]["pid"])
+        children = Path(f"/proc/{wrapper}/task/{wrapper}/children").read_text().split()
+        assert len(children) == 1
+        worker = int(children[0])
+        os.kill(wrapper, signal.SIGKILL)  # the wrapper alone, as the OOM killer might
+        wait_for(lambda: len(_events(log, "pool_worker_started")) == 2, "the restart")
+        wait_for(lambda: not _alive(worker), "the orphaned worker to be killed")
+        wait_for(lambda: len(control(daemon.socket, "status")["workers"]) == 1, "one worker")
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_reload_that_drops_a_uid_shuts_out_its_open_session(
+    tmp_path: Path, repo: Path
+) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    public = Path(tempfile.mkdtemp(prefix="orch-sock-"))
+    public.chmod(0o755)
+    try:
+        config = write_config(tmp_path, repo, extra='socket_mode = "0666"\nallowed_uids = [65534]')
+        config.write_text(config.read_text().replace(
+            f'socket = "{tmp_path}/state/d.sock"', f'socket = "{public}/d.sock"'))
+        log = tmp_path / "daemon.log"
+        daemon = Daemon(config, log).start()
+        to_child_r, to_child_w = os.pipe()
+        to_parent_r, to_parent_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child becomes nobody, initializes, then waits for the reload
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(60)
+                    s.connect(str(daemon.socket))
+                    replies = s.makefile("rb")
+                    s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":'
+                              b'{"protocolVersion":1,"role":"control"}}\n')
+                    os.write(to_parent_w, replies.readline())
+                    os.read(to_child_r, 1)
+                    s.sendall(b'{"jsonrpc":"2.0","id":2,"method":"status"}\n')
+                    os.write(to_parent_w, replies.readline())
+            finally:
+                os._exit(0)
+        os.close(to_parent_w)
+        replies = os.fdopen(to_parent_r, "rb")
+        try:
+            assert "result" in json.loads(replies.readline()), "nobody is allowed at first"
+            config.write_text(config.read_text().replace("allowed_uids = [65534]", ""))
+            daemon.process.send_signal(signal.SIGHUP)
+            wait_for(lambda: _events(log, "config_reloaded"), "the reload")
+            os.write(to_child_w, b"g")
+            assert json.loads(replies.readline())["error"]["code"] == -32002
+        finally:
+            replies.close()
+            os.waitpid(pid, 0)
+            daemon.stop()
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
