@@ -231,6 +231,10 @@ class Daemon:
         while True:
             # Pinging from a task of the loop proves the loop itself is alive; withholding
             # the ping when the merge queue is stuck gets a wedged daemon restarted too.
+            # A no-op through the store's one lane proves that lane still moves: a SQLite
+            # call hung on a stalled disk would otherwise leave every request waiting
+            # behind it while the pings went on.
+            await self.offload.db(_nothing)
             stuck = self.merges.stuck_for(time.monotonic())
             if stuck is None:
                 systemd.notify("WATCHDOG=1")
@@ -325,3 +329,7 @@ class Daemon:
             sum(1 for s in self.server.sessions.values() if s.role == "worker" and not s.closed)
         )
         self._refresh_needed.set()
+
+
+def _nothing() -> None:
+    """A store-lane round trip for the watchdog."""
