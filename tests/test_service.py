@@ -394,18 +394,22 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _pool_config(tmp_path: Path, repo: Path, *, count: int, name: str) -> Path:
+    """A config whose ``[workers]`` pool runs the good agent."""
+    config = write_config(tmp_path, repo)
+    agent = Path(__file__).parent / "agents" / "good.py"
+    command = json.dumps([sys.executable, str(agent)])
+    config.write_text(
+        config.read_text() + f'[workers]\ncount = {count}\nname = "{name}"\ncommand = {command}\n'
+    )
+    return config
+
+
 def test_supervised_pool_runs_restarts_and_never_orphans_its_workers(
     tmp_path: Path, repo: Path
 ) -> None:
-    config = write_config(tmp_path, repo)
-    agent = Path(__file__).parent / "agents" / "good.py"
-    config.write_text(
-        config.read_text()
-        + f'[workers]\ncount = 2\nname = "pool"\ncommand = [{json.dumps(sys.executable)}, '
-        f"{json.dumps(str(agent))}]\n"
-    )
     log = tmp_path / "daemon.log"
-    daemon = Daemon(config, log).start()
+    daemon = Daemon(_pool_config(tmp_path, repo, count=2, name="pool"), log).start()
     try:
         wait_for(lambda: len(control(daemon.socket, "status")["workers"]) == 2, "two workers")
         names = sorted(w["name"] for w in control(daemon.socket, "status")["workers"])
@@ -507,15 +511,8 @@ def test_gates_die_with_a_killed_daemon_and_never_see_its_notify_socket(
 def test_a_pool_worker_whose_wrapper_died_is_not_left_running(
     tmp_path: Path, repo: Path
 ) -> None:
-    config = write_config(tmp_path, repo)
-    agent = Path(__file__).parent / "agents" / "good.py"
-    config.write_text(
-        config.read_text()
-        + f'[workers]\ncount = 1\ncommand = [{json.dumps(sys.executable)}, '
-        f"{json.dumps(str(agent))}]\n"
-    )
     log = tmp_path / "daemon.log"
-    daemon = Daemon(config, log).start()
+    daemon = Daemon(_pool_config(tmp_path, repo, count=1, name="worker"), log).start()
     try:
         wait_for(lambda: control(daemon.socket, "status")["workers"], "the pool's worker")
         wrapper = int(_events(log, "pool_worker_started")[0]["pid"])
