@@ -574,3 +574,29 @@ def test_a_reload_that_drops_a_uid_shuts_out_its_open_session(
             daemon.stop()
     finally:
         shutil.rmtree(public, ignore_errors=True)
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate"
+)
+def test_started_by_systemds_own_socket_activation_on_the_first_connection(
+    tmp_path: Path, repo: Path
+) -> None:
+    config = write_config(tmp_path, repo)
+    path = Path(config.read_text().split('socket = "')[1].split('"')[0])
+    path.parent.mkdir(parents=True)
+    log = tmp_path / "daemon.log"
+    # systemd's own tool: listens, and on the first connection runs the daemon with
+    # LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES set exactly as PID 1 would.
+    activator = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(path), sys.executable, "-m", "orchestrator",
+         "--config", str(config), "serve"],
+        stdout=log.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(path.exists, "the activator to listen")
+        assert "counts" in control(path, "status")  # this connection starts the daemon
+        assert [e.get("activated") for e in _events(log, "socket_listening")] == [True]
+    finally:
+        activator.send_signal(signal.SIGTERM)  # the daemon itself: the tool exec'd it
+        assert activator.wait(timeout=60) == 0
