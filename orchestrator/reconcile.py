@@ -119,12 +119,10 @@ def reconcile(store: Store, workspace: Workspace, *, now: float | None = None) -
     except GitError as exc:
         report("integration_branch_missing", level="error", error=str(exc))
         return repairs
-    for name, commit in store.merged_commits():
-        try:
-            on_branch = workspace.is_ancestor(commit, tip)
-        except GitError:
-            on_branch = False
-        if not on_branch:
+    merged = store.merged_commits()
+    on_branch = workspace.reachable((commit for _, commit in merged), tip)
+    for name, commit in merged:
+        if commit not in on_branch:
             report(
                 "merge_missing",
                 level="error",

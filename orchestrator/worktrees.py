@@ -32,7 +32,7 @@ import stat
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -272,6 +272,23 @@ class Workspace:
         a = self._commit(ancestor).id
         d = self._commit(descendant).id
         return a == d or bool(self._repo.descendant_of(d, a))
+
+    def reachable(self, commits: Iterable[str], tip: str) -> set[str]:
+        """Those of ``commits`` (full ids) that ``tip`` contains, in one walk of history.
+
+        For many commits at once: asking :meth:`is_ancestor` of each costs a walk per
+        commit, so after months of merges a start-up would spend minutes on it."""
+        wanted = set(commits)
+        found: set[str] = set()
+        if not wanted:
+            return found
+        for commit in self._repo.walk(self._commit(tip).id, SortMode.NONE):
+            sha = str(commit.id)
+            if sha in wanted:
+                found.add(sha)
+                if len(found) == len(wanted):
+                    break
+        return found
 
     def commits_between(
         self, base: str, head: str, *, limit: int | None = None

@@ -194,6 +194,11 @@ def test_is_ancestor_and_commits_between(repo: Path, ws: Workspace) -> None:
         ws.is_ancestor("nope", base)
     with pytest.raises(GitError):
         ws.commits_between(base, "0" * 40)
+    # Many at once, in one walk: what the tip holds, nothing it does not.
+    ws.ensure_branch("handoff/b", base)
+    other = commit_files(repo, "handoff/b", {"b.txt": "b\n"}, "elsewhere")
+    assert ws.reachable([base, c1, c2, other], c2) == {base, c1, c2}
+    assert ws.reachable([], c2) == set()
 
 
 # ----------------------------------------------------------------------------- leases
