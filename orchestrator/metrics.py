@@ -299,8 +299,8 @@ class Metrics:
         )
         self._merge_blocked = Gauge(
             "orchestrator_merge_blocked",
-            "1 while merging is held back (merge.paused, or a dirty checkout of the "
-            "integration branch), else 0.",
+            "1 while merging is held back (merge.paused, a dirty or locked checkout of the "
+            "integration branch, a store that cannot be written), else 0.",
             registry=r,
         )
         self._workers_connected = Gauge(

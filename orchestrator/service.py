@@ -263,27 +263,19 @@ class Daemon:
             with anyio.move_on_after(2.0):  # leases also end by the clock
                 await self._refresh_needed.wait()
             self._refresh_needed = anyio.Event()
+            # The same cheap, index-only read a scrape makes.
+            snapshot = await self.offload.db(self.store.metrics_snapshot, now=time.time())
+            self._announce(snapshot)
 
-            def read(now: float) -> tuple[dict[str, int], int, int]:
-                return (
-                    self.store.counts(),
-                    len(self.store.active_leases(now=now)),
-                    len(self.store.merge_queue()),
-                )
-
-            counts, active, depth = await self.offload.db(read, time.time())
-            self._announce(counts, active, depth)
-
-    def _announce(self, counts: dict[str, int], active: int, depth: int) -> None:
+    def _announce(self, snapshot: dict[str, Any]) -> None:
         """Keep systemd's one-line ``STATUS=`` (``systemctl status``) current."""
         if not self.ready:
             return
-        workers = sum(
-            1 for s in self.server.sessions.values() if s.role == "worker" and not s.closed
-        )
+        counts = snapshot["counts"]
         status = (
-            f"{workers} workers, {active} leases, {counts.get('queued', 0)} queued, "
-            f"{depth} to merge, {counts.get('merged', 0)} merged"
+            f"{self._workers_attached()} workers, {snapshot['leases_active']} leases, "
+            f"{counts['queued']} queued, {snapshot['merge_queue_depth']} to merge, "
+            f"{counts['merged']} merged"
         )
         if self.merges.blocked_reason:
             status += f"; blocked: {self.merges.blocked_reason}"
@@ -325,10 +317,11 @@ class Daemon:
         self._count_workers()
 
     def _count_workers(self) -> None:
-        self.metrics.set_workers_connected(
-            sum(1 for s in self.server.sessions.values() if s.role == "worker" and not s.closed)
-        )
+        self.metrics.set_workers_connected(self._workers_attached())
         self._refresh_needed.set()
+
+    def _workers_attached(self) -> int:
+        return sum(1 for s in self.server.sessions.values() if s.role == "worker" and not s.closed)
 
 
 def _nothing() -> None:

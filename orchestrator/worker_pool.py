@@ -43,12 +43,6 @@ class WorkerPool:
         self._changed = anyio.Event()
         self._stopping = False
         self._processes: dict[str, anyio.abc.Process] = {}
-        self.restarts = 0
-
-    @property
-    def running(self) -> int:
-        """Workers whose process is alive right now."""
-        return sum(1 for p in self._processes.values() if p.returncode is None)
 
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded config: a changed ``[workers]`` restarts the pool with it."""
@@ -110,7 +104,6 @@ class WorkerPool:
                 code = None
             delay = MIN_BACKOFF_S if time.monotonic() - started >= STABLE_AFTER_S else backoff
             backoff = min(delay * 2, MAX_BACKOFF_S)
-            self.restarts += 1
             log.warning("pool_worker_exited", worker=name, exit_code=code, restart_in_s=delay)
             await anyio.sleep(delay)
 
