@@ -34,8 +34,8 @@ import anyio
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from orchestrator.blocking import Offload
-from orchestrator.metrics import Metrics, StoreSnapshot, serve_http
-from orchestrator.store import NewHandoff, Store
+from orchestrator.observe.metrics import Metrics, StoreSnapshot, serve_http
+from orchestrator.store.sqlite import NewHandoff, Store
 
 from . import BenchConfig, BenchResult
 

@@ -1,4 +1,4 @@
-"""orchestrator.worktrees against the naive way of doing the same job.
+"""orchestrator.git.workspace against the naive way of doing the same job.
 
 (a) preparing a worktree for a new handoff: pooled worktree moved by diff vs
     ``git worktree add``;
@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from orchestrator.worktrees import Workspace
+from orchestrator.git.workspace import Workspace
 
 from . import (
     BenchConfig,

@@ -12,10 +12,11 @@ from typing import Any
 
 import anyio
 
-from orchestrator import __version__, logs
+from orchestrator import __version__
 from orchestrator import config as config_module
-from orchestrator.client import Client, ConnectionLost
-from orchestrator.protocol import RpcError
+from orchestrator.agent.client import Client, ConnectionLost
+from orchestrator.observe import logs
+from orchestrator.protocol.jsonrpc import RpcError
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
@@ -158,13 +159,13 @@ def _print_json(value: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     command = args.command
     if command == "serve":
-        from orchestrator.service import Daemon
-        from orchestrator.store import StateLocked
+        from orchestrator.daemon.service import Daemon
+        from orchestrator.store.sqlite import StateLocked
 
         cfg = _load_config(args, required=True)
         assert cfg is not None
+        from orchestrator.git.workspace import GitError
         from orchestrator.groups import single_error
-        from orchestrator.worktrees import GitError
 
         try:
             anyio.run(Daemon(cfg).run)
@@ -238,7 +239,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(result)
         elif args.markdown:
-            from orchestrator.rendering import completed_document
+            from orchestrator.handoff.completed import completed_document
 
             print(completed_document(result), end="")
         else:
@@ -250,7 +251,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{args.name}: {'cancelled' if command == 'cancel' else 'queued again'}")
         return 0
     if command == "worker":
-        from orchestrator.worker import WorkerOptions, default_name, main_sync
+        from orchestrator.agent.worker import WorkerOptions, default_name, main_sync
 
         agent = list(args.agent)
         if agent and agent[0] == "--":

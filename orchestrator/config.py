@@ -303,7 +303,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
 
     listen = r.get("metrics", "listen", str, "127.0.0.1:9464")
     if listen:
-        from orchestrator.metrics import parse_listen
+        from orchestrator.observe.metrics import parse_listen
 
         try:
             parse_listen(listen)

@@ -25,7 +25,7 @@ from harness import (
     write_config,
 )
 
-from orchestrator.worktrees import Workspace
+from orchestrator.git.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 

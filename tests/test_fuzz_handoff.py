@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.handoff import HandoffError, parse, render, validate_name
+from orchestrator.handoff.template import HandoffError, parse, render, validate_name
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples" / "handoffs").glob("*.md"))
 HYPOTHESIS_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))

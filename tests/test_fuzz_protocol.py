@@ -30,7 +30,7 @@ from harness import Daemon, control, handoff_doc, write_config
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.store import STATES
+from orchestrator.store.sqlite import STATES
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator import handoff as hmod
-from orchestrator.handoff import (
+from orchestrator.handoff import template as hmod
+from orchestrator.handoff.template import (
     CompletedObjective,
     CompletedPhase,
     Handoff,

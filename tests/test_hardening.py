@@ -278,8 +278,8 @@ def test_cancelled_while_waiting_for_a_dirty_checkout_never_lands(tmp_path: Path
 
 def test_crash_between_moving_the_branch_and_updating_its_checkout(tmp_path: Path,
                                                                    repo: Path) -> None:
-    from orchestrator.store import Store
-    from orchestrator.worktrees import Workspace
+    from orchestrator.git.workspace import Workspace
+    from orchestrator.store.sqlite import Store
 
     daemon = Daemon(write_config(tmp_path, repo, merge="paused = true"),
                     tmp_path / "paused.log").start()

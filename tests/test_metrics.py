@@ -33,8 +33,8 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator import metrics as metrics_module
-from orchestrator.metrics import (
+from orchestrator.observe import metrics as metrics_module
+from orchestrator.observe.metrics import (
     HANDOFF_STATES,
     MERGE_RESULTS,
     METHODS,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.store import (
+from orchestrator.store.sqlite import (
     Grant,
     InvalidTransition,
     LeaseNotHeld,

@@ -1,4 +1,4 @@
-"""orchestrator.worktrees against real git repositories (no mocks)."""
+"""orchestrator.git.workspace against real git repositories (no mocks)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import GIT_ENV, git
 
-from orchestrator.worktrees import (
+from orchestrator.git.workspace import (
     GitError,
     IntegrationTreeDirty,
     MergeBackend,

@@ -17,12 +17,12 @@ from typing import Any
 
 import anyio
 
-from orchestrator import logs
-from orchestrator.client import Client
+from orchestrator.agent.client import Client
 from orchestrator.config import load
+from orchestrator.daemon.service import Daemon
 from orchestrator.demo import sample
-from orchestrator.rendering import completed_document
-from orchestrator.service import Daemon
+from orchestrator.handoff.completed import completed_document
+from orchestrator.observe import logs
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "handoffs"
 DEMO_TIMEOUT_S = 240.0

@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator import handoff as handoff_model
 from orchestrator.demo import sample
+from orchestrator.handoff import template as handoff_model
 
 
 def _write(files: dict[str, str]) -> None:

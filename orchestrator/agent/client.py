@@ -21,7 +21,7 @@ from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from orchestrator import __version__
-from orchestrator.protocol import PROTOCOL_VERSION, RpcError, encode
+from orchestrator.protocol.jsonrpc import PROTOCOL_VERSION, RpcError, encode
 
 if sys.version_info < (3, 11):  # pragma: no cover - anyio brings the backport there
     from exceptiongroup import BaseExceptionGroup

@@ -8,13 +8,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator import handoff as handoff_model
-from orchestrator import logs
 from orchestrator.blocking import Offload
 from orchestrator.config import Config
-from orchestrator.leases import LeaseManager
-from orchestrator.merge import MergeQueue
-from orchestrator.protocol import (
+from orchestrator.daemon.leases import LeaseManager
+from orchestrator.daemon.server import Session
+from orchestrator.git.workspace import Workspace
+from orchestrator.handoff import template as handoff_model
+from orchestrator.merge.queue import MergeQueue
+from orchestrator.observe import logs
+from orchestrator.protocol.jsonrpc import (
     DUPLICATE_HANDOFF,
     INTERNAL_ERROR,
     INVALID_HANDOFF,
@@ -29,8 +31,7 @@ from orchestrator.protocol import (
     param_str,
     rfc3339,
 )
-from orchestrator.server import Session
-from orchestrator.store import (
+from orchestrator.store.sqlite import (
     STATES,
     DuplicateHandoff,
     InvalidSubmission,
@@ -41,7 +42,6 @@ from orchestrator.store import (
     StoreFull,
     UnknownHandoff,
 )
-from orchestrator.worktrees import Workspace
 
 log = logs.get("handlers")
 

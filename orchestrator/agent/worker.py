@@ -22,10 +22,10 @@ import anyio
 import pygit2
 from anyio.abc import Process
 
-from orchestrator import handoff as handoff_model
-from orchestrator import logs
-from orchestrator.client import Client, ConnectionLost
-from orchestrator.protocol import (
+from orchestrator.agent.client import Client, ConnectionLost
+from orchestrator.handoff import template as handoff_model
+from orchestrator.observe import logs
+from orchestrator.protocol.jsonrpc import (
     INTERNAL_ERROR,
     LEASE_NOT_HELD,
     REPORT_REJECTED,

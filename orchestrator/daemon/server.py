@@ -23,10 +23,11 @@ import anyio
 from anyio.abc import SocketStream, TaskStatus
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from orchestrator import __version__, logs
+from orchestrator import __version__
 from orchestrator.config import Config
-from orchestrator.metrics import Metrics
-from orchestrator.protocol import (
+from orchestrator.observe import logs
+from orchestrator.observe.metrics import Metrics
+from orchestrator.protocol.jsonrpc import (
     CONTROL_METHODS,
     INTERNAL_ERROR,
     INVALID_PARAMS,

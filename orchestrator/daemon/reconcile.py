@@ -26,7 +26,7 @@ repair (``reconcile_*``), so an operator can see in the journal what a restart c
   what lands, against the branch as it is.
 
 Merges interrupted between their landing intent and their outcome are settled before
-this runs, by :meth:`orchestrator.merge.MergeQueue.reconcile_landings`.
+this runs, by :meth:`orchestrator.merge.queue.MergeQueue.reconcile_landings`.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator import handoff as handoff_model
-from orchestrator import logs
-from orchestrator.store import LIVE_STATES, Store
-from orchestrator.worktrees import GitError, Workspace
+from orchestrator.git.workspace import GitError, Workspace
+from orchestrator.handoff import template as handoff_model
+from orchestrator.observe import logs
+from orchestrator.store.sqlite import LIVE_STATES, Store
 
 log = logs.get("reconcile")
 

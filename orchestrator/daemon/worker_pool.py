@@ -18,8 +18,9 @@ import time
 import anyio
 import anyio.abc
 
-from orchestrator import logs, systemd
 from orchestrator.config import Config, WorkerPoolConfig
+from orchestrator.daemon import systemd
+from orchestrator.observe import logs
 
 __all__ = ["WorkerPool"]
 

@@ -29,8 +29,8 @@ from prometheus_client.openmetrics.exposition import (
 )
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from orchestrator.protocol import CONTROL_METHODS, WORKER_METHODS
-from orchestrator.store import LIVE_STATES, STATES
+from orchestrator.protocol.jsonrpc import CONTROL_METHODS, WORKER_METHODS
+from orchestrator.store.sqlite import LIVE_STATES, STATES
 
 try:
     # prometheus-client >= 0.22 bumped CONTENT_TYPE_LATEST to the 1.0.0 text format, yet

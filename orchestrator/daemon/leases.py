@@ -13,15 +13,15 @@ from typing import Any
 
 import anyio
 
-from orchestrator import handoff as handoff_model
-from orchestrator import logs
 from orchestrator.blocking import Offload
 from orchestrator.config import Config
-from orchestrator.metrics import Metrics
-from orchestrator.protocol import INTERNAL_ERROR, RpcError, rfc3339
-from orchestrator.server import Session
-from orchestrator.store import Grant, Store, StoreFull
-from orchestrator.worktrees import Workspace
+from orchestrator.daemon.server import Session
+from orchestrator.git.workspace import Workspace
+from orchestrator.handoff import template as handoff_model
+from orchestrator.observe import logs
+from orchestrator.observe.metrics import Metrics
+from orchestrator.protocol.jsonrpc import INTERNAL_ERROR, RpcError, rfc3339
+from orchestrator.store.sqlite import Grant, Store, StoreFull
 
 log = logs.get("leases")
 

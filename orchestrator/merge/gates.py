@@ -18,8 +18,8 @@ from pathlib import Path
 import anyio
 from anyio.abc import Process
 
-from orchestrator import systemd
 from orchestrator.config import GateConfig
+from orchestrator.daemon import systemd
 
 # After SIGTERM, how long a gate's process group gets to exit before SIGKILL.
 TERM_GRACE_S = 2.0

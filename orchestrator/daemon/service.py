@@ -17,20 +17,22 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from orchestrator import __version__, logs, systemd
+from orchestrator import __version__
 from orchestrator import config as config_file
 from orchestrator.blocking import Offload
 from orchestrator.config import Config, ConfigError
-from orchestrator.handlers import Handlers
-from orchestrator.leases import LeaseManager
-from orchestrator.merge import MergeQueue
-from orchestrator.metrics import Metrics, StoreSnapshot, serve_http
-from orchestrator.protocol import Request
-from orchestrator.reconcile import reconcile
-from orchestrator.server import Session, SocketServer
-from orchestrator.store import Store, lock_state_dir
-from orchestrator.worker_pool import WorkerPool
-from orchestrator.worktrees import Workspace
+from orchestrator.daemon import systemd
+from orchestrator.daemon.handlers import Handlers
+from orchestrator.daemon.leases import LeaseManager
+from orchestrator.daemon.reconcile import reconcile
+from orchestrator.daemon.server import Session, SocketServer
+from orchestrator.daemon.worker_pool import WorkerPool
+from orchestrator.git.workspace import Workspace
+from orchestrator.merge.queue import MergeQueue
+from orchestrator.observe import logs
+from orchestrator.observe.metrics import Metrics, StoreSnapshot, serve_http
+from orchestrator.protocol.jsonrpc import Request
+from orchestrator.store.sqlite import Store, lock_state_dir
 
 log = logs.get("service")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from orchestrator import handoff as handoff_model
+from orchestrator.handoff import template as handoff_model
 
 STATUS_WORDS = {
     "merged": "COMPLETED",

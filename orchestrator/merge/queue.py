@@ -14,14 +14,9 @@ from typing import Any
 
 import anyio
 
-from orchestrator import handoff as handoff_model
-from orchestrator import logs
 from orchestrator.blocking import Offload
 from orchestrator.config import Config
-from orchestrator.gates import GateResult, run_gate
-from orchestrator.metrics import Metrics
-from orchestrator.store import InvalidTransition, MergeJob, Store, StoreFull
-from orchestrator.worktrees import (
+from orchestrator.git.workspace import (
     GIT_TIMEOUT_S,
     GitError,
     IntegrationLocked,
@@ -29,6 +24,11 @@ from orchestrator.worktrees import (
     MergeResult,
     Workspace,
 )
+from orchestrator.handoff import template as handoff_model
+from orchestrator.merge.gates import GateResult, run_gate
+from orchestrator.observe import logs
+from orchestrator.observe.metrics import Metrics
+from orchestrator.store.sqlite import InvalidTransition, MergeJob, Store, StoreFull
 
 log = logs.get("merge")
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.protocol import rfc3339
+from orchestrator.protocol.jsonrpc import rfc3339
 
 STATES = (
     "queued",

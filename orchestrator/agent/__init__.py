@@ -1,0 +1,1 @@
+"""The agent side: the generic worker and the client library."""

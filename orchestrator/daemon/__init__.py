@@ -1,0 +1,1 @@
+"""The daemon: socket server, handlers, the lease manager, reconciliation, supervision."""

@@ -1,0 +1,1 @@
+"""The integration repository, merge building, and the lease and gate checkouts."""

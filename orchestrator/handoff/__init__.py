@@ -1,0 +1,1 @@
+"""Handoffs: the template model, its parser and renderer, and the completed document."""

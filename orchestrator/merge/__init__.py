@@ -1,0 +1,1 @@
+"""The merge queue: candidates, speculation, and the gate runner."""

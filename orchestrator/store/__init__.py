@@ -1,0 +1,1 @@
+"""Durable state in SQLite: handoffs, leases, reports, gate runs, merges and events."""
