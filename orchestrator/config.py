@@ -7,16 +7,11 @@ file without reading this code. ``check-config`` prints the same messages.
 from __future__ import annotations
 
 import os
-import sys
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised only on Python 3.10
-    import tomli as tomllib
 
 SYSTEM_CONFIG = Path("/etc/orchestrator/orchestrator.toml")
 MERGE_STRATEGIES = ("merge", "squash", "ff-only")

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
-if sys.version_info < (3, 11):  # pragma: no cover - anyio brings the backport there
-    from exceptiongroup import BaseExceptionGroup
-
 
 def single_error(error: BaseException) -> BaseException:
     """The one real error inside (nested) exception groups, or ``error`` itself when there

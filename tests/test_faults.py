@@ -14,7 +14,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -355,7 +355,7 @@ def test_leases_heartbeating_through_a_full_store_do_not_expire_for_it(
 def _overdue(expires_at: str, margin_s: float) -> bool:
     """True once the wall clock is ``margin_s`` past an RFC 3339 time from the daemon."""
     moment = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
-    return datetime.now(timezone.utc).timestamp() > moment.timestamp() + margin_s
+    return datetime.now(UTC).timestamp() > moment.timestamp() + margin_s
 
 
 def test_a_store_that_fills_just_after_the_branch_moved_records_the_merge_once(

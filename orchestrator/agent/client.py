@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,12 +20,8 @@ from anyio.abc import SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from orchestrator import __version__
-from orchestrator.protocol.jsonrpc import PROTOCOL_VERSION, RpcError, encode
-
-if sys.version_info < (3, 11):  # pragma: no cover - anyio brings the backport there
-    from exceptiongroup import BaseExceptionGroup
-
 from orchestrator.groups import single_error
+from orchestrator.protocol.jsonrpc import PROTOCOL_VERSION, RpcError, encode
 
 # Replies can be large (a handoff.get with gate logs); accept more than the daemon does.
 MAX_REPLY_BYTES = 64 * 1024 * 1024

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -131,7 +131,7 @@ def rfc3339(epoch: float | None) -> str | None:
     """Seconds since the epoch as an RFC 3339 UTC string (``Z``), to the millisecond."""
     if epoch is None:
         return None
-    moment = datetime.fromtimestamp(epoch, tz=timezone.utc)
+    moment = datetime.fromtimestamp(epoch, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
