@@ -181,7 +181,8 @@ def test_stop_and_restart_fit_a_graceful_drain() -> None:
     assert "WatchdogSec" in service
     assert service["Restart"] == ["on-failure"]
     # `systemctl reload` is the daemon's SIGHUP config reload.
-    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # Through the shell's builtin kill: a minimal Debian has no /bin/kill (status 203/EXEC).
+    assert service["ExecReload"] == ["/bin/sh -c 'kill -HUP ${MAINPID}'"]
 
 
 def test_worker_template_and_daemon_share_user_config_and_paths() -> None:

@@ -25,7 +25,6 @@ Layout of ``worktrees_dir``::
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import stat
@@ -40,6 +39,8 @@ from typing import Any, Literal
 import pygit2
 from pygit2.enums import RepositoryOpenFlag, SortMode
 
+from orchestrator.observe import logs
+
 __all__ = [
     "GitError",
     "IntegrationLocked",
@@ -50,7 +51,7 @@ __all__ = [
     "Workspace",
 ]
 
-log = logging.getLogger(__name__)
+log = logs.get("git")
 
 MergeStrategy = Literal["merge", "squash", "ff-only"]
 MergeBackend = Literal["auto", "pygit2", "git"]
@@ -560,13 +561,12 @@ class Workspace:
             done = self._git("read-tree", "-m", "-u", expected, new_id, cwd=tree, check=False)
             if done.returncode != 0:
                 log.warning(
-                    "advanced %s to %s but could not update the checkout at %s: %s; "
-                    "run `git reset --keep %s` there",
-                    self.integration_branch,
-                    new_id,
-                    tree,
-                    done.stderr.strip(),
-                    new_id,
+                    "integration_checkout_not_updated",
+                    branch=self.integration_branch,
+                    commit=new_id,
+                    checkout=str(tree),
+                    error=done.stderr.strip(),
+                    remedy=f"run `git reset --keep {new_id}` there",
                 )
         return True
 
@@ -718,7 +718,9 @@ class Workspace:
         try:
             other = self._merge_tree_git(str(ours), str(theirs))
         except GitError as exc:
-            log.info("merge backend: using pygit2, git merge-tree is unusable here: %s", exc)
+            log.info(
+                "merge_backend_chosen", backend="pygit2", reason=f"git merge-tree unusable: {exc}"
+            )
             self._merge_backend = "pygit2"
             return result
         t2 = time.perf_counter()
@@ -726,11 +728,12 @@ class Workspace:
             return result  # conflict listings may legitimately differ; time clean merges
         if result[0] != other[0]:
             log.warning(
-                "merge backends disagree on %s + %s (pygit2 %s, git %s); keeping pygit2",
-                ours,
-                theirs,
-                result[0],
-                other[0],
+                "merge_backends_disagree",
+                ours=str(ours),
+                theirs=str(theirs),
+                pygit2_tree=str(result[0]),
+                git_tree=str(other[0]),
+                keeping="pygit2",
             )
             self._merge_backend = "pygit2"
             return result
@@ -741,10 +744,10 @@ class Workspace:
             git_s = statistics.median(self._merge_seconds["git"])
             self._merge_backend = "git" if git_s < pygit2_s else "pygit2"
             log.info(
-                "merge backend: %s (median pygit2 %.1f ms, git merge-tree %.1f ms)",
-                self._merge_backend,
-                pygit2_s * 1000,
-                git_s * 1000,
+                "merge_backend_chosen",
+                backend=self._merge_backend,
+                pygit2_median_ms=round(pygit2_s * 1000, 1),
+                git_median_ms=round(git_s * 1000, 1),
             )
         return result
 
@@ -892,7 +895,7 @@ class Workspace:
             return None  # a live directory owns that entry; this one is a stray copy
         # Crash between renaming the directory and rewriting the link (what
         # `git worktree move` also does in that order): finish the move.
-        log.info("re-linking worktree %s (its admin entry still named %s)", path, recorded)
+        log.info("worktree_relinked", path=str(path), recorded=str(recorded))
         self._write_links(path, admin)
         return admin
 
@@ -904,7 +907,9 @@ class Workspace:
         if admin is None:
             # Its git metadata is gone (pruned, or the admin entry was deleted): the files
             # are useless without it, and recreating is the only way back.
-            log.info("removing %s: not a registered worktree of %s", path, self.repo_path)
+            log.info(
+                "worktree_removed_unregistered", path=str(path), repository=str(self.repo_path)
+            )
             self._remove_tree(path)
         return admin
 
@@ -974,7 +979,7 @@ class Workspace:
                 continue
             if (admin / "locked").exists():
                 continue
-            log.info("pruning worktree registration %s (%s is gone)", entry, recorded.parent)
+            log.info("worktree_registration_pruned", entry=entry, missing=str(recorded.parent))
             shutil.rmtree(admin, ignore_errors=True)
 
     def _clear_locks(self, admin: Path) -> list[Path]:

@@ -8,6 +8,7 @@ import sys
 from typing import Any, TextIO
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 
 def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
@@ -37,6 +38,10 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
     )
 
 
-def get(name: str) -> Any:
-    """A bound logger for one part of the daemon (``component`` is bound)."""
-    return structlog.get_logger(component=name)
+def get(name: str) -> FilteringBoundLogger:
+    """A bound logger for one part of the daemon (``component`` is bound).
+
+    Every module logs through this one pipeline: events are snake_case names with their
+    facts as keys, never sentences with %-formatting, so they stay queryable as JSON."""
+    logger: FilteringBoundLogger = structlog.get_logger(component=name)
+    return logger

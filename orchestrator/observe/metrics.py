@@ -20,7 +20,6 @@ from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
-import structlog
 from anyio.abc import SocketAttribute
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -29,6 +28,7 @@ from prometheus_client.openmetrics.exposition import (
 )
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
+from orchestrator.observe import logs
 from orchestrator.protocol.jsonrpc import CONTROL_METHODS, WORKER_METHODS
 from orchestrator.store.sqlite import LIVE_STATES, STATES
 
@@ -55,7 +55,7 @@ __all__ = [
     "serve_http",
 ]
 
-log = structlog.get_logger(__name__)
+log = logs.get("metrics")
 
 # The store owns the state machine; the gauge exports every one of its states.
 HANDOFF_STATES = STATES
@@ -754,7 +754,7 @@ class _Handler:
                 finally:
                     self._slots.release()
         except Exception as exc:
-            log.debug("metrics connection ended with an error", error=repr(exc))
+            log.debug("metrics_connection_error", error=repr(exc))
 
     async def _serve_one(self, stream: anyio.abc.SocketStream) -> None:
         head_only = False
@@ -793,7 +793,7 @@ class _Handler:
             # loop keeps answering heartbeats meanwhile.
             body = await anyio.to_thread.run_sync(render)
         except Exception as exc:
-            log.warning("rendering metrics failed", error=repr(exc))
+            log.warning("metrics_render_failed", error=repr(exc))
             return _Response(500, b"rendering metrics failed\n")
         content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else METRICS_CONTENT_TYPE
         return _Response(200, body, content_type, extra_headers=(("Vary", "Accept"),))
@@ -813,7 +813,7 @@ class _Handler:
                 await self._refresh()
         except Exception as exc:
             self._metrics.refresh_failed()
-            log.warning("reading the store for metrics failed", error=repr(exc))
+            log.warning("metrics_store_read_failed", error=repr(exc))
         finally:
             self._refreshing = None
             done.set()
@@ -822,7 +822,7 @@ class _Handler:
         try:
             verdict = self._ready()
         except Exception as exc:
-            log.warning("readiness check failed", error=repr(exc))
+            log.warning("readiness_check_failed", error=repr(exc))
             return _Response(503, f"not ready: the check failed: {exc!r}\n".encode())
         checks = {"ready": verdict} if isinstance(verdict, bool) else dict(verdict)
         if all(checks.values()):
@@ -941,6 +941,6 @@ async def serve_http(
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     async with listener:
         bound_port = listener.extra(SocketAttribute.local_port)
-        log.info("metrics endpoint listening", host=host, port=bound_port)
+        log.info("metrics_listening", host=host, port=bound_port)
         task_status.started(bound_port)
         await listener.serve(_Handler(metrics, ready, refresh))
