@@ -75,6 +75,9 @@ class Config:
     socket_mode: int = 0o660
     allowed_uids: tuple[int, ...] = ()
     allowed_gids: tuple[int, ...] = ()
+    # Operators: granted role "control" by SO_PEERCRED (the daemon's uid and root always).
+    control_uids: tuple[int, ...] = ()
+    control_gids: tuple[int, ...] = ()
     max_message_bytes: int = 1024 * 1024
     send_timeout_s: float = 10.0
     lease_ttl_s: float = 60.0
@@ -242,6 +245,8 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         )
     uids = _int_list(r, "daemon", "allowed_uids")
     gids = _int_list(r, "daemon", "allowed_gids")
+    control_uids = _int_list(r, "daemon", "control_uids")
+    control_gids = _int_list(r, "daemon", "control_gids")
     max_bytes = r.get("daemon", "max_message_bytes", int, 1024 * 1024)
     send_timeout = float(r.get("daemon", "send_timeout_s", (int, float), 10))
     if send_timeout <= 0:
@@ -318,6 +323,8 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         socket_mode=socket_mode,
         allowed_uids=uids,
         allowed_gids=gids,
+        control_uids=control_uids,
+        control_gids=control_gids,
         max_message_bytes=max_bytes,
         send_timeout_s=send_timeout,
         lease_ttl_s=ttl,

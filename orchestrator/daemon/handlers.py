@@ -342,7 +342,6 @@ class Handlers:
             "leases": [
                 {
                     "id": lease["id"],
-                    "token": lease["token"],
                     "handoff": lease["handoff"],
                     "worker": lease["worker"],
                     "attempt": lease["attempt"],

@@ -104,6 +104,10 @@ class Dispatcher(Protocol):
     def session_closed(self, session: Session) -> None: ...
 
 
+class RoleRefused(RpcError):
+    """A role the peer's credentials do not grant: answered, then the connection is closed."""
+
+
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; not exported by Python
 
 
@@ -214,9 +218,17 @@ class SocketServer:
                 continue
             tg.start_soon(self._connection, stream)
 
+    def _controller(self, uid: int, gids: tuple[int, ...]) -> bool:
+        # Operators are known by the kernel's credentials, never by the peer's word.
+        return (
+            uid in (0, os.getuid())
+            or uid in self.config.control_uids
+            or any(g in self.config.control_gids for g in gids)
+        )
+
     def _authorized(self, uid: int, gids: tuple[int, ...]) -> bool:
         return (
-            uid == os.getuid()
+            self._controller(uid, gids)
             or uid in self.config.allowed_uids
             or any(g in self.config.allowed_gids for g in gids)
         )
@@ -359,6 +371,9 @@ class SocketServer:
             await self._error(
                 session, request.id, exc, notify=request.is_notification, method=request.method
             )
+            if isinstance(exc, RoleRefused):
+                bound.warning("role_refused", uid=session.uid, role=request.params.get("role"))
+                raise anyio.ClosedResourceError from exc
             return
         self.dispatcher.session_opened(session)
         bound.info(
@@ -382,6 +397,12 @@ class SocketServer:
         role = params.get("role")
         if role not in ("worker", "control"):
             raise RpcError(INVALID_PARAMS, 'invalid params: "role" must be "worker" or "control"')
+        if role == "control" and not self._controller(session.uid, (session.gid, *session.groups)):
+            raise RoleRefused(
+                NOT_AUTHORIZED,
+                f'uid {session.uid} may not take role "control"; '
+                "add it to daemon.control_uids or daemon.control_gids",
+            )
         client = params.get("client") or {}
         worker = params.get("worker") or {}
         if not isinstance(client, dict) or not isinstance(worker, dict):
