@@ -1237,6 +1237,17 @@ def _clean_metric_name(name: str) -> str:
     return _one_line(name).replace("*", "").strip().rstrip(":").strip()
 
 
+_LINE_BREAK_RE = re.compile(r"[ \t]*(?:\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029])+[ \t]*")
+
+
+def _one_line(text: str) -> str:
+    """`text` on one line: each line break (with the blanks around it) becomes one space.
+
+    Runs of spaces and tabs inside the line are the writer's and are kept.
+    """
+    return _LINE_BREAK_RE.sub(" ", text).strip()
+
+
 def complete(
     handoff: Handoff,
     *,
@@ -1249,7 +1260,8 @@ def complete(
 
     Sets the status (upper-cased), progress to 100% (the old progress note described
     unfinished work, so it is cleared), the completed phases, the metrics achieved and
-    the closing summary. Texts are put on one line and metric names lose `*` and a
+    the closing summary. Texts are put on one line (a line break becomes one space; runs of spaces inside a line
+    are kept) and metric names lose `*` and a
     trailing `:` so that the result renders in the template and parses back unchanged.
     """
     return dataclasses.replace(
@@ -1259,20 +1271,20 @@ def complete(
         progress_note="",
         completed_phases=tuple(
             CompletedPhase(
-                name=" ".join(phase.name.split()),
+                name=_one_line(phase.name),
                 done=phase.done,
                 objectives=tuple(
-                    CompletedObjective(" ".join(item.text.split()), item.done)
+                    CompletedObjective(_one_line(item.text), item.done)
                     for item in phase.objectives
                 ),
             )
             for phase in phases
         ),
         metrics_achieved=tuple(
-            MetricResult(_clean_metric_name(m.name), " ".join(m.result.split()), m.achieved)
+            MetricResult(_clean_metric_name(m.name), _one_line(m.result), m.achieved)
             for m in metrics
         ),
-        completion_summary=" ".join(summary.split()),
+        completion_summary=_one_line(summary),
     )
 
 
