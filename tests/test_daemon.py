@@ -68,8 +68,9 @@ def test_workers_take_the_examples_in_priority_order(
     }
     first = control(paused_daemon.socket, "handoff.get", {"name": "handoff-1-critical"})
     second = control(paused_daemon.socket, "handoff.get", {"name": "handoff-2-patterns"})
-    # HIGH before MEDIUM: the fencing token of the first lease is the smaller one.
-    assert first["leases"][0]["token"] < second["leases"][0]["token"]
+    # HIGH before MEDIUM: the first lease was granted first (tokens are never shown).
+    assert first["leases"][0]["grantedAt"] < second["leases"][0]["grantedAt"]
+    assert all("token" not in lease for lease in first["leases"] + second["leases"])
     for record in (first, second):
         assert record["reports"][-1]["status"] == "completed"
         head = record["reports"][-1]["head"]
@@ -122,10 +123,11 @@ def test_killed_worker_loses_its_lease_and_the_next_attempt_keeps_its_commits(
 
         wait_for(requeued, "the lease to expire and the handoff to be re-queued")
 
-        # A call with the old token gets -32001 and changes nothing.
+        # A call about the expired lease gets -32001 and changes nothing. Its token is never
+        # shown outside the holder; the first lease of a new store has token 1.
         conn = Conn(daemon.socket)
         conn.initialize("worker", "late")
-        reply = conn.request("lease.heartbeat", {"leaseId": first["id"], "token": first["token"]})
+        reply = conn.request("lease.heartbeat", {"leaseId": first["id"], "token": 1})
         assert reply["error"]["code"] == -32001
         conn.close()
         assert states(daemon.socket)["fragile"] == "queued"
@@ -137,7 +139,7 @@ def test_killed_worker_loses_its_lease_and_the_next_attempt_keeps_its_commits(
         record = control(daemon.socket, "handoff.get", {"name": "fragile"})
         assert record["state"] == "reported"
         second = record["leases"][1]
-        assert second["attempt"] == 2 and second["token"] > first["token"]
+        assert second["attempt"] == 2 and second["id"] != first["id"]
         assert second["baseCommit"] == partial  # the worktree started from the earlier work
         history = git(repo, "log", "--format=%s", "handoff/fragile")
         assert "fragile: partial work before dying" in history

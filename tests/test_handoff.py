@@ -587,6 +587,23 @@ def test_complete_fills_the_completed_part() -> None:
     assert parse(render(failed)) == failed
 
 
+def test_complete_keeps_the_writers_spacing_inside_a_line() -> None:
+    # The demo's plan said ("   ") and its completed section said (" "): runs of spaces,
+    # tabs, emoji and accents are the writer's words; only a line break becomes one space.
+    h = parse(ENGLISH)
+    objective = 'Cover whitespace-only input ("   ") in the same test\tañadido 🎉'
+    done = complete(
+        h,
+        summary="kept   as\twritten\nnext line",
+        phases=[CompletedPhase("Tests", True, (CompletedObjective(objective, True),))],
+        metrics=[MetricResult("Overall", "|  a  |  b  |", True)],
+    )
+    assert done.completed_phases[0].objectives[0].text == objective
+    assert done.metrics_achieved[0].result == "|  a  |  b  |"
+    assert done.completion_summary == "kept   as\twritten next line"
+    assert parse(render(done)) == done
+
+
 def test_check_reports_what_would_not_survive() -> None:
     assert check(parse(ENGLISH)) == []
     assert check(Handoff(name="x"))  # no phases, no metrics

@@ -1240,7 +1240,7 @@ def _clean_metric_name(name: str) -> str:
 _LINE_BREAK_RE = re.compile(r"[ \t]*(?:\r\n|[\n\r\v\f\x1c-\x1e\x85\u2028\u2029])+[ \t]*")
 
 
-def _one_line(text: str) -> str:
+def _joined_lines(text: str) -> str:
     """`text` on one line: each line break (with the blanks around it) becomes one space.
 
     Runs of spaces and tabs inside the line are the writer's and are kept.
@@ -1260,9 +1260,9 @@ def complete(
 
     Sets the status (upper-cased), progress to 100% (the old progress note described
     unfinished work, so it is cleared), the completed phases, the metrics achieved and
-    the closing summary. Texts are put on one line (a line break becomes one space; runs of spaces inside a line
-    are kept) and metric names lose `*` and a
-    trailing `:` so that the result renders in the template and parses back unchanged.
+    the closing summary. Texts are put on one line (a line break becomes one space; runs
+    of spaces inside a line are the writer's and are kept) and metric names lose `*` and
+    a trailing `:` so that the result renders in the template and parses back unchanged.
     """
     return dataclasses.replace(
         handoff,
@@ -1271,20 +1271,20 @@ def complete(
         progress_note="",
         completed_phases=tuple(
             CompletedPhase(
-                name=_one_line(phase.name),
+                name=_joined_lines(phase.name),
                 done=phase.done,
                 objectives=tuple(
-                    CompletedObjective(_one_line(item.text), item.done)
+                    CompletedObjective(_joined_lines(item.text), item.done)
                     for item in phase.objectives
                 ),
             )
             for phase in phases
         ),
         metrics_achieved=tuple(
-            MetricResult(_clean_metric_name(m.name), _one_line(m.result), m.achieved)
+            MetricResult(_clean_metric_name(m.name), _joined_lines(m.result), m.achieved)
             for m in metrics
         ),
-        completion_summary=_one_line(summary),
+        completion_summary=_joined_lines(summary),
     )
 
 

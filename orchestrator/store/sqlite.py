@@ -1084,8 +1084,8 @@ class Store:
         record["conflicts"] = _loads(row["conflicts"]) or []
         record["leases"] = [
             {
+                # No token: only the worker holding a lease ever sees it (PROTOCOL.md).
                 "id": r["id"],
-                "token": r["token"],
                 "worker": r["worker"],
                 "attempt": r["attempt"],
                 "grantedAt": rfc3339(r["granted_at"]),
