@@ -32,12 +32,12 @@ FUZZ_SEED ?= 1
 
 chaos: $(STAMP)
 	CHAOS_SEEDS="$(CHAOS_SEEDS)" CHAOS_KILLS=$(CHAOS_KILLS) \
-		$(BIN)/python -m pytest -q -s tests/test_chaos.py tests/test_crash_recovery.py
+		$(BIN)/python -m pytest -q -s -o timeout=0 tests/test_chaos.py tests/test_crash_recovery.py
 
 fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_RAW_CONNECTIONS=$(FUZZ_RAW_CONNECTIONS) \
 		FUZZ_RANDOM_INPUTS=$(FUZZ_RANDOM_INPUTS) FUZZ_SEED=$(FUZZ_SEED) \
-		$(BIN)/python -m pytest -q -s tests/test_fuzz_protocol.py tests/test_fuzz_handoff.py \
+		$(BIN)/python -m pytest -q -s -o timeout=0 tests/test_fuzz_protocol.py tests/test_fuzz_handoff.py \
 		tests/test_hostile.py
 
 demo: $(STAMP)

@@ -229,7 +229,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         # Two refused calls: a stale fencing token, and a method nobody defined.
         conn = Conn(sock)
         conn.initialize("worker", "late")
-        stale = {"leaseId": first_lease["id"], "token": first_lease["token"]}
+        stale = {"leaseId": first_lease["id"], "token": 1}  # any token: the lease has ended
         assert conn.request("lease.heartbeat", stale)["error"]["code"] == -32001
         assert conn.request("no.such.method")["error"]["code"] == -32601
         conn.close()

@@ -358,9 +358,11 @@ def test_sigterm_with_a_lease_held_and_a_gate_running_loses_nothing(
         hanging = start_worker(daemon.socket, "hangs.py", tmp_path / "hang.log", name="hang")
         wait_for(lambda: control(daemon.socket, "handoff.get", {"name": "held"})["state"]
                  == "leased", "the lease")
-        def held() -> list[tuple[str, int, str]]:
+        def held() -> list[tuple[str, str, str]]:
             leases = control(daemon.socket, "status")["leases"]
-            return [(lease["id"], lease["token"], lease["handoff"]) for lease in leases]
+            # Tokens are shown to nobody but the holder, not even to an operator.
+            assert all("token" not in lease for lease in leases)
+            return [(lease["id"], lease["worker"], lease["handoff"]) for lease in leases]
 
         lease_before = held()
         assert daemon.stop() == 0
@@ -535,7 +537,10 @@ def test_a_reload_that_drops_a_uid_shuts_out_its_open_session(
     public = Path(tempfile.mkdtemp(prefix="orch-sock-"))
     public.chmod(0o755)
     try:
-        config = write_config(tmp_path, repo, extra='socket_mode = "0666"\nallowed_uids = [65534]')
+        config = write_config(
+            tmp_path, repo,
+            extra='socket_mode = "0666"\nallowed_uids = [65534]\ncontrol_uids = [65534]',
+        )
         config.write_text(config.read_text().replace(
             f'socket = "{tmp_path}/state/d.sock"', f'socket = "{public}/d.sock"'))
         log = tmp_path / "daemon.log"
@@ -563,12 +568,16 @@ def test_a_reload_that_drops_a_uid_shuts_out_its_open_session(
         replies = os.fdopen(to_parent_r, "rb")
         try:
             assert "result" in json.loads(replies.readline()), "nobody is allowed at first"
-            config.write_text(config.read_text().replace("allowed_uids = [65534]", ""))
+            config.write_text(
+                config.read_text().replace("allowed_uids = [65534]", "").replace(
+                    "control_uids = [65534]", ""))
             daemon.process.send_signal(signal.SIGHUP)
             wait_for(lambda: _events(log, "config_reloaded"), "the reload")
             os.write(to_child_w, b"g")
             assert json.loads(replies.readline())["error"]["code"] == -32002
         finally:
+            # Closing our end unblocks a child still waiting for the go, whatever failed.
+            os.close(to_child_w)
             replies.close()
             os.waitpid(pid, 0)
             daemon.stop()
