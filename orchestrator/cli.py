@@ -360,7 +360,7 @@ def format_record(record: dict[str, Any], states: dict[str, str] | None = None) 
         lines.append(f"  merged as {record['mergeCommit']}")
     for lease in record.get("leases", []):
         lines.append(
-            f"  lease {lease['id']} token {lease['token']} by {lease['worker']} "
+            f"  lease {lease['id']} by {lease['worker']} "
             f"(attempt {lease['attempt']}): {lease['endReason'] or 'active'}"
         )
     for gate in record.get("gates", []):

@@ -231,6 +231,9 @@ def test_replaying_an_old_token_after_the_lease_moved_on_is_refused(daemon: Daem
         ):
             reply = worker.request(method, {"leaseId": lease_id, "token": token, **extra})
             assert reply["error"]["code"] == -32001, (method, lease_id, token, reply)
+            # The refusal never tells the token that would have worked.
+            said = reply["error"]["message"].replace(old["id"], "").replace(new["id"], "")
+            assert str(new["token"]) not in said.replace(f"token {token}", ""), said
     assert world.snapshot() == before
     worker.close()
 

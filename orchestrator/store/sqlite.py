@@ -542,8 +542,10 @@ class Store:
                 "a worker may only use the leases it acquired"
             )
         if row["token"] != token:
+            # Never the right token in the message: whoever guessed or leaked the id would
+            # learn the one secret that makes them the holder.
             raise LeaseNotHeld(
-                f"lease {lease_id} has token {row['token']}, not {token}: a stale or wrong "
+                f"lease {lease_id} is not held with token {token}: a stale or wrong "
                 "fencing token; stop working on it and acquire a new lease"
             )
         if row["ended_at"] is not None:
