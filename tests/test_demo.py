@@ -31,8 +31,10 @@ def test_demo_merges_all_three_examples(tmp_path: Path) -> None:
     # Dependencies are merged before their dependents.
     assert log.index("Merge handoff handoff-3-ux: Friendlier CLI error messages") < \
         log.index("Merge handoff handoff-1-critical: Fix the crash on empty input in the parser")
-    # The completed sections carry the plan's words exactly as the person wrote them.
-    for example in sorted(Path(__file__).parent.parent.joinpath("examples/handoffs").glob("*.md")):
+    # The completed sections carry the plan's words exactly as the person wrote them (the
+    # third example's agent leaves no completed document: the worker reports for it).
+    examples = Path(__file__).parent.parent / "examples" / "handoffs"
+    for example in (examples / "handoff-1-critical.md", examples / "handoff-2-patterns.md"):
         plan = example.read_text(encoding="utf-8").split("\n## ", 3)[2]  # the plan section
         for line in plan.splitlines():
             if line.startswith("- "):
