@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check orchestrator tests bench
 	$(BIN)/ruff format --check orchestrator
-	$(BIN)/mypy --strict orchestrator
+	$(BIN)/mypy --strict orchestrator tests bench
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -79,7 +79,7 @@ class Daemon:
         self.config = config
         self.log_path = log
         self.env = env
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes]  # set by start()
         text = config.read_text()
         self.socket = Path(text.split('socket = "')[1].split('"')[0])
 

@@ -119,7 +119,7 @@ def test_killed_worker_loses_its_lease_and_the_next_attempt_keeps_its_commits(
 
         def requeued() -> bool:
             record = control(daemon.socket, "handoff.get", {"name": "fragile"})
-            return record["state"] == "queued" and record["attempt"] == 2
+            return bool(record["state"] == "queued" and record["attempt"] == 2)
 
         wait_for(requeued, "the lease to expire and the handoff to be re-queued")
 

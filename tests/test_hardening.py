@@ -92,8 +92,7 @@ def test_stopping_a_worker_stops_its_agent_and_gives_the_lease_back(daemon: Daem
     assert agents
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=60) == 0
-    for pid in agents:
-        wait_for(lambda pid=pid: not _alive(pid), "the agent to be stopped")
+    wait_for(lambda: not any(map(_alive, agents)), "the agent to be stopped")
     record = control(daemon.socket, "handoff.get", {"name": "interrupted"})
     assert record["state"] == "queued"
     assert record["leases"][0]["endReason"] == "released"
@@ -106,8 +105,7 @@ def test_a_worker_killed_outright_takes_its_agent_with_it(daemon: Daemon,
     wait_for(lambda: _agent_pids("hangs-child", tmp_path), "the agent and its child to start")
     agents = _agent_pids("hangs.py", tmp_path) + _agent_pids("hangs-child", tmp_path)
     kill_group(worker)  # SIGKILL: the worker runs no cleanup at all
-    for pid in agents:
-        wait_for(lambda pid=pid: not _alive(pid), "the orphaned agent and its child to die")
+    wait_for(lambda: not any(map(_alive, agents)), "the orphaned agent and its child to die")
 
 
 def test_cancelled_while_gating_never_lands(tmp_path: Path, repo: Path) -> None:

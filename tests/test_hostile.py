@@ -194,7 +194,7 @@ def test_a_worker_using_another_workers_lease_is_refused(daemon: Daemon,
     before = world.snapshot()
     thief = _worker(daemon, "thief")
     head = git(world.repo, "rev-parse", lease["branch"])
-    calls = [
+    calls: list[tuple[str, dict[str, Any]]] = [
         ("lease.heartbeat", {"progress": {"percent": 99, "message": "mine now"}}),
         ("handoff.report", {"report": {"status": "completed", "head": head}}),
         ("lease.release", {"reason": "stolen"}),

@@ -225,8 +225,8 @@ if os.environ["ORCHESTRATOR_HANDOFF"] == "stuck":
         record = control(daemon.socket, "handoff.get", {"name": "stuck"})
         assert record["gates"][0]["timedOut"] is True
         assert "timed out" in record["detail"]
-        for pid in map(int, pids.read_text().split()):
-            wait_for(lambda pid=pid: not _alive(pid), f"gate process {pid} to be gone")
+        gate_pids = [int(pid) for pid in pids.read_text().split()]
+        wait_for(lambda: not any(map(_alive, gate_pids)), f"gate processes {gate_pids} to be gone")
     finally:
         kill_group(worker)
         daemon.stop()

@@ -499,7 +499,7 @@ async def test_openmetrics_when_asked_for() -> None:
         assert reply.headers["Vary"] == "Accept"
         text = reply.body.decode()
         assert text.endswith("# EOF\n")
-        families = {f.name: f.type for f in openmetrics_families(text)}
+        families = {f.name: f.type for f in openmetrics_families(text)}  # type: ignore[no-untyped-call]
         for name, kind in {**DESIGN_METRICS, **OPERATOR_METRICS}.items():
             assert families.get(name) == kind, name
         plain = await fetch(port, "/metrics", headers={"Accept": "text/plain"})

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import tomllib
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,7 @@ def test_a_running_daemon_serves_its_metrics(tmp_path: Path, repo: Path) -> None
 
         def scrape() -> str:
             with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
-                return response.read().decode()
+                return str(response.read().decode())
 
         def settled() -> str | None:
             text = scrape()
@@ -455,14 +456,14 @@ def states_of(path: Path) -> dict[str, str]:
     ],
 )
 def test_a_bad_workers_table_names_what_to_fix(tmp_path: Path, table: str, problem: str) -> None:
-    data = config_file.tomllib.loads(f"[repository]\npath = '.'\n[workers]\n{table}\n")
+    data = tomllib.loads(f"[repository]\npath = '.'\n[workers]\n{table}\n")
     with pytest.raises(config_file.ConfigError) as raised:
         config_file.from_mapping(data, source="t.toml", base_dir=tmp_path)
     assert any(problem in p for p in raised.value.problems), raised.value.problems
 
 
 def test_workers_command_as_a_string_runs_through_the_shell(tmp_path: Path) -> None:
-    data = config_file.tomllib.loads(
+    data = tomllib.loads(
         "[repository]\npath = '.'\n[workers]\ncount = 3\ncommand = 'agent --auto \"x y\"'\n"
     )
     pool = config_file.from_mapping(data, source="t.toml", base_dir=tmp_path).workers
@@ -473,7 +474,7 @@ def test_workers_command_as_a_string_runs_through_the_shell(tmp_path: Path) -> N
 def test_reload_keeps_restart_only_settings_and_names_them(tmp_path: Path) -> None:
     def load(extra: str) -> config_file.Config:
         text = f"[repository]\npath = '.'\n[daemon]\nsocket = 's.sock'\n{extra}"
-        data = config_file.tomllib.loads(text)
+        data = tomllib.loads(text)
         return config_file.from_mapping(data, source="t", base_dir=tmp_path)
 
     old = load("[leases]\nttl_s = 60\n")
