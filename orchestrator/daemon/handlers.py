@@ -123,6 +123,7 @@ class Handlers:
             progress=progress,
             now=time.time(),
             worker=session.worker_name,
+            uid=session.uid,
         )
         # A worker that reconnected (e.g. after a daemon restart) is now the one to notify.
         self.leases.track(lease_id, session)
@@ -142,6 +143,7 @@ class Handlers:
             reason=reason,
             now=time.time(),
             worker=session.worker_name,
+            uid=session.uid,
         )
         self.leases.forget(lease_id)
         self.leases.metrics.lease_ended(lease_id, "released")
@@ -181,9 +183,17 @@ class Handlers:
                 progress=None,
                 now=time.time(),
                 worker=session.worker_name,
+                uid=session.uid,
             )
         except LeaseNotHeld:
-            if await self.offload.db(self.store.already_reported, lease_id, token, head):
+            if await self.offload.db(
+                self.store.already_reported,
+                lease_id,
+                token,
+                head,
+                worker=session.worker_name,
+                uid=session.uid,
+            ):
                 return {"accepted": True}  # a retry after a lost reply
             raise
         lease = await self.offload.db(self.store.lease, lease_id, token, now=time.time())

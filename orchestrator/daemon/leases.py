@@ -68,6 +68,7 @@ class LeaseManager:
             grant = await self.offload.db(
                 self.store.grant,
                 worker=session.worker_name,
+                uid=session.uid,
                 labels=session.labels,
                 ttl_s=self.config.lease_ttl_s,
                 now=time.time(),

@@ -267,6 +267,14 @@ def _cannot_write(exc: sqlite3.DatabaseError) -> bool:
     return "database or disk is full" in text or "disk I/O error" in text
 
 
+def _add_lease_uid(conn: sqlite3.Connection) -> None:
+    # A lease is bound to the uid that acquired it as well as to its worker name; stores
+    # made before that get the column (NULL: bound by name only, as they were).
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(leases)")}
+    if "uid" not in columns:
+        conn.execute("ALTER TABLE leases ADD COLUMN uid INTEGER")
+
+
 def _loads(value: str | None) -> Any:
     return None if value is None else json.loads(value)
 
@@ -298,6 +306,7 @@ class Store:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
+        _add_lease_uid(conn)
         store = cls(conn, path)
         with store._tx() as c:
             row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -456,7 +465,13 @@ class Store:
     # ---- leases -----------------------------------------------------------------------
 
     def grant(
-        self, *, worker: str, labels: Iterable[str], ttl_s: float, now: float
+        self,
+        *,
+        worker: str,
+        labels: Iterable[str],
+        ttl_s: float,
+        now: float,
+        uid: int | None = None,
     ) -> Grant | None:
         """Lease the first dispatchable handoff the worker's labels allow, or None.
 
@@ -473,8 +488,8 @@ class Store:
                 expires = now + ttl_s + PREPARE_GRACE_S
                 c.execute(
                     "INSERT INTO leases(id, token, handoff, worker, attempt, granted_at,"
-                    " expires_at) VALUES (?,?,?,?,?,?,?)",
-                    (lease_id, token, row["name"], worker, row["attempt"], now, expires),
+                    " expires_at, uid) VALUES (?,?,?,?,?,?,?,?)",
+                    (lease_id, token, row["name"], worker, row["attempt"], now, expires, uid),
                 )
                 self._set_state(c, row["name"], "leased", now, progress=None)
                 self._event(
@@ -530,10 +545,18 @@ class Store:
         token: int,
         now: float,
         worker: str | None = None,
+        uid: int | None = None,
     ) -> sqlite3.Row:
         row = c.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
         if row is None:
             raise LeaseNotHeld(f"lease {lease_id} does not exist")
+        if uid is not None and row["uid"] is not None and row["uid"] != uid:
+            # The uid comes from the kernel (SO_PEERCRED): another user that learnt the
+            # lease's id and token, and even its worker name, still cannot use it.
+            raise LeaseNotHeld(
+                f"lease {lease_id} was granted to another uid, not {uid}; "
+                "a worker may only use the leases it acquired"
+            )
         if worker is not None and row["worker"] != worker:
             # Lease ids are unguessable, but a log line or a shared file can leak one: a
             # lease is used only by the worker (by name) that acquired it.
@@ -572,11 +595,12 @@ class Store:
         progress: dict[str, Any] | None,
         now: float,
         worker: str | None = None,
+        uid: int | None = None,
     ) -> float:
-        """Extend a held lease by ``ttl_s``; with ``worker``, only for the worker that
-        acquired it."""
+        """Extend a held lease by ``ttl_s``; with ``worker`` (and ``uid``), only for the
+        worker (and uid) that acquired it."""
         with self._tx() as c:
-            row = self._held(c, lease_id, token, now, worker)
+            row = self._held(c, lease_id, token, now, worker, uid)
             expires = now + ttl_s
             c.execute("UPDATE leases SET expires_at = ? WHERE id = ?", (expires, lease_id))
             if progress is not None:
@@ -657,11 +681,18 @@ class Store:
         return out
 
     def release(
-        self, lease_id: str, token: int, *, reason: str, now: float, worker: str | None = None
+        self,
+        lease_id: str,
+        token: int,
+        *,
+        reason: str,
+        now: float,
+        worker: str | None = None,
+        uid: int | None = None,
     ) -> str:
         """Give a held lease back unfinished; the handoff is re-queued at once."""
         with self._tx() as c:
-            lease = self._held(c, lease_id, token, now, worker)
+            lease = self._held(c, lease_id, token, now, worker, uid)
             self._end_lease(c, lease_id, "released", now)
             row = self._row(c, lease["handoff"])
             self._event(c, now, row["name"], "lease_released", lease=lease_id, reason=reason)
@@ -673,15 +704,26 @@ class Store:
                 detail=f"released by the worker: {reason}" if reason else "released by the worker",
             )
 
-    def already_reported(self, lease_id: str, token: int, head: str) -> bool:
-        """Whether this exact report was accepted before (a retry after a lost reply)."""
+    def already_reported(
+        self,
+        lease_id: str,
+        token: int,
+        head: str,
+        *,
+        worker: str | None = None,
+        uid: int | None = None,
+    ) -> bool:
+        """Whether this exact report was accepted before (a retry after a lost reply),
+        from the same worker name and uid as the lease's when those are given."""
         row = self._conn.execute(
-            "SELECT l.token, l.end_reason, r.head FROM leases l JOIN reports r"
+            "SELECT l.token, l.end_reason, l.worker, l.uid, r.head FROM leases l JOIN reports r"
             " ON r.lease_id = l.id WHERE l.id = ? ORDER BY r.id DESC LIMIT 1",
             (lease_id,),
         ).fetchone()
         return bool(
             row is not None
+            and (worker is None or row["worker"] == worker)
+            and (uid is None or row["uid"] is None or row["uid"] == uid)
             and row["token"] == token
             and row["end_reason"] == "reported"
             and row["head"] == head
