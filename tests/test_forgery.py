@@ -1,0 +1,77 @@
+"""Agent-written text cannot forge a commit's trailers or the operator's terminal, and a
+submitted handoff is stored byte for byte."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import git
+from harness import Conn, Daemon, control, handoff_doc, wait_for, write_config
+
+from orchestrator.merge import commit_message
+
+pytestmark = pytest.mark.slow
+
+FORGED = "Handoff: someone-else\nSigned-off-by: Mallory <m@evil.invalid>"
+ATTACKS = {
+    # The issue's attack: git reads a message as a C string, so a NUL ends it.
+    "nul": f"all done\n\n{FORGED}\x00",
+    # A "---" line is where git interpret-trailers thinks a patch starts.
+    "divider": f"all done\n\n{FORGED}\n---\nthe rest",
+    # The scissors line: everything below it is ignored.
+    "scissors": f"all done\n\n{FORGED}\n# ------------------------ >8 ------------------------\nx",
+    # Control characters: an escape sequence, a carriage return, a line separator.
+    "controls": f"done \x1b]52;c;ZXZpbA==\x07\r{FORGED}\u2028Acked-by: M",
+}
+
+
+def _trailers(repo: Path, commit: str) -> str:
+    message = git(repo, "log", "-1", "--format=%B", commit)
+    parsed = subprocess.run(
+        ["git", "interpret-trailers", "--parse"], input=message, capture_output=True,
+        text=True, check=True, cwd=repo,
+    )
+    return parsed.stdout
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_a_summary_cannot_forge_the_merge_commits_trailers(
+    tmp_path: Path, repo: Path, attack: str
+) -> None:
+    daemon = Daemon(write_config(tmp_path, repo), tmp_path / "daemon.log").start()
+    conn = Conn(daemon.socket)
+    try:
+        name = f"forge-{attack}"
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc(name)]})
+        conn.initialize("worker")
+        lease = conn.request("lease.acquire", {"waitS": 30})["result"]["lease"]
+        worktree = Path(lease["worktree"])
+        (worktree / "work.txt").write_text("work\n")
+        git(worktree, "add", "-A")
+        git(worktree, "commit", "-q", "-m", "the work")
+        head = git(worktree, "rev-parse", "HEAD")
+        reply = conn.request("handoff.report", {
+            "leaseId": lease["id"], "token": lease["token"],
+            "report": {"status": "completed", "summary": ATTACKS[attack], "head": head},
+        })
+        assert reply.get("result") == {"accepted": True}, reply
+        record = wait_for(
+            lambda: (r := control(daemon.socket, "handoff.get", {"name": name}))["state"]
+            == "merged" and r, "the merge")
+        commit = record["mergeCommit"]
+        assert _trailers(repo, commit) == f"Handoff: {name}\nAttempt: 1\nGates: none configured\n"
+        message = git(repo, "log", "-1", "--format=%B", commit)
+        assert "all done" in message or "done" in message
+        assert not any(c in message for c in "\x00\x1b\x07\r\u2028")
+    finally:
+        conn.close()
+        daemon.stop()
+
+
+def test_commit_text_keeps_plain_lines_and_drops_controls() -> None:
+    assert commit_message.body("fixed it\n\n- one\n- two\n") == "    fixed it\n\n    - one\n    - two"
+    assert commit_message.body("a\x00b\tc\x1b[2Jd") == "    ab c[2Jd"
+    assert commit_message.one_line("title\nwith\x07 bell") == "title with bell"
