@@ -75,3 +75,58 @@ def test_commit_text_keeps_plain_lines_and_drops_controls() -> None:
     assert commit_message.body("fixed it\n\n- one\n- two\n") == "    fixed it\n\n    - one\n    - two"
     assert commit_message.body("a\x00b\tc\x1b[2Jd") == "    ab c[2Jd"
     assert commit_message.one_line("title\nwith\x07 bell") == "title with bell"
+
+
+OSC52 = "\x1b]52;c;cm0gLXJmIH4K\x07"
+FAKE_LINE = "\r\x1b[2K\nFORGED  merged     HIGH    attempt 1\x1b[1A"
+
+
+def _cli(socket: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", "--socket", str(socket), *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_status_and_show_make_an_agents_escape_sequences_visible(
+    tmp_path: Path, repo: Path
+) -> None:
+    daemon = Daemon(write_config(tmp_path, repo, merge="paused = true"),
+                    tmp_path / "daemon.log").start()
+    conn = Conn(daemon.socket)
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("escapes")]})
+        conn.initialize("worker", name=f"w{OSC52}")
+        lease = conn.request("lease.acquire", {"waitS": 30})["result"]["lease"]
+        ident = {"leaseId": lease["id"], "token": lease["token"]}
+        beat = conn.request("lease.heartbeat", {
+            **ident, "progress": {"percent": 50, "message": f"copying {OSC52}{FAKE_LINE}"}})
+        assert "result" in beat, beat
+        status = _cli(daemon.socket, "status")
+        assert status.returncode == 0, status.stderr
+        conn.request("lease.release", {**ident, "reason": f"bye {OSC52}{FAKE_LINE}"})
+        show = _cli(daemon.socket, "show", "escapes")
+        assert show.returncode == 0, show.stderr
+        for out in (status.stdout, show.stdout):
+            assert not any(c in out for c in "\x1b\x07\r"), out
+            # The forged line stays inside its own line, shown for what it is.
+            assert not any(line.startswith("FORGED") for line in out.splitlines()), out
+            assert "␛]52;c;" in out
+    finally:
+        conn.close()
+        daemon.stop()
+
+
+def test_submit_stores_the_file_byte_for_byte(tmp_path: Path, repo: Path) -> None:
+    daemon = Daemon(write_config(tmp_path, repo, merge="paused = true"),
+                    tmp_path / "daemon.log").start()
+    try:
+        document = handoff_doc("crlf").replace("\n", "\r\n").encode()
+        path = tmp_path / "crlf.md"
+        path.write_bytes(document)
+        submitted = _cli(daemon.socket, "submit", str(path))
+        assert submitted.returncode == 0, submitted.stderr
+        body = control(daemon.socket, "handoff.get", {"name": "crlf"})["body"]
+        assert body.encode() == document
+    finally:
+        daemon.stop()
