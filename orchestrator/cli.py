@@ -165,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     command = args.command
     if command == "serve":
         from orchestrator.daemon.service import Daemon
-        from orchestrator.store.sqlite import StateLocked
+        from orchestrator.store.sqlite import StoreError
 
         cfg = _load_config(args, required=True)
         assert cfg is not None
@@ -179,7 +179,8 @@ def _run(args: argparse.Namespace) -> int:
         except Exception as exc:
             error = single_error(exc)
             # Start-up refusals a person can fix get one line, not a traceback.
-            if isinstance(error, (StateLocked, GitError, RuntimeError, OSError)):
+            # StoreError: another daemon on the state dir, a corrupt or locked store.
+            if isinstance(error, (StoreError, GitError, RuntimeError, OSError)):
                 print(f"error: {error}", file=sys.stderr)
                 return EXIT_USAGE
             raise

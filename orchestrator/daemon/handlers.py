@@ -101,7 +101,8 @@ class Handlers:
             raise RpcError(INVALID_PARAMS, str(exc)) from exc
         except StoreFull as exc:
             # No protocol code of its own: an internal error, with a reason to match on.
-            raise RpcError(INTERNAL_ERROR, str(exc), {"reason": "store_full"}) from exc
+            # (A store locked by another process is a StoreFull too: reason "store_locked".)
+            raise RpcError(INTERNAL_ERROR, str(exc), {"reason": exc.reason}) from exc
 
     # ---- worker methods ---------------------------------------------------------------
 

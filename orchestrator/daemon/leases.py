@@ -172,7 +172,7 @@ class LeaseManager:
                 # get a full TTL once the store can be written again, and only then are
                 # judged by their heartbeats.
                 if not store_full:
-                    log.error("store_full", detail=str(exc))
+                    log.error(exc.reason, detail=str(exc))
                 store_full = True
                 await anyio.sleep(interval)
                 continue

@@ -154,6 +154,22 @@ class StoreFull(StoreError):
     Nothing was changed (the transaction rolled back). Reads still work, so the daemon
     keeps answering status and lookups and refuses only what would write."""
 
+    # What a refused request's error data says (``{"reason": ...}``), and the log event.
+    reason = "store_full"
+
+
+class StoreBusy(StoreFull):
+    """Another process has held the store's write lock for longer than the daemon waits.
+
+    Waited out like a full disk: nothing was changed, reads still work, writes are refused
+    until the lock is free again."""
+
+    reason = "store_locked"
+
+
+class StoreCorrupt(StoreError):
+    """The store's file is not a readable SQLite database; start-up stops."""
+
 
 class UnknownHandoff(StoreError):
     pass
@@ -259,6 +275,33 @@ def lock_state_dir(state_dir: Path) -> int:
 _SQLITE_IOERR, _SQLITE_FULL = 10, 13
 
 
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
+# How long a write waits for another process's lock before it is refused (StoreBusy).
+WRITE_LOCK_WAIT_S = 30.0
+# Once a write was refused so, the next ones wait only this long until one succeeds: the
+# store's single lane must stay free for reads meanwhile.
+CONTENDED_LOCK_WAIT_S = 0.1
+
+
+def _sqlite_code(exc: sqlite3.DatabaseError) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    return None if code is None else int(code) & 0xFF
+
+
+def _locked(exc: sqlite3.DatabaseError) -> bool:
+    code = _sqlite_code(exc)
+    if code is not None:
+        return code in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return "database is locked" in str(exc) or "database table is locked" in str(exc)
+
+
+def _corrupt(exc: sqlite3.DatabaseError) -> bool:
+    code = _sqlite_code(exc)
+    if code is not None:
+        return code in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    return "file is not a database" in str(exc) or "malformed" in str(exc)
+
+
 def _cannot_write(exc: sqlite3.DatabaseError) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
     if code is not None:
@@ -291,14 +334,43 @@ def new_lease_id() -> str:
 class Store:
     """The SQLite store. Open with :meth:`open`; close with :meth:`close`."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, lock_wait_s: float = WRITE_LOCK_WAIT_S
+    ) -> None:
         self._conn = conn
         self.path = path
+        self._lock_wait_s = lock_wait_s
+        self._lock_contended = False
 
     @classmethod
-    def open(cls, path: Path) -> Store:
+    def open(cls, path: Path, *, lock_wait_s: float = WRITE_LOCK_WAIT_S) -> Store:
+        """Open (or create) the store; a file that is not a readable SQLite database raises
+        :class:`StoreCorrupt` with what to do about it."""
+        try:
+            return cls._open(path, lock_wait_s)
+        except sqlite3.DatabaseError as exc:
+            if _corrupt(exc):
+                raise StoreCorrupt(
+                    f"the store {path} is not a readable SQLite database ({exc}); the daemon "
+                    f"did not start and changed nothing. Move it aside (with any {path.name}-wal "
+                    f"and {path.name}-shm beside it), e.g. `mv {path} {path}.corrupt`, then "
+                    f"restore {path} from a backup, or start again with an empty store (the "
+                    f"handoffs it held are then lost; `sqlite3 {path}.corrupt .recover` may "
+                    "salvage them)"
+                ) from exc
+            if _locked(exc):
+                raise StoreBusy(
+                    f"the store {path} is locked by another process ({exc}); stop whatever "
+                    "holds it open (e.g. an sqlite3 shell in a transaction) and start again"
+                ) from exc
+            raise StoreError(f"cannot open the store {path}: {exc}") from exc
+
+    @classmethod
+    def _open(cls, path: Path, lock_wait_s: float) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=lock_wait_s
+        )
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is fsynced before we reply "accepted" (NORMAL could lose the last
@@ -307,7 +379,7 @@ class Store:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
         _add_lease_uid(conn)
-        store = cls(conn, path)
+        store = cls(conn, path, lock_wait_s)
         with store._tx() as c:
             row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
@@ -334,6 +406,9 @@ class Store:
             try:
                 yield self._conn
                 self._conn.execute("COMMIT")
+                if self._lock_contended:
+                    self._lock_contended = False
+                    self._set_lock_wait(self._lock_wait_s)
             except BaseException:
                 # Also after a failed COMMIT: a transaction left open would make every
                 # later BEGIN fail.
@@ -341,6 +416,16 @@ class Store:
                     self._conn.execute("ROLLBACK")
                 raise
         except sqlite3.DatabaseError as exc:
+            if _locked(exc):
+                if not self._lock_contended:
+                    self._lock_contended = True
+                    self._set_lock_wait(CONTENDED_LOCK_WAIT_S)
+                raise StoreBusy(
+                    f"the store {self.path} is locked by another process ({exc}), for more "
+                    f"than {self._lock_wait_s:g} s. Nothing was changed; new work is refused "
+                    "until the lock is released, while status and lookups keep working. "
+                    "Find the holder with `fuser` or `lsof` on the file"
+                ) from exc
             if _cannot_write(exc):
                 code = getattr(exc, "sqlite_errorcode", _SQLITE_FULL) & 0xFF
                 cause = (
@@ -355,6 +440,9 @@ class Store:
                     "and lookups keep working"
                 ) from exc
             raise
+
+    def _set_lock_wait(self, seconds: float) -> None:
+        self._conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
 
     def _event(
         self, c: sqlite3.Connection, now: float, handoff: str | None, kind: str, **detail: Any
