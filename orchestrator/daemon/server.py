@@ -60,6 +60,12 @@ MAX_CONNECTIONS = 512
 # Kept free for root and the daemon's own uid above MAX_CONNECTIONS, so the operator's CLI
 # always gets in, however many connections other uids hold.
 OPERATOR_RESERVE = 64
+# A refused connection stays open (never read) this long after its error and a shutdown of
+# our side, so the peer reads the error and EOF even if it sent something first: closing
+# a Unix socket with unread data would make the peer's recv fail with ECONNRESET instead.
+REFUSED_LINGER_S = 5.0
+# At most this many refused connections linger at once; more are closed straight away.
+REFUSED_LINGER_MAX = 64
 # A peer must send initialize this soon after connecting.
 INITIALIZE_TIMEOUT_S = 10.0
 # How long a notification (lease.revoked) may wait for a peer that does not read.
@@ -153,6 +159,7 @@ class SocketServer:
         self.sessions: dict[str, Session] = {}
         # Connections admitted and not yet closed, per peer uid.
         self.connections_per_uid: Counter[int] = Counter()
+        self._lingering = 0
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         if self.inherited is not None:
@@ -222,9 +229,21 @@ class SocketServer:
                 continue
             admitted = self._admit(stream)
             if admitted is None:
-                await stream.aclose()
+                if self._lingering < REFUSED_LINGER_MAX:
+                    self._lingering += 1
+                    tg.start_soon(self._close_refused, stream)
+                else:
+                    await stream.aclose()
                 continue
             tg.start_soon(self._connection, stream, admitted)
+
+    async def _close_refused(self, stream: SocketStream) -> None:
+        try:
+            await anyio.sleep(REFUSED_LINGER_S)
+        finally:
+            self._lingering -= 1
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
 
     def _admit(self, stream: SocketStream) -> tuple[int, int, int, tuple[int, ...]] | None:
         """The peer's (pid, uid, gid, groups) if it may have a connection, else None after
@@ -269,6 +288,7 @@ class SocketServer:
                 # A new socket's send buffer is empty: this never blocks, and a peer that
                 # does not read it loses nothing of ours.
                 raw.send(encode(error_response(None, refusal)))
+                raw.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
             return None
