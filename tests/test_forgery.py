@@ -72,7 +72,8 @@ def test_a_summary_cannot_forge_the_merge_commits_trailers(
 
 
 def test_commit_text_keeps_plain_lines_and_drops_controls() -> None:
-    assert commit_message.body("fixed it\n\n- one\n- two\n") == "    fixed it\n\n    - one\n    - two"
+    expected = "    fixed it\n\n    - one\n    - two"
+    assert commit_message.body("fixed it\n\n- one\n- two\n") == expected
     assert commit_message.body("a\x00b\tc\x1b[2Jd") == "    ab c[2Jd"
     assert commit_message.one_line("title\nwith\x07 bell") == "title with bell"
 

@@ -110,7 +110,8 @@ def test_a_uid_in_control_uids_gets_the_control_role(tmp_path: Path, repo: Path)
 # Runs a list of requests on one worker connection as the given uid; prints each reply.
 SCRIPT_CLIENT = r"""
 import json, os, socket, sys
-path, uid, gid, name, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
+path, uid, gid, name = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+calls = json.loads(sys.argv[5])
 if uid != os.getuid():
     os.setgid(gid); os.setgroups([]); os.setuid(uid)
 s = socket.socket(socket.AF_UNIX); s.settimeout(30); s.connect(path)
@@ -118,7 +119,8 @@ f = s.makefile("rb")
 replies = []
 for i, (method, params) in enumerate([["initialize", {"protocolVersion": 1, "role": "worker",
         "client": {"name": "t"}, "worker": {"name": name}}]] + calls):
-    s.sendall(json.dumps({"jsonrpc": "2.0", "id": i, "method": method, "params": params}).encode() + b"\n")
+    frame = {"jsonrpc": "2.0", "id": i, "method": method, "params": params}
+    s.sendall(json.dumps(frame).encode() + b"\n")
     while True:
         line = f.readline()
         if not line:
@@ -167,7 +169,7 @@ def test_a_lease_is_bound_to_the_uid_and_the_worker_name_that_acquired_it(
         for who, (uid, gid, name) in thieves.items():
             replies = _worker_calls(sock, uid, gid, name, calls)
             assert "result" in replies[0], (who, replies)
-            for (method, _), reply in zip(calls, replies[1:]):
+            for (method, _), reply in zip(calls, replies[1:], strict=True):
                 assert reply is not None and reply.get("error", {}).get("code") == -32001, (
                     who, method, reply)
         # The holder itself still holds it: nothing above touched the lease.

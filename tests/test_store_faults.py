@@ -28,7 +28,8 @@ def test_a_store_locked_by_another_process_refuses_writes_and_serves_reads(
         conn.initialize("control")
         refused = conn.request("handoff.submit", {"markdown": [handoff_doc("during")]})
         error = refused.get("error") or {}
-        assert error.get("code") == -32603 and error.get("data") == {"reason": "store_locked"}, refused
+        assert error.get("code") == -32603, refused
+        assert error.get("data") == {"reason": "store_locked"}, refused
         assert "locked by another process" in error["message"]
         # Reads are served meanwhile ...
         assert conn.request("status")["result"]["counts"]["queued"] == 1
