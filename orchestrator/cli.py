@@ -249,7 +249,12 @@ def _run(args: argparse.Namespace) -> int:
         elif args.markdown:
             from orchestrator.handoff.completed import completed_document
 
-            print(completed_document(result), end="")
+            document = completed_document(result)
+            # On a terminal the agent-written parts must not reach it raw; into a pipe or
+            # file the document goes as it is.
+            if sys.stdout.isatty():
+                document = visible(document, keep_newlines=True)
+            print(document, end="")
         else:
             states = {h["name"]: h["state"] for h in _call(args, "handoff.list", {})["handoffs"]}
             print(format_record(result, states))

@@ -131,3 +131,57 @@ def test_submit_stores_the_file_byte_for_byte(tmp_path: Path, repo: Path) -> Non
         assert body.encode() == document
     finally:
         daemon.stop()
+
+
+def test_show_markdown_on_a_terminal_makes_escapes_visible(tmp_path: Path, repo: Path) -> None:
+    import os
+    import pty
+
+    daemon = Daemon(write_config(tmp_path, repo, merge="paused = true"),
+                    tmp_path / "daemon.log").start()
+    conn = Conn(daemon.socket)
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("doc-escapes")]})
+        conn.initialize("worker")
+        lease = conn.request("lease.acquire", {"waitS": 30})["result"]["lease"]
+        worktree = Path(lease["worktree"])
+        (worktree / "work.txt").write_text("work\n")
+        git(worktree, "add", "-A")
+        git(worktree, "commit", "-q", "-m", "the work")
+        head = git(worktree, "rev-parse", "HEAD")
+        reply = conn.request("handoff.report", {
+            "leaseId": lease["id"], "token": lease["token"],
+            "report": {"status": "completed", "summary": f"done {OSC52}", "head": head},
+        })
+        assert reply.get("result") == {"accepted": True}, reply
+        leader, follower = pty.openpty()
+        try:
+            shown = subprocess.run(
+                [sys.executable, "-m", "orchestrator", "--socket", str(daemon.socket), "show",
+                 "--markdown", "doc-escapes"],
+                stdout=follower, stderr=subprocess.PIPE, timeout=120,
+            )
+            os.close(follower)
+            follower = -1
+            out = b""
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: the terminal's other end is closed and drained
+                    break
+                if not chunk:
+                    break
+                out += chunk
+        finally:
+            if follower != -1:
+                os.close(follower)
+            os.close(leader)
+        assert shown.returncode == 0, shown.stderr
+        text = out.decode()
+        assert "done ␛]52;c;" in text and "\x1b" not in text and "\x07" not in text, text
+        # Into a pipe the document goes as it is.
+        piped = _cli(daemon.socket, "show", "--markdown", "doc-escapes")
+        assert f"done {OSC52}" in piped.stdout
+    finally:
+        conn.close()
+        daemon.stop()
