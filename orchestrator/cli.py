@@ -16,6 +16,7 @@ from orchestrator import __version__
 from orchestrator import config as config_module
 from orchestrator.agent.client import Client, ConnectionLost
 from orchestrator.observe import logs
+from orchestrator.observe.terminal import visible
 from orchestrator.protocol.jsonrpc import RpcError
 
 EXIT_USAGE = 2
@@ -109,11 +110,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except RpcError as exc:
-        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+        print(f"error {exc.code}: {visible(exc.message)}", file=sys.stderr)
         errors = (exc.data or {}).get("errors") if isinstance(exc.data, dict) else None
         for problem in errors or []:
             where = problem.get("file") or f"document {problem.get('document')}"
-            print(f"  {where}:{problem.get('line')}: {problem.get('message')}", file=sys.stderr)
+            print(
+                f"  {visible(str(where))}:{problem.get('line')}: "
+                f"{visible(str(problem.get('message')))}",
+                file=sys.stderr,
+            )
         return 1
 
 
@@ -160,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     command = args.command
     if command == "serve":
         from orchestrator.daemon.service import Daemon
-        from orchestrator.store.sqlite import StateLocked
+        from orchestrator.store.sqlite import StoreError
 
         cfg = _load_config(args, required=True)
         assert cfg is not None
@@ -174,7 +179,8 @@ def _run(args: argparse.Namespace) -> int:
         except Exception as exc:
             error = single_error(exc)
             # Start-up refusals a person can fix get one line, not a traceback.
-            if isinstance(error, (StateLocked, GitError, RuntimeError, OSError)):
+            # StoreError: another daemon on the state dir, a corrupt or locked store.
+            if isinstance(error, (StoreError, GitError, RuntimeError, OSError)):
                 print(f"error: {error}", file=sys.stderr)
                 return EXIT_USAGE
             raise
@@ -208,7 +214,9 @@ def _run(args: argparse.Namespace) -> int:
         documents = []
         for name in args.files:
             try:
-                documents.append(Path(name).read_text(encoding="utf-8"))
+                # Bytes, decoded as they are: read_text() would turn CRLF into LF, and the
+                # stored body must be exactly the file.
+                documents.append(Path(name).read_bytes().decode("utf-8"))
             except (OSError, UnicodeDecodeError) as exc:
                 print(f"error: cannot read {name}: {exc}", file=sys.stderr)
                 return EXIT_USAGE
@@ -241,7 +249,12 @@ def _run(args: argparse.Namespace) -> int:
         elif args.markdown:
             from orchestrator.handoff.completed import completed_document
 
-            print(completed_document(result), end="")
+            document = completed_document(result)
+            # On a terminal the agent-written parts must not reach it raw; into a pipe or
+            # file the document goes as it is.
+            if sys.stdout.isatty():
+                document = visible(document, keep_newlines=True)
+            print(document, end="")
         else:
             states = {h["name"]: h["state"] for h in _call(args, "handoff.list", {})["handoffs"]}
             print(format_record(result, states))
@@ -308,73 +321,86 @@ def _check_environment(cfg: config_module.Config) -> list[str]:
 
 
 def format_status(status: dict[str, Any], handoffs: list[dict[str, Any]]) -> str:
-    """The human view of ``status`` plus the handoff list."""
+    """The human view of ``status`` plus the handoff list; every string from the daemon
+    (much of it agent-written) has its control characters made visible."""
+    v = _visible
     lines = [
-        f"integration: {status['integrationBranch']} at {status['integrationTip'][:12]}",
+        f"integration: {v(status['integrationBranch'])} at {v(status['integrationTip'])[:12]}",
         "counts: " + (", ".join(f"{k} {v}" for k, v in status["counts"].items() if v) or "none"),
         f"workers: {len(status['workers'])} connected, leases: {len(status['leases'])} active",
-        "merge queue: " + (", ".join(status["mergeQueue"]) or "empty"),
+        "merge queue: " + (", ".join(map(v, status["mergeQueue"])) or "empty"),
     ]
     if status.get("mergeBlocked"):
-        lines.append(f"MERGE BLOCKED: {status['mergeBlocked']}")
+        lines.append(f"MERGE BLOCKED: {v(status['mergeBlocked'])}")
     if handoffs:
         lines.append("")
-        width = max(len(h["name"]) for h in handoffs)
+        width = max(len(v(h["name"])) for h in handoffs)
         for h in handoffs:
             progress = h.get("progress") or {}
             extra = ""
             if progress.get("percent") is not None:
                 extra = f"  {progress['percent']:.0f}%"
             if progress.get("message"):
-                extra += f" {progress['message']}"
+                extra += f" {v(progress['message'])}"
             lines.append(
-                f"{h['name']:<{width}}  {h['state']:<9}  {h['priority']:<6}  "
+                f"{v(h['name']):<{width}}  {v(h['state']):<9}  {v(h['priority']):<6}  "
                 f"attempt {h['attempt']}{extra}"
             )
     return "\n".join(lines)
 
 
 def format_record(record: dict[str, Any], states: dict[str, str] | None = None) -> str:
-    """The human view of ``handoff.get``; ``states`` (name to state) explains a wait."""
+    """The human view of ``handoff.get``; ``states`` (name to state) explains a wait.
+    Every string from the daemon has its control characters made visible."""
     states = states or {}
+    v = _visible
     lines = [
-        f"{record['name']}: {record['title']}",
-        f"  state {record['state']}, priority {record['priority']}, attempt {record['attempt']}",
+        f"{v(record['name'])}: {v(record['title'])}",
+        f"  state {v(record['state'])}, priority {v(record['priority'])}, "
+        f"attempt {record['attempt']}",
     ]
     if record.get("dependencies"):
         lines.append(
             "  depends on "
-            + ", ".join(f"{d} ({states[d]})" if d in states else d for d in record["dependencies"])
+            + ", ".join(
+                f"{v(d)} ({v(states[d])})" if d in states else v(d) for d in record["dependencies"]
+            )
         )
         stuck = [d for d in record["dependencies"] if states.get(d) in ("failed", "cancelled")]
         if record["state"] == "waiting" and stuck:
             lines.append(
-                f"  waits until {', '.join(stuck)} is retried and merged "
-                f"(orchestrator retry {stuck[0]}), or cancel this one"
+                f"  waits until {', '.join(map(v, stuck))} is retried and merged "
+                f"(orchestrator retry {v(stuck[0])}), or cancel this one"
             )
     if record.get("detail"):
-        lines.append(f"  {record['detail']}")
+        lines.append(f"  {v(record['detail'])}")
     if record.get("conflicts"):
-        lines.append("  conflicts: " + ", ".join(record["conflicts"]))
+        lines.append("  conflicts: " + ", ".join(map(v, record["conflicts"])))
     if record.get("mergeCommit"):
-        lines.append(f"  merged as {record['mergeCommit']}")
+        lines.append(f"  merged as {v(record['mergeCommit'])}")
     for lease in record.get("leases", []):
+        # No token: handoff.get never carries one (only the lease's holder sees it).
         lines.append(
-            f"  lease {lease['id']} by {lease['worker']} "
-            f"(attempt {lease['attempt']}): {lease['endReason'] or 'active'}"
+            f"  lease {v(lease['id'])} by {v(lease['worker'])} "
+            f"(attempt {lease['attempt']}): {v(lease['endReason'] or 'active')}"
         )
     for gate in record.get("gates", []):
         verdict = "passed" if gate["exitStatus"] == 0 and not gate["timedOut"] else "FAILED"
         lines.append(
-            f"  gate {gate['gate']} on {gate['candidate'][:12]}: {verdict} "
+            f"  gate {v(gate['gate'])} on {v(gate['candidate'])[:12]}: {verdict} "
             f"in {gate['durationS']:.1f} s"
         )
     for report in record.get("reports", []):
         lines.append(
-            f"  report (attempt {report['attempt']}): {report['status']} - "
-            f"{report.get('summary', '')}"
+            f"  report (attempt {report['attempt']}): {v(report['status'])} - "
+            f"{v(report.get('summary') or '')}"
         )
     return "\n".join(lines)
+
+
+def _visible(value: Any) -> str:
+    """A daemon-sent value as text safe for a terminal (it may be agent-written)."""
+    return visible(value if isinstance(value, str) else str(value))
 
 
 if __name__ == "__main__":

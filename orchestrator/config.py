@@ -60,6 +60,7 @@ RESTART_ONLY = (
     "socket",
     "socket_mode",
     "metrics_listen",
+    "store_lock_wait_s",
 )
 
 
@@ -80,6 +81,13 @@ class Config:
     control_gids: tuple[int, ...] = ()
     max_message_bytes: int = 1024 * 1024
     send_timeout_s: float = 10.0
+    # Connections one uid may hold at once (root and the daemon's uid are not capped).
+    max_connections_per_uid: int = 64
+    # An initialized connection with no request in flight is closed after this long;
+    # None: the lease TTL.
+    idle_timeout_s: float | None = None
+    # How long a store write waits for another process's lock before it is refused.
+    store_lock_wait_s: float = 30.0
     lease_ttl_s: float = 60.0
     heartbeat_interval_s: float = 15.0
     max_attempts: int = 3
@@ -253,6 +261,16 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         problems.append(f"daemon.send_timeout_s must be positive, got {send_timeout}")
     if max_bytes < 1024:
         problems.append(f"daemon.max_message_bytes must be at least 1024, got {max_bytes}")
+    per_uid = r.get("daemon", "max_connections_per_uid", int, 64)
+    if per_uid < 1:
+        problems.append(f"daemon.max_connections_per_uid must be at least 1, got {per_uid}")
+    lock_wait = float(r.get("daemon", "store_lock_wait_s", (int, float), 30))
+    if lock_wait <= 0:
+        problems.append(f"daemon.store_lock_wait_s must be positive, got {lock_wait}")
+    idle_value = r.get("daemon", "idle_timeout_s", (int, float), None)
+    idle_timeout = None if idle_value is None else float(idle_value)
+    if idle_timeout is not None and idle_timeout <= 0:
+        problems.append(f"daemon.idle_timeout_s must be positive, got {idle_timeout}")
 
     ttl = float(r.get("leases", "ttl_s", (int, float), 60))
     if ttl <= 0:
@@ -327,6 +345,9 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         control_gids=control_gids,
         max_message_bytes=max_bytes,
         send_timeout_s=send_timeout,
+        max_connections_per_uid=per_uid,
+        idle_timeout_s=idle_timeout,
+        store_lock_wait_s=lock_wait,
         lease_ttl_s=ttl,
         heartbeat_interval_s=heartbeat,
         max_attempts=attempts,

@@ -150,8 +150,11 @@ def test_killed_worker_loses_its_lease_and_the_next_attempt_keeps_its_commits(
 
 
 def test_expiry_beyond_max_attempts_fails_the_handoff(tmp_path: Path, repo: Path) -> None:
+    # The connection stays silent on purpose, waiting for lease.revoked: longer than the
+    # idle limit, which would otherwise be the 0.5 s TTL.
     config = write_config(
-        tmp_path, repo, ttl_s=0.5, heartbeat_s=0.1, max_attempts=2, merge="paused = true"
+        tmp_path, repo, ttl_s=0.5, heartbeat_s=0.1, max_attempts=2, merge="paused = true",
+        extra="idle_timeout_s = 60",
     )
     daemon = Daemon(config, tmp_path / "daemon.log").start()
     try:

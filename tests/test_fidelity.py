@@ -43,6 +43,7 @@ from orchestrator.handoff.template import (
     parse,
     render,
 )
+from orchestrator.observe.terminal import visible
 
 CORPUS: tuple[str, ...] = (
     'Cover whitespace-only input ("   ") in the same test',
@@ -223,7 +224,9 @@ def test_every_hop_keeps_the_words_as_written(
                         completed.metrics_achieved[0].result, completed.completion_summary),
                        (want,) * 6)
             shown = _cli(config, "show", name)
-            hops.check("show", i, want if want in shown else shown, want)
+            # A terminal shows control and invisible format characters as stand-ins.
+            on_screen = visible(want)
+            hops.check("show", i, on_screen if on_screen in shown else shown, on_screen)
             message = git(repo, "log", "-1", "--format=%B", record["mergeCommit"])
             subject, _, rest = message.partition("\n\n")
             hops.check("merge commit subject", i, subject, f"Merge handoff {name}: {want}")

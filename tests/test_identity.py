@@ -105,3 +105,75 @@ def test_a_uid_in_control_uids_gets_the_control_role(tmp_path: Path, repo: Path)
         assert isinstance(lines, list) and "result" in lines[0], got
     finally:
         running.stop()
+
+
+# Runs a list of requests on one worker connection as the given uid; prints each reply.
+SCRIPT_CLIENT = r"""
+import json, os, socket, sys
+path, uid, gid, name = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+calls = json.loads(sys.argv[5])
+if uid != os.getuid():
+    os.setgid(gid); os.setgroups([]); os.setuid(uid)
+s = socket.socket(socket.AF_UNIX); s.settimeout(30); s.connect(path)
+f = s.makefile("rb")
+replies = []
+for i, (method, params) in enumerate([["initialize", {"protocolVersion": 1, "role": "worker",
+        "client": {"name": "t"}, "worker": {"name": name}}]] + calls):
+    frame = {"jsonrpc": "2.0", "id": i, "method": method, "params": params}
+    s.sendall(json.dumps(frame).encode() + b"\n")
+    while True:
+        line = f.readline()
+        if not line:
+            replies.append(None); break
+        msg = json.loads(line)
+        if msg.get("id") == i:
+            replies.append(msg); break
+print(json.dumps(replies))
+"""
+
+
+def _worker_calls(
+    sock: Path, uid: int, gid: int, name: str, calls: list[list[object]]
+) -> list[dict[str, object]]:
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT_CLIENT, str(sock), str(uid), str(gid), name,
+         json.dumps(calls)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_a_lease_is_bound_to_the_uid_and_the_worker_name_that_acquired_it(
+    daemon: tuple[Daemon, Path],
+) -> None:
+    from harness import Conn, control, handoff_doc
+
+    _, sock = daemon
+    control(sock, "handoff.submit", {"markdown": [handoff_doc("bound")]})
+    holder = Conn(sock)
+    try:
+        holder.initialize("worker", name="w")
+        lease = holder.request("lease.acquire", {"waitS": 30})["result"]["lease"]
+        ident = {"leaseId": lease["id"], "token": lease["token"]}
+        head = lease["baseCommit"]
+        calls: list[list[object]] = [
+            ["lease.heartbeat", ident],
+            ["handoff.report", {**ident, "report": {"status": "completed", "head": head}}],
+            ["lease.release", {**ident, "reason": "stolen"}],
+        ]
+        agent = _agent()
+        thieves = {
+            "another uid, same worker name": (agent.pw_uid, agent.pw_gid, "w"),
+            "the same uid, another worker name": (os.getuid(), os.getgid(), "w2"),
+        }
+        for who, (uid, gid, name) in thieves.items():
+            replies = _worker_calls(sock, uid, gid, name, calls)
+            assert "result" in replies[0], (who, replies)
+            for (method, _), reply in zip(calls, replies[1:], strict=True):
+                assert reply is not None and reply.get("error", {}).get("code") == -32001, (
+                    who, method, reply)
+        # The holder itself still holds it: nothing above touched the lease.
+        assert "result" in holder.request("lease.heartbeat", ident)
+        assert "result" in holder.request("lease.release", {**ident, "reason": "done"})
+    finally:
+        holder.close()

@@ -101,7 +101,8 @@ class Handlers:
             raise RpcError(INVALID_PARAMS, str(exc)) from exc
         except StoreFull as exc:
             # No protocol code of its own: an internal error, with a reason to match on.
-            raise RpcError(INTERNAL_ERROR, str(exc), {"reason": "store_full"}) from exc
+            # (A store locked by another process is a StoreFull too: reason "store_locked".)
+            raise RpcError(INTERNAL_ERROR, str(exc), {"reason": exc.reason}) from exc
 
     # ---- worker methods ---------------------------------------------------------------
 
@@ -123,6 +124,7 @@ class Handlers:
             progress=progress,
             now=time.time(),
             worker=session.worker_name,
+            uid=session.uid,
         )
         # A worker that reconnected (e.g. after a daemon restart) is now the one to notify.
         self.leases.track(lease_id, session)
@@ -142,6 +144,7 @@ class Handlers:
             reason=reason,
             now=time.time(),
             worker=session.worker_name,
+            uid=session.uid,
         )
         self.leases.forget(lease_id)
         self.leases.metrics.lease_ended(lease_id, "released")
@@ -181,9 +184,17 @@ class Handlers:
                 progress=None,
                 now=time.time(),
                 worker=session.worker_name,
+                uid=session.uid,
             )
         except LeaseNotHeld:
-            if await self.offload.db(self.store.already_reported, lease_id, token, head):
+            if await self.offload.db(
+                self.store.already_reported,
+                lease_id,
+                token,
+                head,
+                worker=session.worker_name,
+                uid=session.uid,
+            ):
                 return {"accepted": True}  # a retry after a lost reply
             raise
         lease = await self.offload.db(self.store.lease, lease_id, token, now=time.time())

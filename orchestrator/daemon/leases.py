@@ -68,6 +68,7 @@ class LeaseManager:
             grant = await self.offload.db(
                 self.store.grant,
                 worker=session.worker_name,
+                uid=session.uid,
                 labels=session.labels,
                 ttl_s=self.config.lease_ttl_s,
                 now=time.time(),
@@ -171,7 +172,7 @@ class LeaseManager:
                 # get a full TTL once the store can be written again, and only then are
                 # judged by their heartbeats.
                 if not store_full:
-                    log.error("store_full", detail=str(exc))
+                    log.error(exc.reason, detail=str(exc))
                 store_full = True
                 await anyio.sleep(interval)
                 continue

@@ -14,6 +14,7 @@ import socket
 import stat
 import struct
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,15 @@ _session_ids = itertools.count(1)
 MAX_IN_FLIGHT = 32
 # Connections served at once; more are closed at once so file descriptors never run out.
 MAX_CONNECTIONS = 512
+# Kept free for root and the daemon's own uid above MAX_CONNECTIONS, so the operator's CLI
+# always gets in, however many connections other uids hold.
+OPERATOR_RESERVE = 64
+# A refused connection stays open (never read) this long after its error and a shutdown of
+# our side, so the peer reads the error and EOF even if it sent something first: closing
+# a Unix socket with unread data would make the peer's recv fail with ECONNRESET instead.
+REFUSED_LINGER_S = 5.0
+# At most this many refused connections linger at once; more are closed straight away.
+REFUSED_LINGER_MAX = 64
 # A peer must send initialize this soon after connecting.
 INITIALIZE_TIMEOUT_S = 10.0
 # How long a notification (lease.revoked) may wait for a peer that does not read.
@@ -79,6 +89,10 @@ class Session:
     connected_at: float = field(default_factory=time.time)
     closed: bool = False
     in_flight: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(MAX_IN_FLIGHT))
+    # For the idle limit: requests being answered (a long-poll included), and when the
+    # connection last had one (monotonic clock).
+    busy: int = 0
+    last_active: float = field(default_factory=time.monotonic)
 
     async def notify(self, method: str, params: dict[str, Any]) -> None:
         """Send a notification; a peer that is gone is simply skipped."""
@@ -143,6 +157,9 @@ class SocketServer:
         self.requests_in_flight = 0
         self._idle: anyio.Event | None = None
         self.sessions: dict[str, Session] = {}
+        # Connections admitted and not yet closed, per peer uid.
+        self.connections_per_uid: Counter[int] = Counter()
+        self._lingering = 0
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         if self.inherited is not None:
@@ -210,13 +227,73 @@ class SocketServer:
                 log.error("accept_failed", error=str(exc), detail="retrying in 0.5 s")
                 await anyio.sleep(0.5)
                 continue
-            if len(self.sessions) >= MAX_CONNECTIONS:
-                log.warning(
-                    "connection_refused", reason="too many connections", limit=MAX_CONNECTIONS
-                )
-                await stream.aclose()
+            admitted = self._admit(stream)
+            if admitted is None:
+                if self._lingering < REFUSED_LINGER_MAX:
+                    self._lingering += 1
+                    tg.start_soon(self._close_refused, stream)
+                else:
+                    await stream.aclose()
                 continue
-            tg.start_soon(self._connection, stream)
+            tg.start_soon(self._connection, stream, admitted)
+
+    async def _close_refused(self, stream: SocketStream) -> None:
+        try:
+            await anyio.sleep(REFUSED_LINGER_S)
+        finally:
+            self._lingering -= 1
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+
+    def _admit(self, stream: SocketStream) -> tuple[int, int, int, tuple[int, ...]] | None:
+        """The peer's (pid, uid, gid, groups) if it may have a connection, else None after
+        telling it why. Decided from the kernel's credentials alone, before a byte of the
+        peer's is read: a refused peer costs no buffer and no task."""
+        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        try:
+            pid, uid, gid = peer_credentials(raw)
+        except OSError:
+            return None
+        groups = peer_groups(raw)
+        operator = uid in (0, os.getuid())
+        total = sum(self.connections_per_uid.values())
+        refusal: RpcError | None = None
+        if not self._authorized(uid, (gid, *groups)):
+            refusal = RpcError(
+                NOT_AUTHORIZED,
+                f"uid {uid} / gid {gid} may not use this daemon; "
+                "add it to daemon.allowed_uids or daemon.allowed_gids",
+            )
+            log.warning("peer_refused", peer_uid=uid, peer_gid=gid, peer_pid=pid)
+        elif not operator and self.connections_per_uid[uid] >= self.config.max_connections_per_uid:
+            refusal = RpcError(
+                NOT_AUTHORIZED,
+                f"uid {uid} already has {self.connections_per_uid[uid]} connections "
+                f"(daemon.max_connections_per_uid); close some and retry",
+            )
+            log.warning(
+                "connection_refused",
+                reason="too many connections for this uid",
+                peer_uid=uid,
+                limit=self.config.max_connections_per_uid,
+            )
+        elif total >= MAX_CONNECTIONS + (OPERATOR_RESERVE if operator else 0):
+            refusal = RpcError(
+                NOT_AUTHORIZED, f"the daemon serves {total} connections already; retry later"
+            )
+            log.warning("connection_refused", reason="too many connections", limit=total)
+        if refusal is not None:
+            self.dispatcher.metrics.protocol_error(refusal.code, None)
+            try:
+                # A new socket's send buffer is empty: this never blocks, and a peer that
+                # does not read it loses nothing of ours.
+                raw.send(encode(error_response(None, refusal)))
+                raw.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            return None
+        self.connections_per_uid[uid] += 1
+        return pid, uid, gid, groups
 
     def _controller(self, uid: int, gids: tuple[int, ...]) -> bool:
         # Operators are known by the kernel's credentials, never by the peer's word.
@@ -233,13 +310,10 @@ class SocketServer:
             or any(g in self.config.allowed_gids for g in gids)
         )
 
-    async def _connection(self, stream: SocketStream) -> None:
-        raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
-        try:
-            pid, uid, gid = peer_credentials(raw)
-        except OSError:
-            await stream.aclose()
-            return
+    async def _connection(
+        self, stream: SocketStream, peer: tuple[int, int, int, tuple[int, ...]]
+    ) -> None:
+        pid, uid, gid, groups = peer
         send_lock = anyio.Lock()
         connection_scope = anyio.CancelScope()
 
@@ -262,7 +336,7 @@ class SocketServer:
             gid=gid,
             pid=pid,
             send=send,
-            groups=peer_groups(raw),
+            groups=groups,
         )
         bound = log.bind(session=session.id, peer_pid=pid, peer_uid=uid)
         reader = BufferedByteReceiveStream(stream)
@@ -270,6 +344,7 @@ class SocketServer:
         try:
             with connection_scope:
                 async with stream, anyio.create_task_group() as tg:
+                    tg.start_soon(self._close_when_idle, session, connection_scope, bound)
                     await self._read_loop(session, reader, tg, bound)
                     tg.cancel_scope.cancel()
         except (TimeoutError, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -279,8 +354,30 @@ class SocketServer:
         finally:
             session.closed = True
             self.sessions.pop(session.id, None)
+            self.connections_per_uid[uid] -= 1
+            if self.connections_per_uid[uid] <= 0:
+                del self.connections_per_uid[uid]
             if session.role is not None:
                 self.dispatcher.session_closed(session)
+
+    async def _close_when_idle(
+        self, session: Session, scope: anyio.CancelScope, bound: Any
+    ) -> None:
+        """Hang up on an initialized connection that has had no request in flight for
+        ``daemon.idle_timeout_s`` (a long-poll is in flight), so silent connections cannot
+        pile up; clients reconnect as after a daemon restart."""
+        while True:
+            # Read each round: a SIGHUP that changes the limit applies to open sessions.
+            limit = self.config.idle_timeout_s or self.config.lease_ttl_s
+            if session.role is None or session.busy:
+                await anyio.sleep(min(limit, 1.0))
+                continue
+            idle_for = time.monotonic() - session.last_active
+            if idle_for >= limit:
+                bound.info("idle_connection_closed", idle_timeout_s=limit, role=session.role)
+                scope.cancel()
+                return
+            await anyio.sleep(min(limit - idle_for, 1.0))
 
     async def _read_loop(
         self,
@@ -346,9 +443,11 @@ class SocketServer:
             if session.role is None:
                 # initialize runs inline: nothing else may start before it finished.
                 await self._initialize(session, request, bound)
+                session.last_active = time.monotonic()
                 continue
             # Back-pressure: a peer that pipelines requests waits for its own replies
             # instead of growing the daemon's memory and queueing in front of others.
+            session.busy += 1
             await session.in_flight.acquire()
             tg.start_soon(self._call, session, request, bound)
 
@@ -434,6 +533,8 @@ class SocketServer:
             self.dispatcher.metrics.request_handled(request.method, time.monotonic() - started)
             self.requests_in_flight -= 1
             session.in_flight.release()
+            session.busy -= 1
+            session.last_active = time.monotonic()
             if not self.requests_in_flight and self._idle is not None:
                 self._idle.set()
 

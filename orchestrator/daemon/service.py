@@ -71,7 +71,9 @@ class Daemon:
         lock_fd = lock_state_dir(config.state_dir)
         store: Store | None = None
         try:
-            store = await anyio.to_thread.run_sync(Store.open, config.database)
+            store = await anyio.to_thread.run_sync(
+                lambda: Store.open(config.database, lock_wait_s=config.store_lock_wait_s)
+            )
             workspace = await anyio.to_thread.run_sync(
                 Workspace, config.repository_path, config.integration_branch, config.worktrees_dir
             )

@@ -23,6 +23,7 @@ from orchestrator.daemon.service import Daemon
 from orchestrator.demo import sample
 from orchestrator.handoff.completed import completed_document
 from orchestrator.observe import logs
+from orchestrator.observe.terminal import visible
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "handoffs"
 DEMO_TIMEOUT_S = 240.0
@@ -217,17 +218,17 @@ async def _watch(client: Client, names: list[str]) -> bool:
             record = await client.call("handoff.get", {"name": h["name"]})
             for merge in record["merges"][merges_seen.get(h["name"], 0) :]:
                 if merge["result"] in ("gate_failed", "conflict"):
-                    _say(f"{stamp}  {merge['result']:<9} {merge['detail']}")
+                    _say(f"{stamp}  {merge['result']:<9} {visible(merge['detail'] or '')}")
                     gate_log = [g for g in record["gates"] if g["candidate"] == merge["candidate"]]
                     if gate_log:
                         last = gate_log[-1]["outputTail"].strip().splitlines()[-1:]
-                        _say(f"{'':>{len(stamp)}}  gate log ends: {' '.join(last)}")
+                        _say(f"{'':>{len(stamp)}}  gate log ends: {visible(' '.join(last))}")
             merges_seen[h["name"]] = len(record["merges"])
             extra = ""
             if h["state"] == "leased" and progress.get("message"):
-                extra = f"  {progress.get('percent') or 0:>3}% {progress['message']}"
+                extra = f"  {progress.get('percent') or 0:>3}% {visible(progress['message'])}"
             elif h["state"] == "leased" and record.get("feedback"):
-                extra = f"  (with feedback: {record['feedback']['reason']})"
+                extra = f"  (with feedback: {visible(str(record['feedback']['reason']))})"
             elif h["state"] == "merged":
                 extra = f"  as {record['mergeCommit'][:12]}"
             _say(f"{stamp}  {h['state']:<9} attempt {h['attempt']}{extra}")
@@ -248,11 +249,12 @@ async def _watch(client: Client, names: list[str]) -> bool:
 
 async def _finale(client: Client, root: Path, names: list[str], port: int | None) -> None:
     _say("\n== integration log (first-parent history of main)")
-    _say(_git(root / "repo", "log", "--first-parent", "--format=   %h %s", "main").rstrip())
+    history = _git(root / "repo", "log", "--first-parent", "--format=   %h %s", "main")
+    _say(visible(history.rstrip(), keep_newlines=True))
     for name in names:
         record = await client.call("handoff.get", {"name": name})
         _say(f"\n== {name}: rendered report\n")
-        _say(completed_document(record).rstrip())
+        _say(visible(completed_document(record).rstrip(), keep_newlines=True))
     if port:
         text = await anyio.to_thread.run_sync(
             lambda: (

@@ -25,6 +25,7 @@ from orchestrator.git.workspace import (
     Workspace,
 )
 from orchestrator.handoff import template as handoff_model
+from orchestrator.merge import commit_message
 from orchestrator.merge.gates import GateResult, run_gate
 from orchestrator.observe import logs
 from orchestrator.observe.metrics import Metrics
@@ -341,9 +342,11 @@ class MergeQueue:
 
     def _message(self, job: MergeJob) -> str:
         gates = ", ".join(g.name for g in self.config.gates) or "none configured"
-        summary = job.summary.strip() or "(no summary)"
+        # The summary and title are agent- and submitter-written: no control characters,
+        # and nothing git could read as a trailer (merge/commit_message.py).
+        summary = commit_message.body(job.summary) or commit_message.NO_SUMMARY
         return (
-            f"Merge handoff {job.name}: {job.title}\n\n{summary}\n\n"
+            f"Merge handoff {job.name}: {commit_message.one_line(job.title)}\n\n{summary}\n\n"
             f"Handoff: {job.name}\nAttempt: {job.attempt}\nGates: {gates}\n"
         )
 

@@ -154,6 +154,22 @@ class StoreFull(StoreError):
     Nothing was changed (the transaction rolled back). Reads still work, so the daemon
     keeps answering status and lookups and refuses only what would write."""
 
+    # What a refused request's error data says (``{"reason": ...}``), and the log event.
+    reason = "store_full"
+
+
+class StoreBusy(StoreFull):
+    """Another process has held the store's write lock for longer than the daemon waits.
+
+    Waited out like a full disk: nothing was changed, reads still work, writes are refused
+    until the lock is free again."""
+
+    reason = "store_locked"
+
+
+class StoreCorrupt(StoreError):
+    """The store's file is not a readable SQLite database; start-up stops."""
+
 
 class UnknownHandoff(StoreError):
     pass
@@ -259,12 +275,47 @@ def lock_state_dir(state_dir: Path) -> int:
 _SQLITE_IOERR, _SQLITE_FULL = 10, 13
 
 
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
+# How long a write waits for another process's lock before it is refused (StoreBusy).
+WRITE_LOCK_WAIT_S = 30.0
+# Once a write was refused so, the next ones wait only this long until one succeeds: the
+# store's single lane must stay free for reads meanwhile.
+CONTENDED_LOCK_WAIT_S = 0.1
+
+
+def _sqlite_code(exc: sqlite3.DatabaseError) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    return None if code is None else int(code) & 0xFF
+
+
+def _locked(exc: sqlite3.DatabaseError) -> bool:
+    code = _sqlite_code(exc)
+    if code is not None:
+        return code in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return "database is locked" in str(exc) or "database table is locked" in str(exc)
+
+
+def _corrupt(exc: sqlite3.DatabaseError) -> bool:
+    code = _sqlite_code(exc)
+    if code is not None:
+        return code in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    return "file is not a database" in str(exc) or "malformed" in str(exc)
+
+
 def _cannot_write(exc: sqlite3.DatabaseError) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
     if code is not None:
         return code & 0xFF in (_SQLITE_FULL, _SQLITE_IOERR)
     text = str(exc)
     return "database or disk is full" in text or "disk I/O error" in text
+
+
+def _add_lease_uid(conn: sqlite3.Connection) -> None:
+    # A lease is bound to the uid that acquired it as well as to its worker name; stores
+    # made before that get the column (NULL: bound by name only, as they were).
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(leases)")}
+    if "uid" not in columns:
+        conn.execute("ALTER TABLE leases ADD COLUMN uid INTEGER")
 
 
 def _loads(value: str | None) -> Any:
@@ -283,14 +334,43 @@ def new_lease_id() -> str:
 class Store:
     """The SQLite store. Open with :meth:`open`; close with :meth:`close`."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, lock_wait_s: float = WRITE_LOCK_WAIT_S
+    ) -> None:
         self._conn = conn
         self.path = path
+        self._lock_wait_s = lock_wait_s
+        self._lock_contended = False
 
     @classmethod
-    def open(cls, path: Path) -> Store:
+    def open(cls, path: Path, *, lock_wait_s: float = WRITE_LOCK_WAIT_S) -> Store:
+        """Open (or create) the store; a file that is not a readable SQLite database raises
+        :class:`StoreCorrupt` with what to do about it."""
+        try:
+            return cls._open(path, lock_wait_s)
+        except sqlite3.DatabaseError as exc:
+            if _corrupt(exc):
+                raise StoreCorrupt(
+                    f"the store {path} is not a readable SQLite database ({exc}); the daemon "
+                    f"did not start and changed nothing. Move it aside (with any {path.name}-wal "
+                    f"and {path.name}-shm beside it), e.g. `mv {path} {path}.corrupt`, then "
+                    f"restore {path} from a backup, or start again with an empty store (the "
+                    f"handoffs it held are then lost; `sqlite3 {path}.corrupt .recover` may "
+                    "salvage them)"
+                ) from exc
+            if _locked(exc):
+                raise StoreBusy(
+                    f"the store {path} is locked by another process ({exc}); stop whatever "
+                    "holds it open (e.g. an sqlite3 shell in a transaction) and start again"
+                ) from exc
+            raise StoreError(f"cannot open the store {path}: {exc}") from exc
+
+    @classmethod
+    def _open(cls, path: Path, lock_wait_s: float) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=lock_wait_s
+        )
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is fsynced before we reply "accepted" (NORMAL could lose the last
@@ -298,7 +378,8 @@ class Store:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
-        store = cls(conn, path)
+        _add_lease_uid(conn)
+        store = cls(conn, path, lock_wait_s)
         with store._tx() as c:
             row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
@@ -325,6 +406,9 @@ class Store:
             try:
                 yield self._conn
                 self._conn.execute("COMMIT")
+                if self._lock_contended:
+                    self._lock_contended = False
+                    self._set_lock_wait(self._lock_wait_s)
             except BaseException:
                 # Also after a failed COMMIT: a transaction left open would make every
                 # later BEGIN fail.
@@ -332,6 +416,16 @@ class Store:
                     self._conn.execute("ROLLBACK")
                 raise
         except sqlite3.DatabaseError as exc:
+            if _locked(exc):
+                if not self._lock_contended:
+                    self._lock_contended = True
+                    self._set_lock_wait(CONTENDED_LOCK_WAIT_S)
+                raise StoreBusy(
+                    f"the store {self.path} is locked by another process ({exc}), for more "
+                    f"than {self._lock_wait_s:g} s. Nothing was changed; new work is refused "
+                    "until the lock is released, while status and lookups keep working. "
+                    "Find the holder with `fuser` or `lsof` on the file"
+                ) from exc
             if _cannot_write(exc):
                 code = getattr(exc, "sqlite_errorcode", _SQLITE_FULL) & 0xFF
                 cause = (
@@ -346,6 +440,9 @@ class Store:
                     "and lookups keep working"
                 ) from exc
             raise
+
+    def _set_lock_wait(self, seconds: float) -> None:
+        self._conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
 
     def _event(
         self, c: sqlite3.Connection, now: float, handoff: str | None, kind: str, **detail: Any
@@ -456,7 +553,13 @@ class Store:
     # ---- leases -----------------------------------------------------------------------
 
     def grant(
-        self, *, worker: str, labels: Iterable[str], ttl_s: float, now: float
+        self,
+        *,
+        worker: str,
+        labels: Iterable[str],
+        ttl_s: float,
+        now: float,
+        uid: int | None = None,
     ) -> Grant | None:
         """Lease the first dispatchable handoff the worker's labels allow, or None.
 
@@ -473,8 +576,8 @@ class Store:
                 expires = now + ttl_s + PREPARE_GRACE_S
                 c.execute(
                     "INSERT INTO leases(id, token, handoff, worker, attempt, granted_at,"
-                    " expires_at) VALUES (?,?,?,?,?,?,?)",
-                    (lease_id, token, row["name"], worker, row["attempt"], now, expires),
+                    " expires_at, uid) VALUES (?,?,?,?,?,?,?,?)",
+                    (lease_id, token, row["name"], worker, row["attempt"], now, expires, uid),
                 )
                 self._set_state(c, row["name"], "leased", now, progress=None)
                 self._event(
@@ -530,10 +633,18 @@ class Store:
         token: int,
         now: float,
         worker: str | None = None,
+        uid: int | None = None,
     ) -> sqlite3.Row:
         row = c.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
         if row is None:
             raise LeaseNotHeld(f"lease {lease_id} does not exist")
+        if uid is not None and row["uid"] is not None and row["uid"] != uid:
+            # The uid comes from the kernel (SO_PEERCRED): another user that learnt the
+            # lease's id and token, and even its worker name, still cannot use it.
+            raise LeaseNotHeld(
+                f"lease {lease_id} was granted to another uid, not {uid}; "
+                "a worker may only use the leases it acquired"
+            )
         if worker is not None and row["worker"] != worker:
             # Lease ids are unguessable, but a log line or a shared file can leak one: a
             # lease is used only by the worker (by name) that acquired it.
@@ -574,11 +685,12 @@ class Store:
         progress: dict[str, Any] | None,
         now: float,
         worker: str | None = None,
+        uid: int | None = None,
     ) -> float:
-        """Extend a held lease by ``ttl_s``; with ``worker``, only for the worker that
-        acquired it."""
+        """Extend a held lease by ``ttl_s``; with ``worker`` (and ``uid``), only for the
+        worker (and uid) that acquired it."""
         with self._tx() as c:
-            row = self._held(c, lease_id, token, now, worker)
+            row = self._held(c, lease_id, token, now, worker, uid)
             expires = now + ttl_s
             c.execute("UPDATE leases SET expires_at = ? WHERE id = ?", (expires, lease_id))
             if progress is not None:
@@ -659,11 +771,18 @@ class Store:
         return out
 
     def release(
-        self, lease_id: str, token: int, *, reason: str, now: float, worker: str | None = None
+        self,
+        lease_id: str,
+        token: int,
+        *,
+        reason: str,
+        now: float,
+        worker: str | None = None,
+        uid: int | None = None,
     ) -> str:
         """Give a held lease back unfinished; the handoff is re-queued at once."""
         with self._tx() as c:
-            lease = self._held(c, lease_id, token, now, worker)
+            lease = self._held(c, lease_id, token, now, worker, uid)
             self._end_lease(c, lease_id, "released", now)
             row = self._row(c, lease["handoff"])
             self._event(c, now, row["name"], "lease_released", lease=lease_id, reason=reason)
@@ -675,15 +794,26 @@ class Store:
                 detail=f"released by the worker: {reason}" if reason else "released by the worker",
             )
 
-    def already_reported(self, lease_id: str, token: int, head: str) -> bool:
-        """Whether this exact report was accepted before (a retry after a lost reply)."""
+    def already_reported(
+        self,
+        lease_id: str,
+        token: int,
+        head: str,
+        *,
+        worker: str | None = None,
+        uid: int | None = None,
+    ) -> bool:
+        """Whether this exact report was accepted before (a retry after a lost reply),
+        from the same worker name and uid as the lease's when those are given."""
         row = self._conn.execute(
-            "SELECT l.token, l.end_reason, r.head FROM leases l JOIN reports r"
+            "SELECT l.token, l.end_reason, l.worker, l.uid, r.head FROM leases l JOIN reports r"
             " ON r.lease_id = l.id WHERE l.id = ? ORDER BY r.id DESC LIMIT 1",
             (lease_id,),
         ).fetchone()
         return bool(
             row is not None
+            and (worker is None or row["worker"] == worker)
+            and (uid is None or row["uid"] is None or row["uid"] == uid)
             and row["token"] == token
             and row["end_reason"] == "reported"
             and row["head"] == head
