@@ -30,7 +30,9 @@ from orchestrator.daemon.worker_pool import WorkerPool
 from orchestrator.git.workspace import Workspace
 from orchestrator.merge.queue import MergeQueue
 from orchestrator.observe import logs
+from orchestrator.observe.board import Board, build_board, recent_outcome_names
 from orchestrator.observe.metrics import Metrics, StoreSnapshot, serve_http
+from orchestrator.observe.page import PageRoutes
 from orchestrator.protocol.jsonrpc import Request
 from orchestrator.store.sqlite import Store, lock_state_dir
 
@@ -162,6 +164,7 @@ class Daemon:
                     self.metrics,
                     ready=self._readiness,
                     refresh=self._refresh_metrics,
+                    routes=PageRoutes(self._board).table(),
                     task_status=task_status,
                 )
             )
@@ -296,6 +299,19 @@ class Daemon:
         self.metrics.set_store_snapshot(StoreSnapshot(**snapshot))
         self.metrics.state_changes(changes)
         self.metrics.set_merge_blocked(self.merges.blocked_reason is not None)
+
+    async def _board(self) -> Board:
+        """The live page's board: the ``status``, ``handoff.list`` and ``handoff.get``
+        reads of the control API, for the queue, the leases and the recent outcomes."""
+        status = await self.handlers.status_result()
+
+        def read() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            handoffs = self.store.summaries()
+            names = recent_outcome_names(handoffs)
+            return handoffs, [self.store.detail(name) for name in names]
+
+        handoffs, records = await self.offload.db(read)
+        return build_board(status, handoffs, records, now=time.time())
 
     def _readiness(self) -> dict[str, bool]:
         """``/readyz``: started and not stopping, store open, socket listening, merge
