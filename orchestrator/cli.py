@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("status", help="counts, workers, leases, merge queue")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--watch", action="store_true", help="a live view, redrawn in place (Ctrl-C ends it)"
+    )
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
     p = sub.add_parser("show", help="one handoff's full record")
     p.add_argument("name")
     group = p.add_mutually_exclusive_group()
@@ -256,6 +260,13 @@ def _run(args: argparse.Namespace) -> int:
             for name in result["names"]:
                 print(f"submitted {name}")
         return 0
+    if command == "status" and args.watch:
+        from orchestrator.observe.watch import run_watch
+
+        if args.json or not 0.1 <= args.interval <= 3600:
+            print("error: --watch takes no --json, and --interval 0.1 to 3600 s", file=sys.stderr)
+            return EXIT_USAGE
+        return run_watch(_socket_path(args), args.interval)
     if command == "status":
         result = _call(args, "status", {})
         if args.json:
