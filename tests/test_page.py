@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import sys
 import urllib.error
@@ -16,6 +18,8 @@ from tests.browser import CHROMIUM, NO_CHROMIUM, Browser
 from tests.conftest import git
 from tests.harness import Conn, Daemon, control, handoff_doc, wait_for, write_config
 
+# Where `make page-screenshot` wants the picture for README.
+SCREENSHOT_ENV = "ORCHESTRATOR_PAGE_SCREENSHOT"
 HOSTILE_SCRIPT = "<script>window.__pwned=1</script>"
 HOSTILE_IMG = '<img src=x onerror="window.__pwned=2">'
 # The gate fails the candidate that carries work/bad.txt and says why in its output.
@@ -164,6 +168,13 @@ def test_a_person_watches_the_page_in_a_browser(tmp_path: Path, repo: Path) -> N
         assert "BAD FILE FOUND" in browser.evaluate(
             "document.querySelector('#log-bad-gate pre').textContent"
         )
+
+        # The busiest moment (a question, work in progress, a failure) is the picture
+        # README shows: `make page-screenshot` copies it to docs/page.png.
+        busy = browser.screenshot(tmp_path / "page-busy.png")
+        print(f"screenshot: {busy}")
+        if os.environ.get(SCREENSHOT_ENV):
+            shutil.copyfile(busy, os.environ[SCREENSHOT_ENV])
 
         # A merge appears.
         work(worker, alpha)
