@@ -259,3 +259,36 @@ def test_the_board_estimates_when_queued_work_lands_from_recent_merges() -> None
     ]
     assert board.merge_blocked == "merge.paused is set"
     assert build_board(status, handoffs, [], now=0.0).queue[0].eta_s is None
+
+
+def test_recent_outcomes_are_read_newest_first_and_fetched_once_per_change(
+    tmp_path: Path,
+) -> None:
+    from orchestrator.observe.board import RecentRecords
+    from orchestrator.store.sqlite import NewHandoff, Store
+
+    store = Store.open(tmp_path / "s.sqlite3")
+    try:
+        names = [f"h{i}" for i in range(6)]
+        store.submit(
+            [NewHandoff(n, n, "MEDIUM", (), (), "body", {"name": n}) for n in names],
+            max_attempts=3,
+            now=1.0,
+        )
+        for i, n in enumerate(names[:4]):
+            store.cancel(n, now=10.0 + i)
+        recent = store.recent_summaries(("cancelled", "merged"), 3)
+        assert [h["name"] for h in recent] == ["h3", "h2", "h1"]
+
+        cache = RecentRecords()
+        assert cache.stale(recent) == ["h3", "h2", "h1"]
+        records = cache.records(recent, {h["name"]: {"name": h["name"]} for h in recent})
+        assert [r["name"] for r in records] == ["h3", "h2", "h1"]
+        assert cache.stale(recent) == []
+        store.retry("h2", max_attempts=3, now=20.0)
+        store.cancel("h2", now=21.0)
+        again = store.recent_summaries(("cancelled",), 3)
+        assert [h["name"] for h in again] == ["h2", "h3", "h1"]
+        assert cache.stale(again) == ["h2"]
+    finally:
+        store.close()

@@ -26,6 +26,7 @@ __all__ = [
     "Outcome",
     "Question",
     "QueueEntry",
+    "RecentRecords",
     "build_board",
     "recent_outcome_names",
 ]
@@ -116,6 +117,41 @@ def recent_outcome_names(
     done = [h for h in handoffs if h.get("state") in OUTCOME_STATES]
     done.sort(key=lambda h: str(h.get("updatedAt") or ""), reverse=True)
     return [str(h["name"]) for h in done[:limit]]
+
+
+class RecentRecords:
+    """The ``handoff.get`` records of the recent outcomes, each fetched once per change.
+
+    A finished handoff's record only changes along with its ``updatedAt``, so a view that
+    redraws every second asks the store for a record again only when that moved; the
+    cost per frame stays the same however long each record's history is.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[str, Mapping[str, Any]]] = {}
+
+    def stale(self, recent: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Which of the ``recent`` summaries need their record (re)read."""
+        return [
+            str(h["name"])
+            for h in recent
+            if self._cache.get(str(h["name"]), ("", {}))[0] != str(h.get("updatedAt") or "")
+        ]
+
+    def records(
+        self, recent: Sequence[Mapping[str, Any]], fetched: Mapping[str, Mapping[str, Any]]
+    ) -> list[Mapping[str, Any]]:
+        """The records of ``recent`` in order, from ``fetched`` or the cache; forgets the
+        others."""
+        cache: dict[str, tuple[str, Mapping[str, Any]]] = {}
+        for h in recent:
+            name = str(h["name"])
+            if name in fetched:
+                cache[name] = (str(h.get("updatedAt") or ""), fetched[name])
+            elif name in self._cache:
+                cache[name] = self._cache[name]
+        self._cache = cache
+        return [record for _, record in cache.values()]
 
 
 def build_board(

@@ -15,14 +15,21 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import anyio
 
 from orchestrator.agent.client import Client, ConnectionLost
-from orchestrator.observe.board import Board, build_board, format_age, recent_outcome_names
+from orchestrator.observe.board import (
+    Board,
+    RecentRecords,
+    build_board,
+    format_age,
+    recent_outcome_names,
+)
 from orchestrator.observe.terminal import visible
 from orchestrator.protocol.jsonrpc import RpcError
+from orchestrator.store.sqlite import LIVE_STATES
 
 __all__ = ["render_frame", "run_watch"]
 
@@ -101,25 +108,52 @@ def _frame_text(lines: list[str], height: int) -> str:
     return HOME + "".join(line + ERASE_LINE + "\r\n" for line in shown) + ERASE_BELOW
 
 
-async def _read_board(client: Client) -> Board:
-    status = await client.call("status", {})
-    handoffs = (await client.call("handoff.list", {}))["handoffs"]
-    records = []
-    for name in recent_outcome_names(handoffs):
-        try:
-            records.append(await client.call("handoff.get", {"name": name}))
-        except RpcError:
-            continue  # gone between the list and the get; the next frame has it right
-    return build_board(status, handoffs, records, now=time.time())
+class _Reader:
+    """Reads the board over the socket at a cost that does not grow with history.
+
+    Live handoffs are listed state by state; ``merged`` only grows, so its list is asked
+    for again only when its count in ``status`` moved; each recent outcome's record is
+    fetched once per change (:class:`~orchestrator.observe.board.RecentRecords`).
+    """
+
+    def __init__(self) -> None:
+        self._records = RecentRecords()
+        self._merged: list[dict[str, Any]] = []
+        self._merged_count: int | None = None
+
+    async def board(self, client: Client) -> Board:
+        status = await client.call("status", {})
+        handoffs: list[dict[str, Any]] = []
+        for state in (*LIVE_STATES, "failed", "conflict"):
+            if status["counts"].get(state):
+                handoffs += (await client.call("handoff.list", {"state": state}))["handoffs"]
+        merged_count = status["counts"].get("merged", 0)
+        if merged_count != self._merged_count:
+            reply = await client.call("handoff.list", {"state": "merged"})
+            self._merged, self._merged_count = reply["handoffs"], merged_count
+        handoffs += self._merged
+        recent_names = set(recent_outcome_names(handoffs))
+        recent = [h for h in handoffs if h["name"] in recent_names]
+        fetched = {}
+        for name in self._records.stale(recent):
+            try:
+                fetched[name] = await client.call("handoff.get", {"name": name})
+            except RpcError:
+                continue  # gone between the list and the get; the next frame has it right
+        records = self._records.records(
+            sorted(recent, key=lambda h: str(h.get("updatedAt") or ""), reverse=True), fetched
+        )
+        return build_board(status, handoffs, records, now=time.time())
 
 
 async def _watch(socket: Path, interval_s: float, out: TextIO) -> None:
     out.write(CLEAR)
+    reader = _Reader()
     while True:
         try:
             async with Client.connect(socket, role="control") as client:
                 while True:
-                    board = await _read_board(client)
+                    board = await reader.board(client)
                     size = shutil.get_terminal_size()
                     lines = render_frame(board, width=size.columns, clock=time.strftime("%H:%M:%S"))
                     out.write(_frame_text(lines, size.lines))
