@@ -12,7 +12,7 @@ import pytest
 
 from orchestrator.cli import build_parser
 from tests.conftest import git, make_repo
-from tests.harness import write_config
+from tests.harness import AGENTS, handoff_doc, wait_for, write_config
 
 
 def run_cli(
@@ -208,3 +208,55 @@ def test_init_paths_with_quotes_and_backslashes_stay_valid_toml(tmp_path: Path) 
     assert run_cli("init", cwd=repo).returncode == 0, "init failed"
     data = tomllib.loads((repo / "orchestrator.toml").read_text())
     assert data["repository"]["path"] == str(repo)
+
+
+def test_init_serve_worker_submit_lands_work(tmp_path: Path) -> None:
+    # README's first hour, command for command, in a fresh repository of one's own.
+    repo = make_repo(tmp_path / "p")
+    (repo / "Makefile").write_text("test:\n\ttest -f README.md\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "make test")
+    assert run_cli("init", cwd=repo).returncode == 0
+    config = repo / "orchestrator.toml"
+    # Only so that parallel test runs never fight over the page's port.
+    config.write_text(config.read_text().replace("127.0.0.1:9464", "127.0.0.1:0"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+    log = (tmp_path / "serve.log").open("wb")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "serve"],
+        cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        socket_path = repo / ".orchestrator" / "orchestrator.sock"
+        wait_for(lambda: socket_path.exists() or serve.poll() is not None, "the daemon")
+        assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "worker", "--wait", "1", "--max-handoffs",
+             "1", "--", sys.executable, str(AGENTS / "good.py")],
+            cwd=repo, env=env, stdout=(tmp_path / "worker.log").open("wb"),
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        (tmp_path / "my-handoff.md").write_text(handoff_doc("first-one"))
+        submitted = run_cli("submit", str(tmp_path / "my-handoff.md"), cwd=repo)
+        assert submitted.returncode == 0, submitted.stderr
+        assert "submitted first-one" in submitted.stdout
+
+        def merged() -> bool:
+            status = run_cli("status", "--json", cwd=repo)
+            return '"merged": 1' in status.stdout
+
+        wait_for(merged, "first-one to merge")
+        assert "done by the good agent" in git(repo, "show", "main:work/first-one.txt")
+        assert worker.wait(timeout=60) == 0
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        serve.terminate()
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
+        log.close()
