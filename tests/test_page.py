@@ -292,3 +292,58 @@ def test_recent_outcomes_are_read_newest_first_and_fetched_once_per_change(
         assert cache.stale(again) == ["h2"]
     finally:
         store.close()
+
+
+def _tiny_board() -> Board:
+    return Board("main", "0" * 40, {}, 0, None, (), (), (), (), ())
+
+
+async def _raw(port: int, request: bytes) -> bytes:
+    import anyio
+
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(request)
+        chunks = []
+        with anyio.fail_after(30):
+            while True:
+                try:
+                    chunks.append(await stream.receive())
+                except anyio.EndOfStream:
+                    break
+    return b"".join(chunks)
+
+
+@pytest.mark.anyio
+async def test_the_page_refuses_a_rebound_host_name() -> None:
+    import anyio
+
+    from orchestrator.observe.metrics import Metrics, serve_http
+    from orchestrator.observe.page import PageRoutes
+
+    async def source() -> Board:
+        return _tiny_board()
+
+    routes = PageRoutes(source, host_names=["build-host.example"]).table()
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(
+            lambda task_status: serve_http(
+                "127.0.0.1:0", Metrics("1"), ready=lambda: True, routes=routes,
+                task_status=task_status,
+            )
+        )
+        try:
+            for path in (b"/", b"/board"):
+                for host in (b"127.0.0.1:%d" % port, b"localhost:%d" % port, b"[::1]:9",
+                             b"build-host.example:9464"):
+                    reply = await _raw(port, b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path, host))
+                    assert reply.startswith(b"HTTP/1.1 200 "), (path, host, reply[:80])
+                # DNS rebinding: the attacker's name, resolved to 127.0.0.1.
+                for host in (b"rebind.attacker.example:%d" % port, b"", b"127.0.0.1.evil.example"):
+                    reply = await _raw(port, b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (path, host))
+                    assert reply.startswith(b"HTTP/1.1 403 "), (path, host, reply[:80])
+                    assert b"orchestrator" not in reply.split(b"\r\n\r\n", 1)[1]
+            # /metrics is for Prometheus, which may use any name: unchanged.
+            reply = await _raw(port, b"GET /metrics HTTP/1.1\r\nHost: prom.example\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.1 200 ")
+        finally:
+            tg.cancel_scope.cancel()

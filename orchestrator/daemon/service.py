@@ -37,7 +37,7 @@ from orchestrator.observe.board import (
     RecentRecords,
     build_board,
 )
-from orchestrator.observe.metrics import Metrics, StoreSnapshot, serve_http
+from orchestrator.observe.metrics import Metrics, StoreSnapshot, parse_listen, serve_http
 from orchestrator.observe.page import PageRoutes
 from orchestrator.protocol.jsonrpc import Request
 from orchestrator.store.sqlite import LIVE_STATES, Store, lock_state_dir
@@ -171,7 +171,7 @@ class Daemon:
                     self.metrics,
                     ready=self._readiness,
                     refresh=self._refresh_metrics,
-                    routes=PageRoutes(self._board).table(),
+                    routes=PageRoutes(self._board, host_names=[parse_listen(listen)[0]]).table(),
                     task_status=task_status,
                 )
             )

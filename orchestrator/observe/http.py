@@ -44,6 +44,7 @@ MAX_CONNECTIONS = 64
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -56,11 +57,12 @@ TEXT = "text/plain; charset=utf-8"
 
 @dataclass(frozen=True)
 class Request:
-    """What a route sees of a request: its path (no query) and the ``Accept`` header."""
+    """What a route sees of a request: its path (no query), ``Accept`` and ``Host``."""
 
     method: str
     path: str
     accept: str = ""
+    host: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,8 @@ class _Handler:
                 head = await _read_head(stream)
             method, path = _parse_request_line(head)
             head_only = method == "HEAD"
-            response = await self._route(Request(method, path, _header(head, "accept")))
+            request = Request(method, path, _header(head, "accept"), _header(head, "host"))
+            response = await self._route(request)
         except _RequestError as exc:
             response = exc.response
         except TimeoutError:

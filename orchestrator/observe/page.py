@@ -17,15 +17,24 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import ipaddress
+import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import anyio
 
 from orchestrator.observe import http, logs
 from orchestrator.observe.board import Board, LeaseView, Outcome, Question, format_age
 
-__all__ = ["BOARD_PATH", "POLL_INTERVAL_S", "PageRoutes", "render_board", "render_page"]
+__all__ = [
+    "BOARD_PATH",
+    "POLL_INTERVAL_S",
+    "PageRoutes",
+    "host_allowed",
+    "render_board",
+    "render_page",
+]
 
 log = logs.get("page")
 
@@ -230,12 +239,40 @@ def _outcomes(outcomes: tuple[Outcome, ...]) -> str:
     )
 
 
+def host_allowed(host_header: str, names: Iterable[str] = ()) -> bool:
+    """Whether a ``Host`` header names this machine: an IP address, ``localhost``, this
+    host's own name, or one of ``names``.
+
+    Anything else is a DNS-rebinding attempt: a web page on attacker.example whose name
+    was made to resolve to 127.0.0.1 would otherwise read the board (handoff titles, agent
+    messages, gate logs) with the victim's browser, as same-origin.
+    """
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    else:
+        host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    host = host.rstrip(".")
+    if not host:
+        return False
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    allowed = {"localhost", socket.gethostname().lower(), *(n.lower() for n in names)}
+    return host in allowed or host.endswith(".localhost")
+
+
 class PageRoutes:
     """``/`` and ``/board`` for :func:`orchestrator.observe.metrics.serve_http`'s ``routes``."""
 
-    def __init__(self, source: BoardSource) -> None:
-        """``source`` reads a fresh board (the daemon's store reads, off the event loop)."""
+    def __init__(self, source: BoardSource, *, host_names: Iterable[str] = ()) -> None:
+        """``source`` reads a fresh board (the daemon's store reads, off the event loop);
+        ``host_names`` are names besides IP addresses, ``localhost`` and this host's own
+        name that the page answers to (the ``metrics.listen`` host, say)."""
         self._source = source
+        self._host_names = tuple(host_names)
         self._board: Board | None = None
         self._read_at = float("-inf")
         self._reading: anyio.Event | None = None
@@ -244,13 +281,27 @@ class PageRoutes:
         """The paths this serves."""
         return {"/": self._page, BOARD_PATH: self._fragment}
 
+    def _refused(self, request: http.Request) -> http.Response | None:
+        if host_allowed(request.host, self._host_names):
+            return None
+        return http.Response(
+            403,
+            b"this page answers only to an IP address, localhost or this host's name; "
+            b"open it as http://127.0.0.1:PORT/ (through an SSH tunnel from elsewhere)\n",
+            extra_headers=_HEADERS,
+        )
+
     async def _page(self, request: http.Request) -> http.Response:
+        if refused := self._refused(request):
+            return refused
         board = await self._current()
         if board is None:
             return self._unavailable()
         return http.Response(200, render_page(board).encode(), _HTML, _HEADERS)
 
     async def _fragment(self, request: http.Request) -> http.Response:
+        if refused := self._refused(request):
+            return refused
         board = await self._current()
         if board is None:
             return self._unavailable()
