@@ -347,3 +347,28 @@ async def test_the_page_refuses_a_rebound_host_name() -> None:
             assert reply.startswith(b"HTTP/1.1 200 ")
         finally:
             tg.cancel_scope.cancel()
+
+
+def test_a_question_asked_through_lease_ask_shows_with_its_choices() -> None:
+    from orchestrator.observe.board import build_board
+
+    status = {"counts": {"leased": 1}, "workers": [], "leases": [], "mergeQueue": []}
+    handoffs = [
+        {
+            "name": "asks",
+            "title": "t",
+            "state": "leased",
+            "needsInput": {
+                "question": "Postgres or SQLite?",
+                "choices": ["postgres", "sqlite"],
+                "askedAt": "1970-01-01T00:01:40.000Z",
+            },
+        },
+        {"name": "quiet", "title": "q", "state": "leased", "needsInput": None},
+    ]
+    board = build_board(status, handoffs, [], now=160.0)
+    assert [(q.handoff, q.question, q.choices, q.age_s) for q in board.questions] == [
+        ("asks", "Postgres or SQLite?", ("postgres", "sqlite"), 60.0)
+    ]
+    page = render_page(board)
+    assert "Postgres or SQLite?" in page and "choices: postgres, sqlite" in page
