@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -260,3 +261,23 @@ def test_init_serve_worker_submit_lands_work(tmp_path: Path) -> None:
             serve.kill()
             serve.wait()
         log.close()
+
+
+def test_every_command_has_help_naming_the_global_options(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = build_parser()
+    commands = next(
+        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices
+    assert {"init", "status", "check-config", "serve", "worker", "submit"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args([name, "--help"])
+        assert exited.value.code == 0
+        out = capsys.readouterr().out
+        for option in ("--config", "--socket", "--log-format", "--log-level"):
+            assert option in out, (name, option)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["status", "--help"])
+    assert "--watch" in capsys.readouterr().out
