@@ -46,6 +46,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# README's picture of the live page, taken by its browser test (needs /usr/bin/chromium).
+.PHONY: page-screenshot
+page-screenshot: $(STAMP)
+	ORCHESTRATOR_PAGE_SCREENSHOT=$(CURDIR)/docs/page.png \
+		$(BIN)/python -m pytest -q -s tests/test_page.py -k browser
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 

@@ -23,39 +23,70 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="orchestrator",
-        description="Lease git worktrees to coding agents and land their work behind gates.",
-    )
-    parser.add_argument("--version", action="version", version=f"orchestrator {__version__}")
+def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every command takes, before or after the command's name.
+
+    The subcommands get them too, with suppressed defaults: argparse copies a subcommand's
+    values over the top-level ones, and an option left out after the command must not wipe
+    out the same option given before it.
+    """
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
     parser.add_argument(
         "--config",
+        default=default(None),
         help="config file (else $ORCHESTRATOR_CONFIG, "
         "./orchestrator.toml, /etc/orchestrator/orchestrator.toml)",
     )
     parser.add_argument(
         "--socket",
+        default=default(None),
         help="daemon socket for client commands "
         "(else $ORCHESTRATOR_SOCKET, else daemon.socket from the config)",
     )
     parser.add_argument(
         "--log-format",
         choices=("json", "console"),
-        default=None,
+        default=default(None),
         help="json lines (default; journald-friendly) or console for people",
     )
     parser.add_argument(
-        "--log-level", default="info", choices=("debug", "info", "warning", "error")
+        "--log-level",
+        default=default("info"),
+        choices=("debug", "info", "warning", "error"),
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: it also takes the global options (``check-config --config X``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _add_global_options(self, defaults=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orchestrator",
+        description="Lease git worktrees to coding agents and land their work behind gates.",
+    )
+    parser.add_argument("--version", action="version", version=f"orchestrator {__version__}")
+    _add_global_options(parser, defaults=True)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
     sub.add_parser("serve", help="run the daemon in the foreground (as systemd does)")
     p = sub.add_parser("submit", help="submit handoff files (all or none)")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("status", help="counts, workers, leases, merge queue")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--watch", action="store_true", help="a live view, redrawn in place (Ctrl-C ends it)"
+    )
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between redraws")
     p = sub.add_parser("show", help="one handoff's full record")
     p.add_argument("name")
     group = p.add_mutually_exclusive_group()
@@ -90,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "agent", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the agent command, after --"
     )
+    p = sub.add_parser("init", help="write an orchestrator.toml for the repository you are in")
+    p.add_argument("--force", action="store_true", help="replace an existing orchestrator.toml")
     p = sub.add_parser("demo", help="run the whole flow on a sample repository")
     p.add_argument("--dir", default=None, help="where to build it (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the demo directory")
@@ -235,6 +268,13 @@ def _run(args: argparse.Namespace) -> int:
             for name in result["names"]:
                 print(f"submitted {name}")
         return 0
+    if command == "status" and args.watch:
+        from orchestrator.observe.watch import run_watch
+
+        if args.json or not 0.1 <= args.interval <= 3600:
+            print("error: --watch takes no --json, and --interval 0.1 to 3600 s", file=sys.stderr)
+            return EXIT_USAGE
+        return run_watch(_socket_path(args), args.interval)
     if command == "status":
         result = _call(args, "status", {})
         if args.json:
@@ -288,6 +328,25 @@ def _run(args: argparse.Namespace) -> int:
             exit_when_idle=args.exit_when_idle,
         )
         return main_sync(options)
+    if command == "init":
+        from orchestrator import config_starter
+
+        try:
+            written = config_starter.write_starter_config(Path.cwd(), force=args.force)
+        except config_starter.InitError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"wrote {written.path}")
+        print(f"  repository   {written.repository} (branch {written.branch})")
+        print(f"  state dir    {written.state_dir}")
+        if written.gate is None:
+            print("  gate         none found: add a [[gates]] table (see the comment)")
+        else:
+            print(f"  gate         {' '.join(written.gate.run)} (a guess: {written.gate.reason})")
+        print("next:")
+        for line in config_starter.next_commands(written, Path.cwd()):
+            print(f"  {line}")
+        return 0
     if command == "demo":
         from orchestrator.demo import run_demo
 

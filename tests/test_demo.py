@@ -25,6 +25,7 @@ def test_demo_merges_all_three_examples(tmp_path: Path) -> None:
     assert "**HANDOFF COMPLETED**" in out
     assert 'orchestrator_merges_total{result="merged"} 3.0' in out
     assert "Traceback" not in result.stderr
+    assert "watch it live: http://127.0.0.1:" in out
     repo = tmp_path / "demo" / "repo"
     log = subprocess.run(["git", "log", "--first-parent", "--format=%s", "main"], cwd=repo,
                          capture_output=True, text=True, check=True).stdout.splitlines()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from harness import Daemon, write_config
@@ -134,7 +135,7 @@ print(json.dumps(replies))
 
 def _worker_calls(
     sock: Path, uid: int, gid: int, name: str, calls: list[list[object]]
-) -> list[dict[str, object]]:
+) -> list[dict[str, Any]]:
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT_CLIENT, str(sock), str(uid), str(gid), name,
          json.dumps(calls)],

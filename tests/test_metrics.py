@@ -33,6 +33,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator.observe import http as http_module
 from orchestrator.observe import metrics as metrics_module
 from orchestrator.observe.metrics import (
     HANDOFF_STATES,
@@ -592,7 +593,7 @@ async def test_endpoint_rejects_malformed_and_oversized_requests() -> None:
 async def test_slow_client_does_not_stall_others_and_is_timed_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(metrics_module, "REQUEST_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(http_module, "REQUEST_TIMEOUT_S", 0.5)
     async with endpoint(Metrics("1.0.0")) as port:
         async with await anyio.connect_tcp("127.0.0.1", port) as slow:
             await slow.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # head never finishes
@@ -612,7 +613,7 @@ async def test_slow_client_does_not_stall_others_and_is_timed_out(
 async def test_connections_beyond_the_limit_are_refused_not_queued(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(metrics_module, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(http_module, "MAX_CONNECTIONS", 2)
     async with endpoint(Metrics("1.0.0")) as port:
         idle = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(2)]
         try:

@@ -223,7 +223,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
         def requeued() -> bool:
             record = control(sock, "handoff.get", {"name": "fragile"})
-            return record["state"] == "queued" and record["attempt"] == 2
+            return bool(record["state"] == "queued" and record["attempt"] == 2)
 
         wait_for(requeued, "the dead worker's lease to expire")
         # Two refused calls: a stale fencing token, and a method nobody defined.

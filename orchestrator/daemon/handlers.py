@@ -329,6 +329,10 @@ class Handlers:
         return {}
 
     async def status(self, session: Session, params: dict[str, Any]) -> Any:
+        return await self.status_result()
+
+    async def status_result(self) -> dict[str, Any]:
+        """The ``status`` result; the live page shows the same (``observe.page``)."""
         now = time.time()
 
         def read() -> tuple[dict[str, int], list[dict[str, Any]], list[str]]:
@@ -356,6 +360,7 @@ class Handlers:
                     "handoff": lease["handoff"],
                     "worker": lease["worker"],
                     "attempt": lease["attempt"],
+                    "grantedAt": rfc3339(lease["granted_at"]),
                     "expiresAt": rfc3339(lease["expires_at"]),
                 }
                 for lease in leases

@@ -30,9 +30,17 @@ from orchestrator.daemon.worker_pool import WorkerPool
 from orchestrator.git.workspace import Workspace
 from orchestrator.merge.queue import MergeQueue
 from orchestrator.observe import logs
-from orchestrator.observe.metrics import Metrics, StoreSnapshot, serve_http
+from orchestrator.observe.board import (
+    OUTCOME_STATES,
+    RECENT_OUTCOMES,
+    Board,
+    RecentRecords,
+    build_board,
+)
+from orchestrator.observe.metrics import Metrics, StoreSnapshot, parse_listen, serve_http
+from orchestrator.observe.page import PageRoutes
 from orchestrator.protocol.jsonrpc import Request
-from orchestrator.store.sqlite import Store, lock_state_dir
+from orchestrator.store.sqlite import LIVE_STATES, Store, lock_state_dir
 
 log = logs.get("service")
 
@@ -53,6 +61,7 @@ class Daemon:
         self.ready = False
         self.metrics_port: int | None = None
         self.pool = WorkerPool(config)
+        self._records = RecentRecords()
         self._stop = anyio.Event()
         self._status = ""
         self._watchdog_withheld = False
@@ -164,6 +173,7 @@ class Daemon:
                     self.metrics,
                     ready=self._readiness,
                     refresh=self._refresh_metrics,
+                    routes=PageRoutes(self._board, host_names=[parse_listen(listen)[0]]).table(),
                     task_status=task_status,
                 )
             )
@@ -298,6 +308,22 @@ class Daemon:
         self.metrics.set_store_snapshot(StoreSnapshot(**snapshot))
         self.metrics.state_changes(changes)
         self.metrics.set_merge_blocked(self.merges.blocked_reason is not None)
+
+    async def _board(self) -> Board:
+        """The live page's board: the ``status``, ``handoff.list`` and ``handoff.get``
+        reads of the control API, for live handoffs and the few recent outcomes only (a
+        store of 10,000 merged handoffs costs a frame no more than one of ten)."""
+        status = await self.handlers.status_result()
+
+        def read() -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+            live = [h for state in LIVE_STATES for h in self.store.summaries(state)]
+            recent = self.store.recent_summaries(OUTCOME_STATES, RECENT_OUTCOMES)
+            fetched = {name: self.store.detail(name) for name in self._records.stale(recent)}
+            return live, recent, fetched
+
+        live, recent, fetched = await self.offload.db(read)
+        records = self._records.records(recent, fetched)
+        return build_board(status, live + recent, records, now=time.time())
 
     def _readiness(self) -> dict[str, bool]:
         """``/readyz``: started and not stopping, store open, socket listening, merge

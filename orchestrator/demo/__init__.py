@@ -134,6 +134,7 @@ async def _demo(root: Path) -> int:
                 f"   daemon listening on {config.socket}; metrics at "
                 f"http://127.0.0.1:{daemon.metrics_port}/metrics; log in {root / 'daemon.log'}"
             )
+            _say(f"   watch it live: http://127.0.0.1:{daemon.metrics_port}/")
             files = sorted(EXAMPLES.glob("*.md"))
             async with Client.connect(config.socket, role="control") as client:
                 result = await client.call(

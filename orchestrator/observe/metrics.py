@@ -16,11 +16,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
-from anyio.abc import SocketAttribute
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import (
@@ -28,7 +26,7 @@ from prometheus_client.openmetrics.exposition import (
 )
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
-from orchestrator.observe import logs
+from orchestrator.observe import http, logs
 from orchestrator.protocol.jsonrpc import CONTROL_METHODS, WORKER_METHODS
 from orchestrator.store.sqlite import LIVE_STATES, STATES
 
@@ -670,55 +668,8 @@ def _is_ipv4(host: str) -> bool:
 
 # --- HTTP endpoint ------------------------------------------------------------------
 
-# Limits that keep one misbehaving client from costing the others anything: a request head
-# larger than this is refused, a connection gets this long to send its head, and beyond
-# this many concurrent connections new ones are turned away at once instead of queueing
-# behind slow ones.
-MAX_REQUEST_HEAD = 8192
-REQUEST_TIMEOUT_S = 10.0
-SEND_TIMEOUT_S = 10.0
-LINGER_TIMEOUT_S = 1.0
-MAX_CONNECTIONS = 64
 # How long a scrape waits for the store before serving the previous gauge values.
 REFRESH_TIMEOUT_S = 5.0
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-_TEXT = "text/plain; charset=utf-8"
-
-
-@dataclass(frozen=True)
-class _Response:
-    status: int
-    body: bytes
-    content_type: str = _TEXT
-    extra_headers: tuple[tuple[str, str], ...] = ()
-
-    def encode(self, *, head_only: bool = False) -> bytes:
-        lines = [
-            f"HTTP/1.1 {self.status} {_REASONS[self.status]}",
-            f"Content-Type: {self.content_type}",
-            f"Content-Length: {len(self.body)}",
-            "Cache-Control: no-store",
-            "Connection: close",
-            *(f"{name}: {value}" for name, value in self.extra_headers),
-        ]
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
-        return head if head_only else head + self.body
-
-
-class _RequestError(Exception):
-    def __init__(self, response: _Response) -> None:
-        super().__init__(response.status)
-        self.response = response
 
 
 Readiness = Callable[[], "bool | Mapping[str, bool]"]
@@ -726,7 +677,9 @@ Readiness = Callable[[], "bool | Mapping[str, bool]"]
 must hold; the body then says which one failed."""
 
 
-class _Handler:
+class _Routes:
+    """``/metrics``, ``/healthz`` and ``/readyz`` for :func:`orchestrator.observe.http.serve`."""
+
     def __init__(
         self,
         metrics: Metrics,
@@ -737,56 +690,17 @@ class _Handler:
         self._ready = ready
         self._refresh = refresh
         self._refreshing: anyio.Event | None = None
-        self._slots = anyio.CapacityLimiter(MAX_CONNECTIONS)
 
-    async def __call__(self, stream: anyio.abc.SocketStream) -> None:
-        # Nothing a client does may escape: listener.serve() runs this in the endpoint's
-        # task group, and an exception there would take the whole endpoint down.
-        try:
-            async with stream:
-                try:
-                    self._slots.acquire_nowait()
-                except anyio.WouldBlock:
-                    await self._send(stream, _Response(503, b"too many connections\n"), False)
-                    return
-                try:
-                    await self._serve_one(stream)
-                finally:
-                    self._slots.release()
-        except Exception as exc:
-            log.debug("metrics_connection_error", error=repr(exc))
+    def table(self) -> dict[str, http.Route]:
+        return {"/metrics": self._scrape, "/healthz": self._health, "/readyz": self._readiness}
 
-    async def _serve_one(self, stream: anyio.abc.SocketStream) -> None:
-        head_only = False
-        try:
-            with anyio.fail_after(REQUEST_TIMEOUT_S):
-                head = await _read_head(stream)
-            method, path = _parse_request_line(head)
-            head_only = method == "HEAD"
-            response = await self._route(method, path, _header(head, "accept"))
-        except _RequestError as exc:
-            response = exc.response
-        except TimeoutError:
-            response = _Response(408, b"request timeout\n")
-        except anyio.EndOfStream:
-            return  # the client left before finishing its request; nobody to answer
-        await self._send(stream, response, head_only)
+    async def _health(self, request: http.Request) -> http.Response:
+        # Being able to answer at all is the liveness signal: the event loop is running.
+        return http.Response(200, b"ok\n")
 
-    async def _route(self, method: str, path: str, accept: str) -> _Response:
-        if path not in ("/metrics", "/healthz", "/readyz"):
-            return _Response(404, b"not found\n")
-        if method not in ("GET", "HEAD"):
-            return _Response(405, b"method not allowed\n", extra_headers=(("Allow", "GET, HEAD"),))
-        if path == "/metrics":
-            return await self._scrape(accept)
-        if path == "/healthz":
-            # Being able to answer at all is the liveness signal: the event loop is running.
-            return _Response(200, b"ok\n")
-        return self._readiness()
-
-    async def _scrape(self, accept: str) -> _Response:
+    async def _scrape(self, request: http.Request) -> http.Response:
         await self._refresh_gauges()
-        openmetrics = wants_openmetrics(accept)
+        openmetrics = wants_openmetrics(request.accept)
         render = self._metrics.render_openmetrics if openmetrics else self._metrics.render
         try:
             # In a thread: the exposition of every series is plain CPU work, and the event
@@ -794,9 +708,9 @@ class _Handler:
             body = await anyio.to_thread.run_sync(render)
         except Exception as exc:
             log.warning("metrics_render_failed", error=repr(exc))
-            return _Response(500, b"rendering metrics failed\n")
+            return http.Response(500, b"rendering metrics failed\n")
         content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else METRICS_CONTENT_TYPE
-        return _Response(200, body, content_type, extra_headers=(("Vary", "Accept"),))
+        return http.Response(200, body, content_type, extra_headers=(("Vary", "Accept"),))
 
     async def _refresh_gauges(self) -> None:
         """Bring the store-backed gauges up to date, once for any number of concurrent
@@ -818,33 +732,18 @@ class _Handler:
             self._refreshing = None
             done.set()
 
-    def _readiness(self) -> _Response:
+    async def _readiness(self, request: http.Request) -> http.Response:
         try:
             verdict = self._ready()
         except Exception as exc:
             log.warning("readiness_check_failed", error=repr(exc))
-            return _Response(503, f"not ready: the check failed: {exc!r}\n".encode())
+            return http.Response(503, f"not ready: the check failed: {exc!r}\n".encode())
         checks = {"ready": verdict} if isinstance(verdict, bool) else dict(verdict)
         if all(checks.values()):
             lines = ["ready", *(f"{name}: ok" for name in checks if name != "ready")]
-            return _Response(200, ("\n".join(lines) + "\n").encode())
+            return http.Response(200, ("\n".join(lines) + "\n").encode())
         lines = ["not ready", *(f"{n}: {'ok' if ok else 'NO'}" for n, ok in checks.items())]
-        return _Response(503, ("\n".join(lines) + "\n").encode())
-
-    @staticmethod
-    async def _send(stream: anyio.abc.SocketStream, response: _Response, head_only: bool) -> None:
-        with anyio.move_on_after(SEND_TIMEOUT_S):
-            await stream.send(response.encode(head_only=head_only))
-            # Half-close, then drain briefly: closing with unread input (say, a POST body)
-            # makes the kernel send RST, which can destroy the response before it is read.
-            await stream.send_eof()
-            with anyio.move_on_after(LINGER_TIMEOUT_S):
-                drained = 0
-                try:
-                    while drained < 65536:
-                        drained += len(await stream.receive())
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    pass  # the client read the response and closed: the normal ending
+        return http.Response(503, ("\n".join(lines) + "\n").encode())
 
 
 def wants_openmetrics(accept: str) -> bool:
@@ -872,57 +771,13 @@ def wants_openmetrics(accept: str) -> bool:
     return 0 < best["application/openmetrics-text"] >= best["text/plain"]
 
 
-def _header(head: bytes, name: str) -> str:
-    """The value of header ``name`` (case-insensitive; repeats joined by commas)."""
-    values = []
-    for line in head.split(b"\n")[1:]:
-        key, sep, value = line.partition(b":")
-        if sep and key.strip().lower() == name.encode():
-            values.append(value.strip().decode("latin-1"))
-    return ", ".join(values)
-
-
-async def _read_head(stream: anyio.abc.SocketStream) -> bytes:
-    buf = b""
-    while True:
-        try:
-            chunk = await stream.receive(4096)
-        except anyio.EndOfStream:
-            if buf:
-                raise _RequestError(_Response(400, b"incomplete request\n")) from None
-            raise
-        buf += chunk
-        end = buf.find(b"\r\n\r\n")
-        if end == -1:
-            end = buf.find(b"\n\n")  # tolerate bare-LF clients such as hand-typed netcat
-        if end != -1:
-            if end > MAX_REQUEST_HEAD:
-                break
-            return buf[:end]
-        if len(buf) > MAX_REQUEST_HEAD:
-            break
-    raise _RequestError(_Response(431, b"request head too large\n"))
-
-
-def _parse_request_line(head: bytes) -> tuple[str, str]:
-    line = head.split(b"\n", 1)[0].rstrip(b"\r")
-    try:
-        method, target, version = line.decode("ascii").split(" ")
-    except (UnicodeDecodeError, ValueError):
-        raise _RequestError(_Response(400, b"malformed request line\n")) from None
-    if not version.startswith("HTTP/1.") or not method.isalpha():
-        raise _RequestError(_Response(400, b"malformed request line\n"))
-    # Absolute-form targets ("http://host/metrics") are legal; the query string is ignored.
-    path = urlsplit(target).path if "://" in target else target.split("?", 1)[0]
-    return method, path
-
-
 async def serve_http(
     listen: str,
     metrics: Metrics,
     *,
     ready: Readiness,
     refresh: Callable[[], Awaitable[None]] | None = None,
+    routes: Mapping[str, http.Route] | None = None,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``listen`` until cancelled.
@@ -933,14 +788,11 @@ async def serve_http(
     ``Accept`` header asks for it, else in the Prometheus text format. ``/healthz`` answers
     200 while the event loop runs; ``/readyz`` answers 200 when ``ready()`` holds (a bool,
     or a mapping of named checks that must all hold), else 503 naming the failed checks.
-    Other paths get 404 and methods other than GET (or HEAD) get 405. Each connection
+    ``routes`` adds more paths on the same listener, under the same limits (the live
+    page). Other paths get 404 and methods other than GET (or HEAD) get 405. Each connection
     carries one request and is closed after the response. Calls
     ``task_status.started(port)`` with the bound port once the socket is listening.
     """
     host, port = parse_listen(listen)
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-    async with listener:
-        bound_port = listener.extra(SocketAttribute.local_port)
-        log.info("metrics_listening", host=host, port=bound_port)
-        task_status.started(bound_port)
-        await listener.serve(_Handler(metrics, ready, refresh))
+    table = {**(routes or {}), **_Routes(metrics, ready, refresh).table()}
+    await http.serve(host, port, table, task_status=task_status)

@@ -1190,6 +1190,20 @@ class Store:
         rows = self._conn.execute(sql + " ORDER BY seq", args).fetchall()
         return [_summary(r) for r in rows]
 
+    def recent_summaries(self, states: Sequence[str], limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` handoffs in ``states`` that changed last, newest first (one index
+        probe per state, however many merged handoffs the store holds)."""
+        rows: list[sqlite3.Row] = []
+        for state in states:
+            # Per state, so each is a backwards walk of handoffs_state_since (an IN list
+            # would sort every merged handoff ever).
+            rows += self._conn.execute(
+                "SELECT * FROM handoffs WHERE state = ? ORDER BY updated_at DESC LIMIT ?",
+                (state, limit),
+            ).fetchall()
+        rows.sort(key=lambda r: r["updated_at"], reverse=True)
+        return [_summary(r) for r in rows[:limit]]
+
     def has_open_lease(self, name: str) -> bool:
         return (
             self._conn.execute(
