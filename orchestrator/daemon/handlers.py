@@ -351,6 +351,14 @@ class Handlers:
             ],
             "mergeQueue": queue,
             "mergeBlocked": self.merges.blocked_reason,
+            # How gates are confined (null until the merge queue has probed, at start-up).
+            "gateIsolation": None
+            if self.merges.isolation is None
+            else {
+                "mode": self.merges.isolation.mode,
+                "namespaces": self.merges.isolation.namespaces,
+                "detail": self.merges.isolation.detail,
+            },
             "integrationBranch": self.config.integration_branch,
             "integrationTip": tip,
         }

@@ -645,6 +645,11 @@ class Workspace:
 
     # ------------------------------------------------------------------ gate worktree
 
+    @property
+    def common_dir(self) -> Path:
+        """The integration repository's git dir (objects, refs): what gates must not write."""
+        return self._common_dir
+
     def gate_checkout(self, commit: str, *, slot: int = 0) -> Path:
         """Return the gate worktree, detached at ``commit`` with exactly its files.
 

@@ -25,7 +25,13 @@ from orchestrator.git.workspace import (
     Workspace,
 )
 from orchestrator.handoff import template as handoff_model
-from orchestrator.merge.gates import GateResult, run_gate
+from orchestrator.merge.gates import (
+    GateFences,
+    GateIsolation,
+    GateResult,
+    detect_isolation,
+    run_gate,
+)
 from orchestrator.observe import logs
 from orchestrator.observe.metrics import Metrics
 from orchestrator.store.sqlite import InvalidTransition, MergeJob, Store, StoreFull
@@ -66,6 +72,8 @@ class MergeQueue:
         self._wakeup = anyio.Event()
         # When the step in progress began (monotonic), for the systemd watchdog.
         self._busy_since: float | None = None
+        # How gates are confined here; decided by the first run() (a probe of bwrap).
+        self.isolation: GateIsolation | None = None
 
     def wake(self) -> None:
         """A report arrived or a handoff was retried: look at the queue again."""
@@ -89,6 +97,7 @@ class MergeQueue:
 
         A store that cannot be written (full disk) pauses the queue, says so in status,
         and resumes once writes work again; it never takes the daemon down."""
+        await self._detect_isolation()
         while True:
             try:
                 await self._run()
@@ -109,6 +118,32 @@ class MergeQueue:
                 self.blocked_reason = None
                 log.info("store_writable_again", detail="merging resumes")
                 self.on_change()
+
+    async def _detect_isolation(self) -> None:
+        """Decide once how gates are confined, and say so (log and ``status``)."""
+        fences = GateFences(
+            read_only=(self.workspace.repo_path, self.workspace.common_dir),
+            hidden=(self.config.state_dir, self.workspace.worktrees_dir, self.config.socket),
+        )
+        wanted = self.config.gate_isolation
+        self.isolation = await anyio.to_thread.run_sync(
+            detect_isolation, wanted, fences, self.workspace.worktrees_dir
+        )
+        event = log.info if self.isolation.namespaces or wanted == "processes" else log.warning
+        event(
+            "gate_isolation",
+            mode=self.isolation.mode,
+            namespaces=self.isolation.namespaces,
+            detail=self.isolation.detail,
+        )
+        if wanted == "bwrap" and not self.isolation.namespaces:
+            # Asked for namespaces and cannot have them: gate nothing rather than less.
+            self.blocked_reason = (
+                f'not gating: merge.gate_isolation = "bwrap" but {self.isolation.detail}; '
+                'install bubblewrap, allow namespaces, or set merge.gate_isolation = "auto"'
+            )
+            log.error("merge_blocked", reason=self.blocked_reason)
+            await anyio.sleep_forever()
 
     async def _run(self) -> None:
         self.running = True
@@ -363,6 +398,7 @@ class MergeQueue:
                 tail_bytes=self.config.gate_output_tail_bytes,
                 env=env,
                 sandbox=self.config.gate_sandbox,
+                isolation=self.isolation,
             )
             await self.offload.db(
                 self.store.record_gate,
