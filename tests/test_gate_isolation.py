@@ -194,7 +194,8 @@ if r.returncode == 0:
 r = subprocess.run(["git", "update-ref", "refs/heads/pwned-too", "HEAD"], capture_output=True)
 if r.returncode == 0:
     done.append("update-ref from the checkout")
-for path in (os.path.join(repo, ".git", "PWNED"), os.path.join(repo, "PWNED")):
+for path in (os.path.join(repo, ".git", "PWNED"), os.path.join(repo, "PWNED"),
+             os.path.join(state, "worktrees", "PWNED")):
     try:
         open(path, "w").write("x")
         done.append(path)
@@ -237,4 +238,5 @@ def test_a_gate_cannot_write_the_integration_repository_the_store_or_reach_the_s
         daemon.stop()
     assert "pwned" not in git(repo, "for-each-ref", "--format=%(refname)")
     assert not (repo / ".git" / "PWNED").exists() and not (repo / "PWNED").exists()
+    assert not (state / "worktrees" / "PWNED").exists()
     assert b"PWNED" not in (state / "orchestrator.sqlite3").read_bytes()

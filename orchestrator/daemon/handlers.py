@@ -361,6 +361,15 @@ class Handlers:
             },
             "integrationBranch": self.config.integration_branch,
             "integrationTip": tip,
+            # Moves of the integration branch the merge queue did not make (null: none seen).
+            "integrationMovedOutside": None
+            if self.merges.moved_outside is None
+            else {
+                "count": self.merges.moved_outside.count,
+                "from": self.merges.moved_outside.old,
+                "to": self.merges.moved_outside.new,
+                "at": rfc3339(self.merges.moved_outside.at),
+            },
         }
 
 

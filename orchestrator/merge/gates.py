@@ -32,6 +32,7 @@ from anyio.abc import Process
 
 from orchestrator.config import GateConfig
 from orchestrator.daemon import systemd
+from orchestrator.merge import gate_supervisor
 from orchestrator.merge.gate_supervisor import END_NOW
 
 # After SIGTERM, how long a gate's process group gets to exit before SIGKILL.
@@ -249,7 +250,9 @@ async def run_gate(
     )
     try:
         process = await anyio.open_process(
-            [sys.executable, "-m", "orchestrator.merge.gate_supervisor", *confined],
+            # By file and isolated (-I): it needs only the standard library, and runs the
+            # same whatever PYTHONPATH or site-packages the daemon or a gate's env has.
+            [sys.executable, "-I", gate_supervisor.__file__, *confined],
             cwd=checkout,
             env=full_env,
             stdin=None,

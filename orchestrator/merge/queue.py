@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -47,6 +48,16 @@ _SKIPPED = object()
 FEEDBACK_LOG_BYTES = 8 * 1024
 
 
+@dataclass(frozen=True)
+class OutsideMove:
+    """The integration branch moved by something other than the queue (shown in status)."""
+
+    count: int
+    old: str
+    new: str
+    at: float
+
+
 class MergeQueue:
     """The single integrator. ``run`` is one long-lived task of the daemon."""
 
@@ -74,6 +85,10 @@ class MergeQueue:
         self._busy_since: float | None = None
         # How gates are confined here; decided by the first run() (a probe of bwrap).
         self.isolation: GateIsolation | None = None
+        # Where the queue last saw or left the integration branch; any other tip means
+        # someone else moved it.
+        self._known_tip: str | None = None
+        self.moved_outside: OutsideMove | None = None
 
     def wake(self) -> None:
         """A report arrived or a handoff was retried: look at the queue again."""
@@ -97,6 +112,7 @@ class MergeQueue:
 
         A store that cannot be written (full disk) pauses the queue, says so in status,
         and resumes once writes work again; it never takes the daemon down."""
+        self._known_tip = await self.offload.git(self.workspace.integration_tip)
         await self._detect_isolation()
         while True:
             try:
@@ -248,6 +264,7 @@ class MergeQueue:
                     detail="the daemon stopped before this candidate landed",
                     now=time.time(),
                 )
+                await self.offload.db(self.store.return_to_queue, name, now=time.time())
                 log.warning(
                     "landing_not_done",
                     handoff=name,
@@ -267,6 +284,7 @@ class MergeQueue:
         for job in jobs:
             self.metrics.merge_started(job.name)
         tip = await self.offload.git(self.workspace.integration_tip)
+        self._note_tip(tip)
         train: list[tuple[MergeJob, MergeResult]] = []
         base = tip
         for job in jobs:
@@ -280,14 +298,21 @@ class MergeQueue:
                 head=job.head,
                 onto=base,
             )
+            if result.candidate is None and not train and result.detail == "already merged":
+                # Its commit reached the branch by someone else's move (an agent's
+                # update-ref, a person's push), never through a gate: it is not merged on
+                # that alone. The tip holding it is its candidate, gated like any other.
+                bound.warning(
+                    "already_on_integration_branch",
+                    tip=result.base,
+                    detail="gating the integration tip that holds it",
+                )
+                result = MergeResult(result.base, (), result.base)
             if result.candidate is None:
                 if train:
                     # It may only clash with a candidate ahead of it, which might still
                     # fail: decide once the ones ahead have landed.
                     bound.info("speculation_stopped", reason=result.detail or "conflict")
-                elif result.detail == "already merged":
-                    bound.info("already_merged", base=result.base)
-                    await self._merged(job, result.base, result.base, bound)
                 else:
                     await self._conflict(
                         job, result.base, list(result.conflicts), result.detail, bound
@@ -340,8 +365,27 @@ class MergeQueue:
                 )
                 bound.warning("integration_moved", expected=expected, detail=detail)
                 return
+            self._known_tip = result.candidate
             await self._merged(job, expected, result.candidate, bound)
             expected = result.candidate
+
+    def _note_tip(self, tip: str) -> None:
+        """Log, count and keep for ``status`` a tip the queue did not put there."""
+        known, self._known_tip = self._known_tip, tip
+        if known is None or known == tip:
+            return
+        count = (self.moved_outside.count if self.moved_outside else 0) + 1
+        self.moved_outside = OutsideMove(count=count, old=known, new=tip, at=time.time())
+        self.metrics.integration_moved_outside()
+        log.warning(
+            "integration_moved_outside",
+            branch=self.config.integration_branch,
+            old=known,
+            new=tip,
+            metric="orchestrator_integration_moved_outside_total",
+            detail="the integration branch moved without the merge queue; whatever it holds "
+            "that no gate saw is gated before any handoff is recorded as merged",
+        )
 
     async def _gate_train(
         self, train: list[tuple[MergeJob, MergeResult]]
