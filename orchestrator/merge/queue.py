@@ -112,6 +112,7 @@ class MergeQueue:
 
         A store that cannot be written (full disk) pauses the queue, says so in status,
         and resumes once writes work again; it never takes the daemon down."""
+        self.running = True  # for /readyz: the probe below must not hold readiness back
         self._known_tip = await self.offload.git(self.workspace.integration_tip)
         await self._detect_isolation()
         while True:
