@@ -57,6 +57,7 @@ def test_merged_only_from_gating_through_a_recorded_landing(tmp_path: Path) -> N
 def test_a_cancel_during_landing_is_refused_and_it_lands_once(tmp_path: Path) -> None:
     store = _gating(tmp_path)
     store.record_landing_intent("h", attempt=1, base="a" * 40, candidate="c" * 40, now=4.0)
+    assert store.begin_ref_move("h")  # the merge queue is moving the branch now
     with pytest.raises(InvalidTransition, match="landing on the integration branch"):
         store.cancel("h", now=4.5)
     assert store.handoff_row("h")["state"] == "gating"
@@ -72,6 +73,20 @@ def test_a_cancel_before_landing_wins_and_nothing_lands(tmp_path: Path) -> None:
     store.cancel("h", now=4.0)
     with pytest.raises(InvalidTransition):
         store.record_landing_intent("h", attempt=1, base="a" * 40, candidate="c" * 40, now=4.5)
+    with pytest.raises(InvalidTransition):
+        store.mark_merged("h", attempt=1, base="a" * 40, commit="c" * 40, now=5.0)
+    assert store.handoff_row("h")["state"] == "cancelled"
+
+
+def test_a_cancel_while_the_move_waits_for_a_person_wins_and_nothing_lands(
+    tmp_path: Path,
+) -> None:
+    store = _gating(tmp_path)
+    store.record_landing_intent("h", attempt=1, base="a" * 40, candidate="c" * 40, now=4.0)
+    assert store.begin_ref_move("h")
+    store.end_ref_move("h")  # a dirty checkout of main held the move back
+    store.cancel("h", now=4.5)
+    assert not store.begin_ref_move("h")  # so the queue never moves the branch
     with pytest.raises(InvalidTransition):
         store.mark_merged("h", attempt=1, base="a" * 40, commit="c" * 40, now=5.0)
     assert store.handoff_row("h")["state"] == "cancelled"

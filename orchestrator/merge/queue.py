@@ -484,8 +484,8 @@ class MergeQueue:
         stopped being ours to land while we waited (a person cancelled it)."""
         reflog = f"orchestrator: merge handoff {job.name} (attempt {job.attempt})"
         while True:
-            row = await self.offload.db(self.store.handoff_row, job.name)
-            if row["state"] != "gating":
+            # Atomically "still gating" and "no cancel from now until the move is done".
+            if not await self.offload.db(self.store.begin_ref_move, job.name):
                 self.blocked_reason = None
                 return None
             try:
@@ -493,6 +493,7 @@ class MergeQueue:
                     self.workspace.advance_integration, base, candidate, reflog
                 )
             except IntegrationLocked as exc:
+                await self.offload.db(self.store.end_ref_move, job.name)  # a cancel may win
                 reason = f"not merging {job.name}: {exc}"
                 if self.blocked_reason != reason:
                     bound.error("merge_blocked", reason=reason, locks=[str(p) for p in exc.locks])
@@ -501,6 +502,7 @@ class MergeQueue:
                 self._busy_since = time.monotonic()  # another git's lock is not a wedge
                 continue
             except IntegrationTreeDirty as exc:
+                await self.offload.db(self.store.end_ref_move, job.name)  # a cancel may win
                 reason = (
                     f"not merging {job.name}: {exc.path} has {self.config.integration_branch} "
                     "checked out with local changes; commit, stash or discard them"

@@ -183,6 +183,10 @@ class InvalidTransition(StoreError):
     pass
 
 
+# The detail of a pending landing while the merge queue moves the branch to it.
+_MOVING = "moving the integration branch to this candidate"
+
+
 @dataclass(frozen=True)
 class NewHandoff:
     """A validated handoff ready to store (the caller parsed and checked it)."""
@@ -741,9 +745,10 @@ class Store:
                 raise InvalidTransition(f"{name} is already merged; nothing to cancel")
             if row["state"] == "cancelled":
                 return None
-            if row["state"] == "gating" and self._pending_landing(c, name) is not None:
+            if row["state"] == "gating" and self._moving(c, name):
                 # Its gates passed and the branch is moving: a cancel now could only be
                 # overridden (the work lands anyway) or leave landed work marked cancelled.
+                # Before the move (even while it waits for a dirty checkout) a cancel wins.
                 raise InvalidTransition(
                     f"{name} passed its gates and is landing on the integration branch right "
                     "now; it cannot be cancelled any more. Once it is merged, revert its merge "
@@ -862,6 +867,34 @@ class Store:
         ).fetchone()
         return int(row["id"]) if row is not None and row["result"] == "landing" else None
 
+    def _moving(self, c: sqlite3.Connection, name: str) -> bool:
+        row_id = self._pending_landing(c, name)
+        if row_id is None:
+            return False
+        row = c.execute("SELECT detail FROM merges WHERE id = ?", (row_id,)).fetchone()
+        return bool(row["detail"] == _MOVING)
+
+    def begin_ref_move(self, name: str) -> bool:
+        """The merge queue is about to move the branch to the recorded landing: True if the
+        handoff is still ``gating`` with that landing pending, and from now until
+        :meth:`end_ref_move` (or the outcome) a cancel is refused. False: a cancel won."""
+        with self._tx() as c:
+            row_id = self._pending_landing(c, name)
+            if self._row(c, name)["state"] != "gating" or row_id is None:
+                return False
+            c.execute("UPDATE merges SET detail = ? WHERE id = ?", (_MOVING, row_id))
+            return True
+
+    def end_ref_move(self, name: str) -> None:
+        """The branch did not move (a lock or a dirty checkout held it back): a cancel may
+        win again while the queue waits."""
+        with self._tx() as c:
+            row_id = self._pending_landing(c, name)
+            if row_id is not None:
+                c.execute(
+                    "UPDATE merges SET detail = '' WHERE id = ? AND detail = ?", (row_id, _MOVING)
+                )
+
     def landing_superseded(self, name: str, *, detail: str, now: float) -> None:
         """The compare-and-swap lost: the branch moved, the candidate will be rebuilt."""
         with self._tx() as c:
@@ -900,7 +933,8 @@ class Store:
                     f"{attempt}) recorded; only a gated candidate that landed is merged"
                 )
             c.execute(
-                "UPDATE merges SET result = 'merged', base = ?, candidate = ?, at = ? WHERE id = ?",
+                "UPDATE merges SET result = 'merged', base = ?, candidate = ?, detail = '',"
+                " at = ? WHERE id = ?",
                 (base, commit, now, landing),
             )
             self._set_state(
