@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -85,8 +86,6 @@ def test_a_skip_worktree_file_planted_by_one_gate_does_not_pass_the_next_candida
 
 
 def _bwrap_usable() -> bool:
-    import subprocess
-
     try:
         return subprocess.run(
             ["bwrap", "--unshare-pid", "--bind", "/", "/", "--proc", "/proc", "true"],
@@ -167,6 +166,11 @@ def test_setsid_and_double_forked_gate_processes_die_when_the_gate_ends(
         assert mode["namespaces"] is (isolation == "auto")
         events = [e for e in daemon.logs() if e["event"] == "gate_isolation"]
         assert events and events[0]["mode"] == mode["mode"]
+        shown = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "--socket", str(daemon.socket), "status"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert ("GATES NOT SANDBOXED" in shown.stdout) is (isolation == "processes"), shown
         # And so the next candidate is judged on its own files.
         workers.append(start_worker(daemon.socket, "breaks_tests.py", tmp_path / "bad.log",
                                     name="bad", extra=["--label", "breaks"]))

@@ -5,6 +5,7 @@ held lease, a cancel during landing refused (never both cancelled and landed).""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 
@@ -155,6 +156,11 @@ def test_a_handoff_an_agent_pushed_to_main_itself_is_gated_on_the_new_tip(
         events = [e for e in daemon.logs() if e["event"] == "integration_moved_outside"]
         assert len(events) == 1 and events[0]["new"] == head
         assert events[0]["metric"] == "orchestrator_integration_moved_outside_total"
+        shown = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "--socket", str(daemon.socket), "status"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert "INTEGRATION BRANCH MOVED OUTSIDE THE QUEUE: 1 time(s)" in shown.stdout, shown
     finally:
         kill_group(worker)
         daemon.stop()

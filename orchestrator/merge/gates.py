@@ -103,7 +103,13 @@ def bwrap_argv(bwrap: str, checkout: Path, fences: GateFences) -> list[str]:
             argv += [how, str(path)]
         else:
             argv += [how, str(path), str(path)]
-    argv += ["--bind", str(checkout), str(checkout), "--chdir", str(checkout), "--"]
+    argv += ["--bind", str(checkout), str(checkout)]
+    # The empty stand-ins read-only too, once the checkout's mount point is made in them:
+    # nothing a gate writes there could be mistaken for the daemon's files.
+    for path in fences.hidden:
+        if path.is_dir() and not path.is_symlink():
+            argv += ["--remount-ro", str(path)]
+    argv += ["--chdir", str(checkout), "--"]
     return argv
 
 
