@@ -244,3 +244,27 @@ def test_a_gate_cannot_write_the_integration_repository_the_store_or_reach_the_s
     assert not (repo / ".git" / "PWNED").exists() and not (repo / "PWNED").exists()
     assert not (state / "worktrees" / "PWNED").exists()
     assert b"PWNED" not in (state / "orchestrator.sqlite3").read_bytes()
+
+
+def test_without_working_namespaces_auto_falls_back_and_says_why(tmp_path: Path) -> None:
+    from orchestrator.merge.gates import GateFences, detect_isolation
+
+    fences = GateFences(read_only=(tmp_path,), hidden=())
+    broken = tmp_path / "bwrap"
+    broken.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\n"
+                      "exit 1\n")
+    broken.chmod(0o755)
+    for mode in ("auto", "bwrap"):
+        found = detect_isolation(mode, fences, tmp_path, bwrap=str(broken))
+        assert (found.mode, found.namespaces) == ("processes", False)
+        assert "No permissions to create new namespace" in found.detail
+        assert found.prefix(tmp_path) == []
+    assert not detect_isolation("processes", fences, tmp_path).namespaces
+
+
+def test_an_unknown_gate_isolation_is_a_config_error(tmp_path: Path, repo: Path) -> None:
+    from orchestrator import config as config_file
+
+    path = write_config(tmp_path, repo, merge='gate_isolation = "chroot"')
+    with pytest.raises(config_file.ConfigError, match=r"merge\.gate_isolation must be one of"):
+        config_file.load(path)

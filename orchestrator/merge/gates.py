@@ -113,13 +113,16 @@ def bwrap_argv(bwrap: str, checkout: Path, fences: GateFences) -> list[str]:
     return argv
 
 
-def detect_isolation(mode: str, fences: GateFences, probe_dir: Path) -> GateIsolation:
+def detect_isolation(
+    mode: str, fences: GateFences, probe_dir: Path, *, bwrap: str | None = None
+) -> GateIsolation:
     """The isolation ``merge.gate_isolation`` asks for, as far as this machine allows.
 
     ``auto`` and ``bwrap`` try bubblewrap once with the real fences; when it does not
     work (not installed, namespaces forbidden, as under a strict systemd unit) ``auto``
     falls back to ``processes`` and the detail says why. ``bwrap`` keeps mode ``bwrap``
-    out of the answer; the queue then refuses to gate (see :func:`isolation_refusal`)."""
+    out of the answer too, and the merge queue then refuses to gate. ``bwrap`` names the
+    program to try instead of looking it up."""
     if mode == "processes":
         return GateIsolation(
             "processes",
@@ -127,7 +130,8 @@ def detect_isolation(mode: str, fences: GateFences, probe_dir: Path) -> GateIsol
             "every process they start is killed when they end",
             fences,
         )
-    bwrap = shutil.which("bwrap") or (BWRAP if os.access(BWRAP, os.X_OK) else None)
+    if bwrap is None:
+        bwrap = shutil.which("bwrap") or (BWRAP if os.access(BWRAP, os.X_OK) else None)
     problem = None
     if bwrap is None:
         problem = "bubblewrap (bwrap) is not installed"
