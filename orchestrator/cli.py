@@ -391,6 +391,15 @@ def format_status(status: dict[str, Any], handoffs: list[dict[str, Any]]) -> str
     ]
     if status.get("mergeBlocked"):
         lines.append(f"MERGE BLOCKED: {v(status['mergeBlocked'])}")
+    isolation = status.get("gateIsolation")
+    if isolation and not isolation.get("namespaces"):
+        lines.append(f"GATES NOT SANDBOXED: {v(str(isolation.get('detail')))}")
+    moved = status.get("integrationMovedOutside")
+    if moved:
+        lines.append(
+            f"INTEGRATION BRANCH MOVED OUTSIDE THE QUEUE: {moved['count']} time(s), last "
+            f"{str(moved['from'])[:12]} -> {str(moved['to'])[:12]} at {v(str(moved['at']))}"
+        )
     if handoffs:
         lines.append("")
         width = max(len(v(h["name"])) for h in handoffs)

@@ -17,6 +17,10 @@ SYSTEM_CONFIG = Path("/etc/orchestrator/orchestrator.toml")
 MERGE_STRATEGIES = ("merge", "squash", "ff-only")
 FAILURE_POLICIES = ("requeue", "hold")
 MAX_SPECULATIVE_WINDOW = 16
+# How gates are confined (merge.gate_isolation): "auto" runs each in bubblewrap's PID and
+# mount namespaces when it works here and says so when it does not; "bwrap" refuses to
+# gate without them; "processes" only ends the gate's whole process tree.
+GATE_ISOLATION_MODES = ("auto", "bwrap", "processes")
 
 
 class ConfigError(ValueError):
@@ -98,6 +102,7 @@ class Config:
     on_gate_failure: str = "requeue"
     gate_output_tail_bytes: int = 64 * 1024
     gate_sandbox: tuple[str, ...] = ()
+    gate_isolation: str = "auto"
     metrics_listen: str = "127.0.0.1:9464"
     merge_paused: bool = False
     speculative_window: int = 1
@@ -318,6 +323,12 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
             f'"--ro-bind", "/", "/", ...], got {sandbox!r}'
         )
         sandbox = []
+    isolation = r.get("merge", "gate_isolation", str, "auto")
+    if isolation not in GATE_ISOLATION_MODES:
+        problems.append(
+            f"merge.gate_isolation must be one of {', '.join(GATE_ISOLATION_MODES)}, "
+            f"got {isolation!r}"
+        )
 
     listen = r.get("metrics", "listen", str, "127.0.0.1:9464")
     if listen:
@@ -358,6 +369,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         on_gate_failure=on_gate_failure,
         gate_output_tail_bytes=tail,
         gate_sandbox=tuple(sandbox),
+        gate_isolation=isolation,
         metrics_listen=listen,
         merge_paused=paused,
         speculative_window=window,

@@ -60,6 +60,27 @@ listen = "{metrics}"
     return config
 
 
+def host_pids(needle: str) -> list[int]:
+    """Live processes whose command line contains ``needle``, as this test sees them.
+
+    A gate in a PID namespace knows only its namespace's pids, so tests find its
+    processes from outside by a word in their argv instead of by a pid they wrote."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                zombie = f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+        except (OSError, IndexError):
+            continue
+        if needle in cmdline and not zombie:
+            found.append(int(entry))
+    return found
+
+
 def wait_for(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
     """Poll until ``predicate()`` is truthy; fail the test naming ``what`` if it never is."""
     deadline = time.monotonic() + timeout

@@ -13,6 +13,7 @@ from harness import (
     Daemon,
     control,
     handoff_doc,
+    host_pids,
     kill_group,
     start_worker,
     states,
@@ -186,16 +187,16 @@ def test_gate_failure_requeues_with_feedback_and_the_repair_lands(
 
 
 def test_hanging_gate_is_killed_with_its_children(tmp_path: Path, repo: Path) -> None:
-    pids = tmp_path / "pids"
+    started = tmp_path / "started"
     hang = script(
         tmp_path,
         "hang.py",
         f"""
 import os, subprocess, sys, time
 if os.environ["ORCHESTRATOR_HANDOFF"] == "stuck":
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    with open({str(pids)!r}, "a") as f:
-        f.write(f"{{os.getpid()}} {{child.pid}}\\n")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)",
+                              "hang-child"])
+    open({str(started)!r}, "w").close()
     time.sleep(600)
 """,
     )
@@ -225,8 +226,10 @@ if os.environ["ORCHESTRATOR_HANDOFF"] == "stuck":
         record = control(daemon.socket, "handoff.get", {"name": "stuck"})
         assert record["gates"][0]["timedOut"] is True
         assert "timed out" in record["detail"]
-        gate_pids = [int(pid) for pid in pids.read_text().split()]
-        wait_for(lambda: not any(map(_alive, gate_pids)), f"gate processes {gate_pids} to be gone")
+        assert started.exists()
+        # Found by their argv: in the gate's PID namespace their own pids mean nothing here.
+        wait_for(lambda: not host_pids(hang) and not host_pids("hang-child"),
+                 "the gate's processes to be gone")
     finally:
         kill_group(worker)
         daemon.stop()
@@ -248,21 +251,20 @@ def _alive(pid: int) -> bool:
 def test_integration_branch_moved_while_gating_rebuilds_the_candidate(
     tmp_path: Path, repo: Path
 ) -> None:
-    marker = tmp_path / "moved"
+    gating, moved = tmp_path / "gating", tmp_path / "moved"
+    # The first gate run waits while a person lands a commit on main (a gate itself cannot:
+    # the integration repository is read-only to it).
     mover = script(
         tmp_path,
         "mover.py",
         f"""
-import os, subprocess
+import time
 from pathlib import Path
-marker = Path({str(marker)!r})
-if not marker.exists():
-    marker.write_text("x")
-    # Someone else lands a commit on main while this candidate is being gated.
-    Path({str(repo)!r}, "OUTSIDE.txt").write_text("landed by a person\\n")
-    subprocess.run(["git", "add", "OUTSIDE.txt"], cwd={str(repo)!r}, check=True)
-    subprocess.run(["git", "-c", "user.name=p", "-c", "user.email=p@x", "commit", "-q",
-                    "-m", "a person's commit"], cwd={str(repo)!r}, check=True)
+if not Path({str(gating)!r}).exists():
+    Path({str(gating)!r}).write_text("x")
+    deadline = time.monotonic() + 60
+    while not Path({str(moved)!r}).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 """,
     )
     config = write_config(tmp_path, repo, gates=gate([sys.executable, mover]))
@@ -270,6 +272,11 @@ if not marker.exists():
     worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
     try:
         control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("racer")]})
+        wait_for(gating.exists, "the first gate run")
+        (repo / "OUTSIDE.txt").write_text("landed by a person\n")
+        git(repo, "add", "OUTSIDE.txt")
+        git(repo, "commit", "-q", "-m", "a person's commit")
+        moved.write_text("x")
         wait_for(lambda: states(daemon.socket)["racer"] == "merged", "the rebuilt candidate")
         record = control(daemon.socket, "handoff.get", {"name": "racer"})
         candidates = [g["candidate"] for g in record["gates"]]
@@ -333,7 +340,8 @@ if not marker.exists():
         wait_for(started.exists, "the gate to start")
         assert states(daemon.socket)["survivor"] == "gating"
         daemon.kill()
-        os.kill(int(wait_for(started.read_text, "the gate pid")), 9)  # orphaned by SIGKILL
+        for pid in host_pids(slow):  # orphaned by SIGKILL, if it outlived the daemon
+            os.kill(pid, 9)
         daemon.start()
         wait_for(lambda: states(daemon.socket)["survivor"] == "merged", "the merge after restart")
         record = control(daemon.socket, "handoff.get", {"name": "survivor"})

@@ -82,6 +82,7 @@ OPERATOR_METRICS = {
     "orchestrator_handoff_state_duration_seconds": "histogram",
     "orchestrator_requests": "counter",
     "orchestrator_request_duration_seconds": "histogram",
+    "orchestrator_integration_moved_outside": "counter",
 }
 EXPOSED_NAMES = (
     "orchestrator_handoffs",
@@ -105,6 +106,7 @@ EXPOSED_NAMES = (
     "orchestrator_handoff_state_duration_seconds",
     "orchestrator_requests_total",
     "orchestrator_request_duration_seconds",
+    "orchestrator_integration_moved_outside_total",
 )
 
 
@@ -129,6 +131,7 @@ def exercised_metrics(version: str = "1.2.3-test") -> Metrics:
     m.set_workers_connected(2)
     m.set_merge_blocked(False)
     m.refresh_failed()
+    m.integration_moved_outside()
     m.lease_started("L1")
     m.heartbeat("L1")
     m.lease_ended("L1", "reported")

@@ -367,8 +367,25 @@ class Handlers:
             ],
             "mergeQueue": queue,
             "mergeBlocked": self.merges.blocked_reason,
+            # How gates are confined (null until the merge queue has probed, at start-up).
+            "gateIsolation": None
+            if self.merges.isolation is None
+            else {
+                "mode": self.merges.isolation.mode,
+                "namespaces": self.merges.isolation.namespaces,
+                "detail": self.merges.isolation.detail,
+            },
             "integrationBranch": self.config.integration_branch,
             "integrationTip": tip,
+            # Moves of the integration branch the merge queue did not make (null: none seen).
+            "integrationMovedOutside": None
+            if self.merges.moved_outside is None
+            else {
+                "count": self.merges.moved_outside.count,
+                "from": self.merges.moved_outside.old,
+                "to": self.merges.moved_outside.new,
+                "at": rfc3339(self.merges.moved_outside.at),
+            },
         }
 
 

@@ -645,6 +645,11 @@ class Workspace:
 
     # ------------------------------------------------------------------ gate worktree
 
+    @property
+    def common_dir(self) -> Path:
+        """The integration repository's git dir (objects, refs): what gates must not write."""
+        return self._common_dir
+
     def gate_checkout(self, commit: str, *, slot: int = 0) -> Path:
         """Return the gate worktree, detached at ``commit`` with exactly its files.
 
@@ -661,13 +666,93 @@ class Workspace:
         if admin is None:
             self.recover()
             self._git("worktree", "add", "-q", "--detach", str(path), sha, cwd=self.repo_path)
-            if self._adopt(path) is None:
+            admin = self._adopt(path)
+            if admin is None:
                 raise GitError(f"git worktree add did not register {path}")
-            return path
+            return self._gate_verified(path, admin, sha)
         self._clear_stale_state(admin)
-        self._wt_git(path, admin, "checkout", "-f", "-q", "--detach", sha, "--")
-        self._wt_git(path, admin, "clean", "-ffdxq")
+        # A gate runs the agents' code: it may have marked tracked files skip-worktree or
+        # assume-unchanged (so checkout leaves its rewritten copies alone) or turned on
+        # sparse checkout. Clear every such flag before checking out, then prove the result.
+        flagged = self._index_flagged(path, admin)
+        # One flag per call: update-index applies only the last of several such options.
+        for option in ("--no-skip-worktree", "--no-assume-unchanged"):
+            for start in range(0, len(flagged), 500):
+                batch = flagged[start : start + 500]
+                self._gate_git(path, admin, "update-index", option, "--", *batch)
+        self._gate_git(path, admin, "checkout", "-f", "-q", "--detach", sha, "--")
+        self._gate_git(path, admin, "clean", "-ffdxq")
+        problem = self._gate_differs(path, admin, sha)
+        if problem is None:
+            return path
+        # Whatever the last gate did to this checkout, a fresh one starts from git alone.
+        log.warning("gate_checkout_replaced", path=str(path), commit=sha, reason=problem)
+        self._remove_tree(path)
+        self._prune_registrations()
+        self._git("worktree", "add", "-q", "--detach", str(path), sha, cwd=self.repo_path)
+        admin = self._adopt(path)
+        if admin is None:
+            raise GitError(f"git worktree add did not register {path}")
+        return self._gate_verified(path, admin, sha)
+
+    def _gate_verified(self, path: Path, admin: Path, sha: str) -> Path:
+        problem = self._gate_differs(path, admin, sha)
+        if problem is not None:
+            raise GitError(
+                f"refusing to gate {sha[:12]}: the gate checkout {path} is not exactly that "
+                f"commit even when freshly made ({problem}); check the repository's "
+                "filters and attributes (.gitattributes, git config filter.*)"
+            )
         return path
+
+    # Config that decides which files git looks at. The agents' code a gate runs can set it
+    # in the gate worktree's git dir; the daemon's own checks must see every file anyway.
+    _GATE_GIT_CONFIG = (
+        "core.sparseCheckout=false",
+        "core.sparseCheckoutCone=false",
+        "core.fsmonitor=false",
+        "core.untrackedCache=false",
+        "core.splitIndex=false",
+        "index.sparse=false",
+        "status.showUntrackedFiles=all",
+    )
+
+    def _gate_git(self, path: Path, admin: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        overrides = [part for item in self._GATE_GIT_CONFIG for part in ("-c", item)]
+        return self._wt_git(path, admin, *overrides, *args)
+
+    def _index_flagged(self, path: Path, admin: Path) -> list[str]:
+        """Paths of the gate worktree's index marked skip-worktree or assume-unchanged."""
+        out = self._gate_git(path, admin, "ls-files", "-z", "-v").stdout
+        flagged = []
+        for entry in out.split("\0"):
+            if len(entry) < 3:
+                continue
+            tag, name = entry[0], entry[2:]
+            # ls-files -v: "S" skip-worktree, lowercase letters assume-unchanged.
+            if tag == "S" or tag.islower():
+                flagged.append(name)
+        return flagged
+
+    def _gate_differs(self, path: Path, admin: Path, sha: str) -> str | None:
+        """Why the gate worktree is not exactly ``sha``'s tree, or None when it is."""
+        want_tree = str(self._commit(sha).tree_id)
+        head = self._gate_git(path, admin, "rev-parse", "--verify", "HEAD").stdout.strip()
+        if head != sha:
+            return f"HEAD is {head[:12]}, not {sha[:12]}"
+        flagged = self._index_flagged(path, admin)
+        if flagged:
+            return f"{len(flagged)} path(s) still flagged in the index, e.g. {flagged[0]!r}"
+        tree = self._gate_git(path, admin, "write-tree").stdout.strip()
+        if tree != want_tree:
+            return f"its index holds tree {tree[:12]}, not the commit's {want_tree[:12]}"
+        status = self._gate_git(
+            path, admin, "status", "--porcelain=v1", "-z", "--ignored", "--untracked-files=all"
+        ).stdout
+        changes = [item for item in status.split("\0") if item]
+        if changes:
+            return f"{len(changes)} path(s) differ from the commit, e.g. {changes[0]!r}"
+        return None
 
     # ------------------------------------------------------------------ crash recovery
 

@@ -1,28 +1,168 @@
 """The gate runner: run one configured command on a candidate checkout, with a timeout.
 
-Each gate runs in a new session (its own process group), so on timeout or cancellation the
-whole group is killed: a test runner's children must not outlive the gate and hold the
-checkout or a port the next gate needs.
+A gate runs code an agent wrote, so it is confined (docs/security.md):
+
+* by default (``merge.gate_isolation = "auto"``) inside bubblewrap, in PID and mount
+  namespaces of its own: the integration repository is read-only, the daemon's state
+  directory (store, socket, the other checkouts) is not there at all, and only its own
+  checkout is writable; when its command ends, its PID namespace and everything in it go;
+* always below :mod:`orchestrator.merge.gate_supervisor`, a child subreaper that kills
+  every process the gate started (``setsid`` and double-forked ones too) when it ends,
+  times out, is cancelled, or the daemon dies. Where namespaces are not available this
+  is what remains, and the daemon says so at start-up and in ``status``.
+
+``merge.gate_sandbox`` (a user prefix) runs inside all of that, for people who want more.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import anyio
 from anyio.abc import Process
 
 from orchestrator.config import GateConfig
 from orchestrator.daemon import systemd
+from orchestrator.merge import gate_supervisor
+from orchestrator.merge.gate_supervisor import END_NOW
 
 # After SIGTERM, how long a gate's process group gets to exit before SIGKILL.
 TERM_GRACE_S = 2.0
+# How long the supervisor gets to kill and reap a gate's whole tree before SIGKILL.
+END_GRACE_S = 5.0
+BWRAP = "/usr/bin/bwrap"
+# What `auto` probes bubblewrap with at start-up; it must answer quickly.
+PROBE_TIMEOUT_S = 10.0
+
+IsolationMode = Literal["bwrap", "processes"]
+
+
+@dataclass(frozen=True)
+class GateFences:
+    """What a gate must not touch: ``read_only`` paths are visible but cannot be written
+    (the integration repository, whose objects a gate's git reads); ``hidden`` ones are
+    replaced by an empty tmpfs (the daemon's state dir: store, socket, other checkouts)."""
+
+    read_only: tuple[Path, ...] = ()
+    hidden: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class GateIsolation:
+    """How gates are confined on this machine, decided once at start-up."""
+
+    mode: IsolationMode
+    detail: str
+    fences: GateFences = field(default_factory=GateFences)
+    bwrap: str = BWRAP
+
+    @property
+    def namespaces(self) -> bool:
+        return self.mode == "bwrap"
+
+    def prefix(self, checkout: Path) -> list[str]:
+        """The argv prefix that confines one gate run in ``checkout``."""
+        if self.mode != "bwrap":
+            return []
+        return bwrap_argv(self.bwrap, checkout, self.fences)
+
+
+def bwrap_argv(bwrap: str, checkout: Path, fences: GateFences) -> list[str]:
+    """bubblewrap arguments: the host's file system as it is, minus the fences, plus the
+    checkout writable; a PID namespace that dies with the daemon."""
+    argv = [
+        bwrap,
+        "--die-with-parent",
+        "--unshare-pid",
+        "--new-session",  # no TIOCSTI into the daemon's terminal
+        "--bind", "/", "/",
+        "--proc", "/proc",
+    ]  # fmt: skip
+    if os.geteuid() == 0:
+        # Root keeps its capabilities in bwrap, and CAP_SYS_ADMIN could remount the fences.
+        argv += ["--cap-drop", "ALL"]
+    mounts = [(p, "--ro-bind") for p in fences.read_only] + [(p, "--tmpfs") for p in fences.hidden]
+    # Outer directories first, so an inner fence is mounted on top of an outer one.
+    for path, how in sorted(mounts, key=lambda m: len(m[0].parts)):
+        if not os.path.lexists(path):
+            continue
+        if how == "--tmpfs" and not path.is_dir():
+            # A file (the socket, when it lives elsewhere): connect() ignores read-only
+            # mounts, so put an empty device in its place.
+            argv += ["--ro-bind", "/dev/null", str(path)]
+        elif how == "--tmpfs":
+            argv += [how, str(path)]
+        else:
+            argv += [how, str(path), str(path)]
+    argv += ["--bind", str(checkout), str(checkout)]
+    # The empty stand-ins read-only too, once the checkout's mount point is made in them:
+    # nothing a gate writes there could be mistaken for the daemon's files.
+    for path in fences.hidden:
+        if path.is_dir() and not path.is_symlink():
+            argv += ["--remount-ro", str(path)]
+    argv += ["--chdir", str(checkout), "--"]
+    return argv
+
+
+def detect_isolation(
+    mode: str, fences: GateFences, probe_dir: Path, *, bwrap: str | None = None
+) -> GateIsolation:
+    """The isolation ``merge.gate_isolation`` asks for, as far as this machine allows.
+
+    ``auto`` and ``bwrap`` try bubblewrap once with the real fences; when it does not
+    work (not installed, namespaces forbidden, as under a strict systemd unit) ``auto``
+    falls back to ``processes`` and the detail says why. ``bwrap`` keeps mode ``bwrap``
+    out of the answer too, and the merge queue then refuses to gate. ``bwrap`` names the
+    program to try instead of looking it up."""
+    if mode == "processes":
+        return GateIsolation(
+            "processes",
+            'merge.gate_isolation = "processes": gates share the daemon\'s file system; '
+            "every process they start is killed when they end",
+            fences,
+        )
+    if bwrap is None:
+        bwrap = shutil.which("bwrap") or (BWRAP if os.access(BWRAP, os.X_OK) else None)
+    problem = None
+    if bwrap is None:
+        problem = "bubblewrap (bwrap) is not installed"
+    else:
+        try:
+            done = subprocess.run(
+                [*bwrap_argv(bwrap, probe_dir, fences), "true"],
+                capture_output=True,
+                text=True,
+                timeout=PROBE_TIMEOUT_S,
+                check=False,
+            )
+            if done.returncode != 0:
+                problem = f"bwrap does not work here: {done.stderr.strip() or done.returncode}"
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            problem = f"bwrap does not work here: {exc}"
+    if problem is None:
+        assert bwrap is not None
+        return GateIsolation(
+            "bwrap",
+            "gates run in bubblewrap: own PID namespace, integration repository read-only, "
+            "state directory hidden, only the gate checkout writable",
+            fences,
+            bwrap,
+        )
+    return GateIsolation(
+        "processes",
+        f"namespaces unavailable ({problem}): gates can write what the daemon's user can; "
+        "every process they start is still killed when they end",
+        fences,
+    )
 
 
 @dataclass(frozen=True)
@@ -71,13 +211,21 @@ def _kill_group(process: Process, sig: int) -> None:
 
 
 async def _stop_group(process: Process, *, graceful: bool) -> None:
-    """End the gate's whole process group: TERM then KILL when ``graceful``, else KILL.
+    """End the gate and every process it started: TERM to its group first when
+    ``graceful``, then the supervisor kills the whole tree, then KILL what is left.
 
-    Even after a clean exit the group is killed, since a gate's background children
-    (a test server, a watcher) must not outlive it."""
-    if graceful:
+    Even after a clean exit this runs, since a gate's background children (a test server,
+    a watcher) must not outlive it."""
+    if graceful and process.returncode is None:
         _kill_group(process, signal.SIGTERM)
         with anyio.move_on_after(TERM_GRACE_S):
+            await process.wait()
+    if process.returncode is None:
+        try:
+            process.send_signal(END_NOW)
+        except ProcessLookupError:
+            pass
+        with anyio.move_on_after(END_GRACE_S):
             await process.wait()
     _kill_group(process, signal.SIGKILL)
     await process.wait()
@@ -90,18 +238,21 @@ async def run_gate(
     tail_bytes: int = 64 * 1024,
     env: Mapping[str, str] | None = None,
     sandbox: Sequence[str] = (),
+    isolation: GateIsolation | None = None,
 ) -> GateResult:
     """Run ``gate`` in ``checkout``; stdout and stderr are merged into one tail.
 
     ``sandbox`` (``merge.gate_sandbox``) is an argv prefix the gate's command is appended
     to, e.g. ``bwrap ... --`` or ``systemd-run --user --pipe --wait ...``: gates run the
-    agents' code, and the prefix is how a deployment confines it. Only the tail of the
-    output is kept in memory, however much the gate writes."""
+    agents' code, and the prefix is how a deployment confines it further; it runs inside
+    ``isolation`` (see the module's docstring). Only the tail of the output is kept in
+    memory, however much the gate writes."""
     argv = [*sandbox, *gate.run]
+    confined = [*(isolation.prefix(checkout) if isolation else []), *argv]
     started = time.time()
     clock = time.monotonic()
     tail = _Tail(tail_bytes)
-    # Through deathsig with the daemon's pid: a daemon killed outright (outside systemd,
+    # The supervisor knows the daemon's pid: a daemon killed outright (outside systemd,
     # whose cgroup would catch it) takes its gates along, so none keeps writing in a gate
     # worktree the restarted daemon hands to the next candidate.
     full_env = systemd.child_environment(
@@ -109,7 +260,9 @@ async def run_gate(
     )
     try:
         process = await anyio.open_process(
-            [sys.executable, "-m", "orchestrator.deathsig", *argv],
+            # By file and isolated (-I): it needs only the standard library, and runs the
+            # same whatever PYTHONPATH or site-packages the daemon or a gate's env has.
+            [sys.executable, "-I", gate_supervisor.__file__, *confined],
             cwd=checkout,
             env=full_env,
             stdin=None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -26,7 +27,13 @@ from orchestrator.git.workspace import (
 )
 from orchestrator.handoff import template as handoff_model
 from orchestrator.merge import commit_message
-from orchestrator.merge.gates import GateResult, run_gate
+from orchestrator.merge.gates import (
+    GateFences,
+    GateIsolation,
+    GateResult,
+    detect_isolation,
+    run_gate,
+)
 from orchestrator.observe import logs
 from orchestrator.observe.metrics import Metrics
 from orchestrator.store.sqlite import InvalidTransition, MergeJob, Store, StoreFull
@@ -40,6 +47,16 @@ PAUSED = "merging is paused (merge.paused = true in the config)"
 _SKIPPED = object()
 # How much of a gate log goes into an agent's feedback.
 FEEDBACK_LOG_BYTES = 8 * 1024
+
+
+@dataclass(frozen=True)
+class OutsideMove:
+    """The integration branch moved by something other than the queue (shown in status)."""
+
+    count: int
+    old: str
+    new: str
+    at: float
 
 
 class MergeQueue:
@@ -67,6 +84,12 @@ class MergeQueue:
         self._wakeup = anyio.Event()
         # When the step in progress began (monotonic), for the systemd watchdog.
         self._busy_since: float | None = None
+        # How gates are confined here; decided by the first run() (a probe of bwrap).
+        self.isolation: GateIsolation | None = None
+        # Where the queue last saw or left the integration branch; any other tip means
+        # someone else moved it.
+        self._known_tip: str | None = None
+        self.moved_outside: OutsideMove | None = None
 
     def wake(self) -> None:
         """A report arrived or a handoff was retried: look at the queue again."""
@@ -90,6 +113,9 @@ class MergeQueue:
 
         A store that cannot be written (full disk) pauses the queue, says so in status,
         and resumes once writes work again; it never takes the daemon down."""
+        self.running = True  # for /readyz: the probe below must not hold readiness back
+        self._known_tip = await self.offload.git(self.workspace.integration_tip)
+        await self._detect_isolation()
         while True:
             try:
                 await self._run()
@@ -110,6 +136,32 @@ class MergeQueue:
                 self.blocked_reason = None
                 log.info("store_writable_again", detail="merging resumes")
                 self.on_change()
+
+    async def _detect_isolation(self) -> None:
+        """Decide once how gates are confined, and say so (log and ``status``)."""
+        fences = GateFences(
+            read_only=(self.workspace.repo_path, self.workspace.common_dir),
+            hidden=(self.config.state_dir, self.workspace.worktrees_dir, self.config.socket),
+        )
+        wanted = self.config.gate_isolation
+        self.isolation = await anyio.to_thread.run_sync(
+            detect_isolation, wanted, fences, self.workspace.worktrees_dir
+        )
+        event = log.info if self.isolation.namespaces or wanted == "processes" else log.warning
+        event(
+            "gate_isolation",
+            mode=self.isolation.mode,
+            namespaces=self.isolation.namespaces,
+            detail=self.isolation.detail,
+        )
+        if wanted == "bwrap" and not self.isolation.namespaces:
+            # Asked for namespaces and cannot have them: gate nothing rather than less.
+            self.blocked_reason = (
+                f'not gating: merge.gate_isolation = "bwrap" but {self.isolation.detail}; '
+                'install bubblewrap, allow namespaces, or set merge.gate_isolation = "auto"'
+            )
+            log.error("merge_blocked", reason=self.blocked_reason)
+            await anyio.sleep_forever()
 
     async def _run(self) -> None:
         self.running = True
@@ -214,6 +266,7 @@ class MergeQueue:
                     detail="the daemon stopped before this candidate landed",
                     now=time.time(),
                 )
+                await self.offload.db(self.store.return_to_queue, name, now=time.time())
                 log.warning(
                     "landing_not_done",
                     handoff=name,
@@ -233,6 +286,7 @@ class MergeQueue:
         for job in jobs:
             self.metrics.merge_started(job.name)
         tip = await self.offload.git(self.workspace.integration_tip)
+        self._note_tip(tip)
         train: list[tuple[MergeJob, MergeResult]] = []
         base = tip
         for job in jobs:
@@ -246,14 +300,21 @@ class MergeQueue:
                 head=job.head,
                 onto=base,
             )
+            if result.candidate is None and not train and result.detail == "already merged":
+                # Its commit reached the branch by someone else's move (an agent's
+                # update-ref, a person's push), never through a gate: it is not merged on
+                # that alone. The tip holding it is its candidate, gated like any other.
+                bound.warning(
+                    "already_on_integration_branch",
+                    tip=result.base,
+                    detail="gating the integration tip that holds it",
+                )
+                result = MergeResult(result.base, (), result.base)
             if result.candidate is None:
                 if train:
                     # It may only clash with a candidate ahead of it, which might still
                     # fail: decide once the ones ahead have landed.
                     bound.info("speculation_stopped", reason=result.detail or "conflict")
-                elif result.detail == "already merged":
-                    bound.info("already_merged", base=result.base)
-                    await self._merged(job, result.base, result.base, bound)
                 else:
                     await self._conflict(
                         job, result.base, list(result.conflicts), result.detail, bound
@@ -306,8 +367,27 @@ class MergeQueue:
                 )
                 bound.warning("integration_moved", expected=expected, detail=detail)
                 return
+            self._known_tip = result.candidate
             await self._merged(job, expected, result.candidate, bound)
             expected = result.candidate
+
+    def _note_tip(self, tip: str) -> None:
+        """Log, count and keep for ``status`` a tip the queue did not put there."""
+        known, self._known_tip = self._known_tip, tip
+        if known is None or known == tip:
+            return
+        count = (self.moved_outside.count if self.moved_outside else 0) + 1
+        self.moved_outside = OutsideMove(count=count, old=known, new=tip, at=time.time())
+        self.metrics.integration_moved_outside()
+        log.warning(
+            "integration_moved_outside",
+            branch=self.config.integration_branch,
+            old=known,
+            new=tip,
+            metric="orchestrator_integration_moved_outside_total",
+            detail="the integration branch moved without the merge queue; whatever it holds "
+            "that no gate saw is gated before any handoff is recorded as merged",
+        )
 
     async def _gate_train(
         self, train: list[tuple[MergeJob, MergeResult]]
@@ -366,6 +446,7 @@ class MergeQueue:
                 tail_bytes=self.config.gate_output_tail_bytes,
                 env=env,
                 sandbox=self.config.gate_sandbox,
+                isolation=self.isolation,
             )
             await self.offload.db(
                 self.store.record_gate,
@@ -406,8 +487,8 @@ class MergeQueue:
         stopped being ours to land while we waited (a person cancelled it)."""
         reflog = f"orchestrator: merge handoff {job.name} (attempt {job.attempt})"
         while True:
-            row = await self.offload.db(self.store.handoff_row, job.name)
-            if row["state"] != "gating":
+            # Atomically "still gating" and "no cancel from now until the move is done".
+            if not await self.offload.db(self.store.begin_ref_move, job.name):
                 self.blocked_reason = None
                 return None
             try:
@@ -415,6 +496,7 @@ class MergeQueue:
                     self.workspace.advance_integration, base, candidate, reflog
                 )
             except IntegrationLocked as exc:
+                await self.offload.db(self.store.end_ref_move, job.name)  # a cancel may win
                 reason = f"not merging {job.name}: {exc}"
                 if self.blocked_reason != reason:
                     bound.error("merge_blocked", reason=reason, locks=[str(p) for p in exc.locks])
@@ -423,6 +505,7 @@ class MergeQueue:
                 self._busy_since = time.monotonic()  # another git's lock is not a wedge
                 continue
             except IntegrationTreeDirty as exc:
+                await self.offload.db(self.store.end_ref_move, job.name)  # a cancel may win
                 reason = (
                     f"not merging {job.name}: {exc.path} has {self.config.integration_branch} "
                     "checked out with local changes; commit, stash or discard them"

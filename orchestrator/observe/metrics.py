@@ -313,6 +313,12 @@ class Metrics:
             registry=r,
         )
         # --- leases ---
+        self._integration_moved_outside = Counter(
+            "orchestrator_integration_moved_outside",
+            "Times the merge queue found the integration branch moved by something other "
+            "than itself (an agent's update-ref, a person's push).",
+            registry=r,
+        )
         self._lease_expirations = Counter(
             "orchestrator_lease_expirations",
             "Leases lost because the worker stopped heartbeating within the TTL.",
@@ -463,6 +469,11 @@ class Metrics:
     def set_merge_blocked(self, blocked: bool) -> None:
         """Set ``orchestrator_merge_blocked`` (1 while merging is held back)."""
         self._merge_blocked.set(1 if blocked else 0)
+
+    def integration_moved_outside(self) -> None:
+        """Count one outside move of the integration branch
+        (``orchestrator_integration_moved_outside_total``)."""
+        self._integration_moved_outside.inc()
 
     def refresh_failed(self) -> None:
         """Count a scrape served with stale gauges (``..._metrics_refresh_failures_total``)."""

@@ -199,6 +199,10 @@ class InvalidTransition(StoreError):
     pass
 
 
+# The detail of a pending landing while the merge queue moves the branch to it.
+_MOVING = "moving the integration branch to this candidate"
+
+
 @dataclass(frozen=True)
 class NewHandoff:
     """A validated handoff ready to store (the caller parsed and checked it)."""
@@ -826,6 +830,12 @@ class Store:
         with self._tx() as c:
             lease = self._held(c, lease_id, token, now)
             name = lease["handoff"]
+            handoff = self._row(c, name)
+            if handoff["state"] != "leased" or handoff["attempt"] != lease["attempt"]:
+                raise LeaseNotHeld(
+                    f"lease {lease_id} no longer holds {name} (it is {handoff['state']}, "
+                    f"attempt {handoff['attempt']}); stop working on it and acquire a new lease"
+                )
             status = report["status"]
             summary = str(report.get("summary") or "")
             c.execute(
@@ -867,6 +877,15 @@ class Store:
                 raise InvalidTransition(f"{name} is already merged; nothing to cancel")
             if row["state"] == "cancelled":
                 return None
+            if row["state"] == "gating" and self._moving(c, name):
+                # Its gates passed and the branch is moving: a cancel now could only be
+                # overridden (the work lands anyway) or leave landed work marked cancelled.
+                # Before the move (even while it waits for a dirty checkout) a cancel wins.
+                raise InvalidTransition(
+                    f"{name} passed its gates and is landing on the integration branch right "
+                    "now; it cannot be cancelled any more. Once it is merged, revert its merge "
+                    "commit if the work must go"
+                )
             lease = c.execute(
                 "SELECT id FROM leases WHERE handoff = ? AND ended_at IS NULL", (name,)
             ).fetchone()
@@ -980,6 +999,34 @@ class Store:
         ).fetchone()
         return int(row["id"]) if row is not None and row["result"] == "landing" else None
 
+    def _moving(self, c: sqlite3.Connection, name: str) -> bool:
+        row_id = self._pending_landing(c, name)
+        if row_id is None:
+            return False
+        row = c.execute("SELECT detail FROM merges WHERE id = ?", (row_id,)).fetchone()
+        return bool(row["detail"] == _MOVING)
+
+    def begin_ref_move(self, name: str) -> bool:
+        """The merge queue is about to move the branch to the recorded landing: True if the
+        handoff is still ``gating`` with that landing pending, and from now until
+        :meth:`end_ref_move` (or the outcome) a cancel is refused. False: a cancel won."""
+        with self._tx() as c:
+            row_id = self._pending_landing(c, name)
+            if self._row(c, name)["state"] != "gating" or row_id is None:
+                return False
+            c.execute("UPDATE merges SET detail = ? WHERE id = ?", (_MOVING, row_id))
+            return True
+
+    def end_ref_move(self, name: str) -> None:
+        """The branch did not move (a lock or a dirty checkout held it back): a cancel may
+        win again while the queue waits."""
+        with self._tx() as c:
+            row_id = self._pending_landing(c, name)
+            if row_id is not None:
+                c.execute(
+                    "UPDATE merges SET detail = '' WHERE id = ? AND detail = ?", (row_id, _MOVING)
+                )
+
     def landing_superseded(self, name: str, *, detail: str, now: float) -> None:
         """The compare-and-swap lost: the branch moved, the candidate will be rebuilt."""
         with self._tx() as c:
@@ -993,22 +1040,35 @@ class Store:
     def mark_merged(self, name: str, *, attempt: int, base: str, commit: str, now: float) -> float:
         """Record a landed merge; returns the cycle time (submitted to merged).
 
-        Unconditional: once the ref moved, the work *is* on the integration branch."""
+        Only from ``gating`` and only for the landing :meth:`record_landing_intent` wrote
+        for this attempt and candidate (so only after every gate passed on it); anything
+        else raises :class:`InvalidTransition`. A cancel cannot come in between: it is
+        refused while a landing is pending."""
         with self._tx() as c:
             row = self._row(c, name)
             landing = self._pending_landing(c, name)
-            if landing is not None:
-                c.execute(
-                    "UPDATE merges SET result = 'merged', base = ?, candidate = ?, at = ?"
-                    " WHERE id = ?",
-                    (base, commit, now, landing),
+            recorded = (
+                None
+                if landing is None
+                else c.execute(
+                    "SELECT attempt, candidate FROM merges WHERE id = ?", (landing,)
+                ).fetchone()
+            )
+            if (
+                row["state"] != "gating"
+                or recorded is None
+                or recorded["attempt"] != attempt
+                or recorded["candidate"] != commit
+            ):
+                raise InvalidTransition(
+                    f"{name} is {row['state']} with no landing of {commit[:12]} (attempt "
+                    f"{attempt}) recorded; only a gated candidate that landed is merged"
                 )
-            else:
-                c.execute(
-                    "INSERT INTO merges(handoff, attempt, result, base, candidate, at)"
-                    " VALUES (?,?,?,?,?,?)",
-                    (name, attempt, "merged", base, commit, now),
-                )
+            c.execute(
+                "UPDATE merges SET result = 'merged', base = ?, candidate = ?, detail = '',"
+                " at = ? WHERE id = ?",
+                (base, commit, now, landing),
+            )
             self._set_state(
                 c,
                 name,
@@ -1072,7 +1132,9 @@ class Store:
     def return_to_queue(self, name: str, *, now: float) -> None:
         """A merge attempt that could not finish (e.g. the daemon stopping) goes back."""
         with self._tx() as c:
-            if self._row(c, name)["state"] == "gating":
+            # A pending landing stays ``gating`` until reconcile_landings settles it: the
+            # ref may have moved, and only from ``gating`` can it be recorded as merged.
+            if self._row(c, name)["state"] == "gating" and self._pending_landing(c, name) is None:
                 self._set_state(c, name, "reported", now)
 
     def recover(self, *, ttl_s: float, now: float) -> list[str]:
@@ -1081,7 +1143,11 @@ class Store:
         full TTL from now, so its worker can reconnect and carry on (the daemon's downtime
         is not the worker's fault)."""
         with self._tx() as c:
-            names = [r[0] for r in c.execute("SELECT name FROM handoffs WHERE state = 'gating'")]
+            names = [
+                r[0]
+                for r in c.execute("SELECT name FROM handoffs WHERE state = 'gating'").fetchall()
+                if self._pending_landing(c, r[0]) is None  # settled by reconcile_landings
+            ]
             for name in names:
                 self._set_state(c, name, "reported", now, detail="gating interrupted by a restart")
             for lease in c.execute(
@@ -1118,7 +1184,11 @@ class Store:
         """Put every ``gating`` handoff back to ``reported`` (the merge queue was cut short
         and will take them again); returns their names."""
         with self._tx() as c:
-            names = [r[0] for r in c.execute("SELECT name FROM handoffs WHERE state = 'gating'")]
+            names = [
+                r[0]
+                for r in c.execute("SELECT name FROM handoffs WHERE state = 'gating'").fetchall()
+                if self._pending_landing(c, r[0]) is None  # settled by reconcile_landings
+            ]
             for name in names:
                 self._set_state(c, name, "reported", now, detail="gating interrupted")
             return names
