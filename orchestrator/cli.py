@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p = sub.add_parser("retry", help="give a failed, conflict or cancelled handoff another go")
     p.add_argument("name")
+    p = sub.add_parser("answer", help="answer the question a handoff's agent is waiting on")
+    p.add_argument("name")
+    p.add_argument("text", metavar="TEXT", help="the answer (one of its choices, if it gave any)")
     p = sub.add_parser("check-config", help="validate the config and say what to fix")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("worker", help="run an agent command for each leased handoff")
@@ -250,6 +253,10 @@ def _run(args: argparse.Namespace) -> int:
         _call(args, f"handoff.{command}", {"name": args.name})
         print(f"{args.name}: {'cancelled' if command == 'cancel' else 'queued again'}")
         return 0
+    if command == "answer":
+        _call(args, "handoff.answer", {"name": args.name, "answer": args.text})
+        print(f"{args.name}: answered")
+        return 0
     if command == "worker":
         from orchestrator.agent.worker import WorkerOptions, default_name, main_sync
 
@@ -317,6 +324,10 @@ def format_status(status: dict[str, Any], handoffs: list[dict[str, Any]]) -> str
     ]
     if status.get("mergeBlocked"):
         lines.append(f"MERGE BLOCKED: {status['mergeBlocked']}")
+    if status.get("needsInput"):
+        lines.append(
+            f"waiting for an answer: {status['needsInput']} (orchestrator answer NAME TEXT)"
+        )
     if handoffs:
         lines.append("")
         width = max(len(h["name"]) for h in handoffs)
@@ -331,7 +342,20 @@ def format_status(status: dict[str, Any], handoffs: list[dict[str, Any]]) -> str
                 f"{h['name']:<{width}}  {h['state']:<9}  {h['priority']:<6}  "
                 f"attempt {h['attempt']}{extra}"
             )
+            if h.get("needsInput"):
+                lines.append(f"{'':<{width}}  asks: {_question_text(h['needsInput'])}")
     return "\n".join(lines)
+
+
+def _question_text(needs_input: dict[str, Any]) -> str:
+    """A waiting question on one line, its choices after it; agent-written, so made visible."""
+    from orchestrator.observe.terminal import visible
+
+    text = visible(str(needs_input.get("question", "")))
+    choices = needs_input.get("choices")
+    if choices:
+        text += " [" + " | ".join(visible(str(c)) for c in choices) + "]"
+    return text
 
 
 def format_record(record: dict[str, Any], states: dict[str, str] | None = None) -> str:
@@ -354,13 +378,19 @@ def format_record(record: dict[str, Any], states: dict[str, str] | None = None) 
             )
     if record.get("detail"):
         lines.append(f"  {record['detail']}")
+    if record.get("needsInput"):
+        lines.append(
+            f"  WAITING FOR AN ANSWER (asked {record['needsInput'].get('askedAt')}): "
+            f"{_question_text(record['needsInput'])}"
+        )
+        lines.append(f"    answer with: orchestrator answer {record['name']} TEXT")
     if record.get("conflicts"):
         lines.append("  conflicts: " + ", ".join(record["conflicts"]))
     if record.get("mergeCommit"):
         lines.append(f"  merged as {record['mergeCommit']}")
     for lease in record.get("leases", []):
         lines.append(
-            f"  lease {lease['id']} token {lease['token']} by {lease['worker']} "
+            f"  lease {lease['id']} by {lease['worker']} "
             f"(attempt {lease['attempt']}): {lease['endReason'] or 'active'}"
         )
     for gate in record.get("gates", []):

@@ -22,6 +22,8 @@ import anyio
 import pygit2
 from anyio.abc import Process
 
+from orchestrator.agent.asking import Asking, watch_question_file
+from orchestrator.agent.channel import LeaseChannel
 from orchestrator.agent.client import Client, ConnectionLost
 from orchestrator.handoff import template as handoff_model
 from orchestrator.observe import logs
@@ -68,9 +70,16 @@ class Link:
         self.revoked_event = anyio.Event()
         self.server_info: dict[str, Any] = {}
         self.failure: Exception | None = None
+        # The leases this worker is working on, for the notifications about them.
+        self.channels: dict[str, LeaseChannel] = {}
 
     def _notified(self, method: str, params: dict[str, Any]) -> None:
-        if method == "lease.revoked":
+        channel = self.channels.get(str(params.get("leaseId")))
+        if method == "lease.answered" and channel is not None:
+            channel.asking.answered(str(params.get("answer", "")))
+        elif method == "lease.warning" and channel is not None:
+            channel.warnings.append(params)
+        elif method == "lease.revoked":
             self.revoked.add(str(params.get("leaseId")))
             self.revoked_event.set()
             self.revoked_event = anyio.Event()
@@ -209,8 +218,19 @@ def _dump_tasks() -> None:
 class _Run:
     lease: dict[str, Any]
     files: Path
+    channel: LeaseChannel
     process: Process | None = None
     revoked: bool = False
+
+
+def _channel(link: Link, lease: dict[str, Any], files: Path) -> LeaseChannel:
+    return LeaseChannel(
+        lease=lease,
+        asking=Asking(lease["id"], lease["token"], files / "answer.txt"),
+        call=link.call,
+        progress_file=files / "progress",
+        report_file=files / "report.md",
+    )
 
 
 async def _work_on(link: Link, options: WorkerOptions, lease: dict[str, Any]) -> None:
@@ -220,12 +240,18 @@ async def _work_on(link: Link, options: WorkerOptions, lease: dict[str, Any]) ->
     interval = float(link.server_info.get("heartbeatIntervalS", 15))
     agent_done = False
     with tempfile.TemporaryDirectory(prefix="orchestrator-worker-") as tmp:
-        run = _Run(lease=lease, files=Path(tmp))
+        files = Path(tmp)
+        run = _Run(lease=lease, files=files, channel=_channel(link, lease, files))
+        link.channels[lease["id"]] = run.channel
         try:
             # Heartbeats cover the whole lease, report included: building the report and
             # waiting for the reply must not let the lease lapse.
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_heartbeat, link, run, interval, bound)
+                tg.start_soon(
+                    watch_question_file, files / "question", run.channel.asking, link.call, bound
+                )
+                await tg.start(run.channel.serve, files / "agent.sock")
                 exit_status = await _run_agent(options, run, _agent_env(run), bound)
                 agent_done = True
                 if not run.revoked:
@@ -235,6 +261,7 @@ async def _work_on(link: Link, options: WorkerOptions, lease: dict[str, Any]) ->
                         await _report(link, run, exit_status, bound)
                 tg.cancel_scope.cancel()
         finally:
+            link.channels.pop(lease["id"], None)
             if not agent_done and not run.revoked:
                 # Stopped by a signal: hand the work back now rather than after the TTL.
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -315,6 +342,9 @@ def _agent_env(run: _Run) -> dict[str, str]:
         "ORCHESTRATOR_FEEDBACK_FILE": str(feedback_file),
         "ORCHESTRATOR_REPORT_FILE": str(run.files / "report.md"),
         "ORCHESTRATOR_PROGRESS_FILE": str(run.files / "progress"),
+        "ORCHESTRATOR_QUESTION_FILE": str(run.files / "question"),
+        "ORCHESTRATOR_ANSWER_FILE": str(run.files / "answer.txt"),
+        "ORCHESTRATOR_AGENT_SOCKET": str(run.files / "agent.sock"),
         "ORCHESTRATOR_WORKER_PID": str(os.getpid()),
     }
 
@@ -378,7 +408,9 @@ async def _heartbeat(link: Link, run: _Run, interval: float, bound: Any) -> None
         if progress is not None:
             params["progress"] = progress
         try:
-            await link.call("lease.heartbeat", params)
+            result = await link.call("lease.heartbeat", params)
+            if isinstance(result, dict) and isinstance(result.get("answer"), str):
+                run.channel.asking.answered(result["answer"])
         except RpcError as exc:
             if exc.code == LEASE_NOT_HELD:
                 bound.warning("lease_lost", error=exc.message)
