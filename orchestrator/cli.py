@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "agent", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the agent command, after --"
     )
+    p = sub.add_parser(
+        "mcp", help="stdio MCP server for an agent, acting for its worker's lease only"
+    )
+    p.add_argument(
+        "--channel",
+        default=None,
+        help="the worker's lease channel (default: $ORCHESTRATOR_AGENT_SOCKET)",
+    )
     p = sub.add_parser("demo", help="run the whole flow on a sample repository")
     p.add_argument("--dir", default=None, help="where to build it (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the demo directory")
@@ -102,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console script entry point."""
     args = build_parser().parse_args(argv)
     log_format = args.log_format or ("json" if args.command in ("serve", "worker") else "console")
-    logs.configure(log_format, args.log_level)
+    # stdout is the MCP server's protocol stream: its logs go to stderr.
+    logs.configure(log_format, args.log_level, sys.stderr if args.command == "mcp" else None)
     try:
         return _run(args)
     except config_module.ConfigError as exc:
@@ -282,6 +291,10 @@ def _run(args: argparse.Namespace) -> int:
             exit_when_idle=args.exit_when_idle,
         )
         return main_sync(options)
+    if command == "mcp":
+        from orchestrator.agent.mcp_server import main as mcp_main
+
+        return mcp_main(args.channel)
     if command == "demo":
         from orchestrator.demo import run_demo
 

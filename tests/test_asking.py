@@ -12,8 +12,17 @@ from pathlib import Path
 
 import pytest
 from conftest import git
-from harness import Conn, Daemon, control, handoff_doc, kill_group, start_worker, wait_for
-from harness import states, write_config
+from harness import (
+    Conn,
+    Daemon,
+    control,
+    handoff_doc,
+    kill_group,
+    start_worker,
+    states,
+    wait_for,
+    write_config,
+)
 
 from orchestrator.protocol.asking import Question
 from orchestrator.store.sqlite import Store
