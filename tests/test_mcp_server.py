@@ -5,16 +5,24 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 from conftest import git
 from harness import Daemon, control, handoff_doc, kill_group, start_worker, wait_for, write_config
 
 pytest.importorskip("mcp", reason="the MCP SDK is the optional extra orchestrator[mcp]")
+
+from orchestrator.agent import channel
+from orchestrator.agent.asking import Asking
+from orchestrator.agent.channel import LeaseChannel
 
 pytestmark = pytest.mark.slow
 
@@ -100,3 +108,72 @@ def test_the_server_refuses_to_run_without_a_lease() -> None:
     )
     assert done.returncode == 2
     assert "orchestrator worker" in done.stderr
+
+
+PEEK = """
+import json, os, socket, sys
+os.setgroups([])
+os.setgid(int(sys.argv[3]))
+os.setuid(int(sys.argv[2]))
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(20)
+s.connect(sys.argv[1])
+s.sendall(b'{"op": "handoff"}\\n')
+buf = b""
+while not buf.endswith(b"\\n"):
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    buf += chunk
+print(buf.decode())
+"""
+
+
+def _second_user() -> pwd.struct_passwd:
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a client as a second user")
+    try:
+        return pwd.getpwnam("orch-agent-test")
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "orch-agent-test"], check=True
+        )
+        return pwd.getpwnam("orch-agent-test")
+
+
+@pytest.mark.anyio
+async def test_another_uid_cannot_use_a_lease_channel(tmp_path: Path) -> None:
+    other = _second_user()
+    # As if an agent loosened its lease directory: only the uid check is left.
+    loose = Path(tempfile.mkdtemp(prefix="orch-channel-"))
+    try:
+        os.chmod(loose, 0o755)
+        files = loose / "files"
+        os.mkdir(files)
+        asked: list[str] = []
+
+        async def daemon_call(method: str, params: dict) -> dict:
+            asked.append(method)
+            return {}
+
+        lease = {"id": "l-1", "token": 1, "worktree": str(tmp_path), "branch": "b",
+                 "attempt": 1, "handoff": {"name": "h", "body": handoff_doc("h")}}
+        chan = LeaseChannel(
+            lease=lease, asking=Asking("l-1", 1, files / "answer.txt"), call=daemon_call,
+            progress_file=files / "progress", report_file=files / "report.md",
+        )
+        path = loose / "agent.sock"
+        async with anyio.create_task_group() as tg:
+            await tg.start(chan.serve, path)
+            os.chmod(path, 0o666)
+            mine = await channel.request(path, {"op": "handoff"}, timeout_s=20)
+            assert mine["handoff"]["name"] == "h"
+            theirs = await anyio.run_process(
+                [sys.executable, "-c", PEEK, str(path), str(other.pw_uid), str(other.pw_gid)]
+            )
+            tg.cancel_scope.cancel()
+        reply = json.loads(theirs.stdout)
+        assert reply == {"error": f"uid {other.pw_uid} may not use this lease's channel"}
+        assert asked == []
+    finally:
+        shutil.rmtree(loose)

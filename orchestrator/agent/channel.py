@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,8 @@ from orchestrator.handoff import template as handoff_model
 from orchestrator.protocol.jsonrpc import RpcError
 
 MAX_REQUEST_BYTES = 1024 * 1024
+# A request is sent at once after connecting; a silent peer is dropped after this.
+REQUEST_READ_TIMEOUT_S = 30.0
 REPORT_STATUS_WORDS = {"completed": "COMPLETED", "failed": "FAILED", "blocked": "BLOCKED"}
 
 
@@ -63,9 +67,20 @@ class LeaseChannel:
     async def _connection(self, stream: SocketStream) -> None:
         async with stream:
             reader = BufferedByteReceiveStream(stream)
-            try:
-                line = await reader.receive_until(b"\n", MAX_REQUEST_BYTES)
-            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.DelimiterNotFound):
+            line = b""
+            with anyio.move_on_after(REQUEST_READ_TIMEOUT_S):
+                try:
+                    line = await reader.receive_until(b"\n", MAX_REQUEST_BYTES)
+                except (anyio.EndOfStream, anyio.IncompleteRead, anyio.DelimiterNotFound):
+                    return
+            uid = _peer_uid(stream)
+            if uid != os.getuid():
+                # The directory's mode keeps others out; this holds even if an agent
+                # loosened it: only the worker's own uid may act for its lease. (Refused
+                # after reading the request, so the peer gets the reply, not a reset.)
+                await _send(stream, {"error": f"uid {uid} may not use this lease's channel"})
+                return
+            if not line:
                 return
             try:
                 request = json.loads(line)
@@ -76,10 +91,7 @@ class LeaseChannel:
                 reply = {"error": str(exc)}
             except RpcError as exc:
                 reply = {"error": f"the daemon refused: {exc.message}", "code": exc.code}
-            try:
-                await stream.send(json.dumps(reply, ensure_ascii=False).encode() + b"\n")
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                pass
+            await _send(stream, reply)
 
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         """One request's result; raises :class:`ChannelError` for bad input."""
@@ -148,6 +160,20 @@ class LeaseChannel:
         partial.write_text(markdown, encoding="utf-8")
         os.replace(partial, self.report_file)
         return {"reportFile": str(self.report_file), "markdown": markdown}
+
+
+def _peer_uid(stream: SocketStream) -> int:
+    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+    creds = raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+async def _send(stream: SocketStream, reply: dict[str, Any]) -> None:
+    try:
+        await stream.send(json.dumps(reply, ensure_ascii=False).encode() + b"\n")
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        pass
 
 
 def render_report(body: str, fields: dict[str, Any]) -> str:

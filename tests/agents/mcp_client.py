@@ -20,7 +20,7 @@ def text(result) -> str:
     return "".join(block.text for block in result.content if block.type == "text")
 
 
-async def main() -> None:
+async def main() -> dict:
     record: dict = {"socket": os.environ["ORCHESTRATOR_AGENT_SOCKET"]}
     server = StdioServerParameters(
         command=sys.executable,
@@ -53,8 +53,8 @@ async def main() -> None:
                     {"text": f"Make the change for {HANDOFF}", "done": True}]}],
                 "metrics": [{"name": "Overall", "result": "the tests pass", "achieved": True}],
             }))
-    with open(RECORD, "w") as out:
-        json.dump(record, out)
+    return record
 
 
-anyio.run(main)
+with open(RECORD, "w") as out:
+    json.dump(anyio.run(main), out)
