@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit when no handoff came within --wait seconds",
     )
     p.add_argument(
+        "--agent",
+        dest="recipe",
+        default=None,
+        metavar="NAME",
+        help="run a known agent CLI with its MCP config for each lease: claude, codex, "
+        "gemini, opencode, goose or aider (arguments after -- are added to its own)",
+    )
+    p.add_argument(
         "agent", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the agent command, after --"
     )
     p = sub.add_parser(
@@ -272,7 +280,25 @@ def _run(args: argparse.Namespace) -> int:
         agent = list(args.agent)
         if agent and agent[0] == "--":
             agent = agent[1:]
-        if not agent:
+        recipe = None
+        if args.recipe is not None:
+            import shutil
+
+            from orchestrator.agent.recipes import recipe as find_recipe
+
+            try:
+                recipe = find_recipe(args.recipe)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            if shutil.which(recipe.executable) is None:
+                print(
+                    f"error: {recipe.executable!r} is not on PATH; install {recipe.name} or "
+                    "put its directory on PATH",
+                    file=sys.stderr,
+                )
+                return EXIT_USAGE
+        if not agent and recipe is None:
             print(
                 "error: give the agent command after --, e.g. orchestrator worker -- ./my-agent.sh",
                 file=sys.stderr,
@@ -289,6 +315,7 @@ def _run(args: argparse.Namespace) -> int:
             wait_s=args.wait,
             max_handoffs=args.max_handoffs,
             exit_when_idle=args.exit_when_idle,
+            recipe=recipe,
         )
         return main_sync(options)
     if command == "mcp":

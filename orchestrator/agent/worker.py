@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,12 @@ from typing import Any
 import anyio
 import pygit2
 from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from orchestrator.agent.asking import Asking, watch_question_file
 from orchestrator.agent.channel import LeaseChannel
 from orchestrator.agent.client import Client, ConnectionLost
+from orchestrator.agent.recipes import Recipe, RecipeContext, progress_of_line
 from orchestrator.handoff import template as handoff_model
 from orchestrator.observe import logs
 from orchestrator.protocol.jsonrpc import (
@@ -57,6 +60,8 @@ class WorkerOptions:
     max_handoffs: int | None = None
     exit_when_idle: bool = False
     reconnect_for_s: float = 300.0
+    # With a recipe (``--agent NAME``), ``command`` holds extra arguments for its CLI.
+    recipe: Recipe | None = None
 
 
 class Link:
@@ -221,6 +226,9 @@ class _Run:
     channel: LeaseChannel
     process: Process | None = None
     revoked: bool = False
+    # Progress read from a recipe's CLI output, and when (monotonic).
+    stream_progress: dict[str, Any] | None = None
+    stream_progress_at: float = 0.0
 
 
 def _channel(link: Link, lease: dict[str, Any], files: Path) -> LeaseChannel:
@@ -351,21 +359,39 @@ def _agent_env(run: _Run) -> dict[str, str]:
 
 async def _run_agent(options: WorkerOptions, run: _Run, env: dict[str, str], bound: Any) -> int:
     lease = run.lease
+    command = list(options.command)
+    stdin_text: str | None = lease["handoff"]["body"]
+    recipe = options.recipe
+    if recipe is not None:
+        invocation = recipe.invocation(
+            RecipeContext(
+                files=run.files,
+                channel=run.files / "agent.sock",
+                body=lease["handoff"]["body"],
+                feedback=lease["handoff"].get("feedback"),
+                extra_args=tuple(options.command),
+            )
+        )
+        command = invocation.argv
+        env = {**env, **invocation.env}
+        stdin_text = invocation.stdin
+        bound.info("agent_recipe", agent=recipe.name, executable=command[0])
     try:
         # The agent gets its own process group (so it can be stopped whole) and dies with
         # this worker even on SIGKILL (orchestrator.deathsig), so it never keeps writing
         # into a worktree that a later attempt owns.
         process = await anyio.open_process(
-            [sys.executable, "-m", "orchestrator.deathsig", *options.command],
+            [sys.executable, "-m", "orchestrator.deathsig", *command],
             cwd=lease["worktree"],
             env=env,
             stdin=-1,
-            stdout=None,
+            # A recipe's CLI output is read for progress (and passed on to stderr).
+            stdout=-1 if recipe is not None and recipe.progress is not None else None,
             stderr=None,
             start_new_session=True,
         )
     except OSError as exc:
-        bound.error("agent_not_started", command=list(options.command), error=str(exc))
+        bound.error("agent_not_started", command=command, error=str(exc))
         return 127
     run.process = process
     if run.revoked:  # revoked while it was starting
@@ -375,16 +401,34 @@ async def _run_agent(options: WorkerOptions, run: _Run, env: dict[str, str], bou
     async def feed_stdin() -> None:
         assert process.stdin is not None
         try:
-            await process.stdin.send(lease["handoff"]["body"].encode("utf-8"))
+            if stdin_text:
+                await process.stdin.send(stdin_text.encode("utf-8"))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass  # an agent that does not read its stdin is fine
         finally:
             await process.stdin.aclose()
 
+    async def read_stdout() -> None:
+        assert process.stdout is not None and recipe is not None
+        reader = BufferedByteReceiveStream(process.stdout)
+        while True:
+            try:
+                line = await reader.receive_until(b"\n", 16 * 1024 * 1024)
+            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.DelimiterNotFound):
+                return
+            sys.stderr.buffer.write(line + b"\n")
+            sys.stderr.flush()
+            progress = progress_of_line(recipe, line.decode("utf-8", errors="replace"))
+            if progress is not None:
+                run.stream_progress = progress
+                run.stream_progress_at = time.monotonic()
+
     try:
         async with anyio.create_task_group() as tg:
             # A task, so a large handoff and an agent that never reads can't block us.
             tg.start_soon(feed_stdin)
+            if process.stdout is not None:
+                tg.start_soon(read_stdout)
             status = await process.wait()
             tg.cancel_scope.cancel()
     finally:
@@ -404,7 +448,7 @@ async def _heartbeat(link: Link, run: _Run, interval: float, bound: Any) -> None
             await _revoked(run)
             return
         params: dict[str, Any] = {"leaseId": lease["id"], "token": lease["token"]}
-        progress = _read_progress(run.files / "progress")
+        progress = _current_progress(run)
         if progress is not None:
             params["progress"] = progress
         try:
@@ -439,6 +483,25 @@ async def _stop_agent(process: Process) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     await process.wait()
+
+
+def _current_progress(run: _Run) -> dict[str, Any] | None:
+    """What the agent said last (progress file or MCP tool) merged with what its CLI's
+    output says, the newer on top: a stream message does not erase a percent."""
+    path = run.files / "progress"
+    written = _read_progress(path)
+    if run.stream_progress is None:
+        return written
+    if written is None:
+        return dict(run.stream_progress)
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        age = 0.0
+    written_at = time.monotonic() - age
+    if written_at >= run.stream_progress_at:
+        return {**run.stream_progress, **written}
+    return {**written, **run.stream_progress}
 
 
 def _read_progress(path: Path) -> dict[str, Any] | None:
