@@ -201,3 +201,30 @@ def test_a_store_from_before_questions_gains_the_table(tmp_path: Path) -> None:
         assert Question("q", None).choices is None
     finally:
         store.close()
+
+
+def test_the_metrics_count_who_waits_and_for_how_long(tmp_path: Path) -> None:
+    from orchestrator.observe.metrics import Metrics, StoreSnapshot
+    from orchestrator.store.sqlite import NewHandoff
+
+    store = Store.open(tmp_path / "state.db")
+    try:
+        store.submit([NewHandoff(name="h", title="h", priority="HIGH", dependencies=(),
+                                 labels=(), body="# HANDOFF: h - PENDING\n",
+                                 wire={"name": "h"})], max_attempts=3, now=1000.0)
+        grant = store.grant(worker="w", labels=(), ttl_s=600, now=1000.0)
+        assert grant is not None
+        store.ask(grant.lease_id, grant.token, Question("Which?", ("a", "b")), now=1100.0,
+                  worker="w")
+        snapshot = store.metrics_snapshot(now=1400.0)
+        assert (snapshot["needing_input"], snapshot["oldest_question_s"]) == (1, 300.0)
+        metrics = Metrics("test")
+        metrics.set_store_snapshot(StoreSnapshot(**snapshot))
+        text = metrics.render().decode()
+        assert "orchestrator_handoffs_needing_input 1.0" in text
+        assert "orchestrator_question_oldest_age_seconds 300.0" in text
+        store.answer("h", "a", now=1500.0)
+        after = store.metrics_snapshot(now=1600.0)
+        assert (after["needing_input"], after["oldest_question_s"]) == (0, 0.0)
+    finally:
+        store.close()

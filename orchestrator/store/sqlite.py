@@ -1109,6 +1109,16 @@ class Store:
 
     def take_answer(self, lease_id: str, *, now: float) -> str | None:
         """An answer its worker has not had yet (it was disconnected), marked delivered."""
+        # Asked on every heartbeat: a read first, so the usual "nothing" takes no write lock.
+        if (
+            self._conn.execute(
+                "SELECT 1 FROM questions WHERE lease_id = ? AND answer IS NOT NULL"
+                " AND delivered_at IS NULL LIMIT 1",
+                (lease_id,),
+            ).fetchone()
+            is None
+        ):
+            return None
         with self._tx() as c:
             row = c.execute(
                 "SELECT id, answer FROM questions WHERE lease_id = ? AND answer IS NOT NULL"
@@ -1325,6 +1335,12 @@ class Store:
             ).fetchone()
             if granted is not None:
                 oldest["leased"] = now - granted
+            # Open questions are few (one per live lease at most): a join, not a scan.
+            asking, asked_at = c.execute(
+                "SELECT COUNT(DISTINCT q.handoff), MIN(q.asked_at) FROM questions q"
+                " JOIN leases l ON l.id = q.lease_id"
+                " WHERE q.closed_at IS NULL AND l.ended_at IS NULL"
+            ).fetchone()
         finally:
             c.execute("COMMIT")
         return {
@@ -1332,6 +1348,8 @@ class Store:
             "leases_active": int(active),
             "merge_queue_depth": counts["reported"] + counts["gating"],
             "oldest_s": oldest,
+            "needing_input": int(asking),
+            "oldest_question_s": now - asked_at if asked_at is not None else 0.0,
         }
 
     def state_clock_start(self) -> tuple[int, list[tuple[str, str, float]]]:
