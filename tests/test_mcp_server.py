@@ -177,3 +177,34 @@ async def test_another_uid_cannot_use_a_lease_channel(tmp_path: Path) -> None:
         assert asked == []
     finally:
         shutil.rmtree(loose)
+
+
+def test_an_answer_given_while_the_worker_is_away_reaches_the_mcp_tool(
+    tmp_path: Path, repo: Path
+) -> None:
+    config = write_config(tmp_path, repo, merge="paused = true")
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    log = tmp_path / "worker.log"
+    worker = None
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("away")]})
+        worker = start_worker(
+            daemon.socket, "mcp_client.py", log, extra=["--max-handoffs", "1"],
+            env={"MCP_AGENT_RECORD": str(tmp_path / "record")},
+        )
+        wait_for(lambda: _summary(daemon, "away")["needsInput"], "the MCP question")
+        # The daemon dies: the worker loses its connection while its agent waits.
+        daemon.kill()
+        daemon.start()
+        # Answered before the worker is back (or just as it is): nobody hears a
+        # notification, so the answer waits for the worker's next heartbeat.
+        control(daemon.socket, "handoff.answer", {"name": "away", "answer": "tabs"})
+        assert worker.wait(timeout=120) == 0, log.read_text()
+    finally:
+        if worker is not None:
+            kill_group(worker)
+        daemon.stop()
+    record = json.loads((tmp_path / "record.away.json").read_text())
+    assert record["answer"] == "tabs"
+    head = git(repo, "rev-parse", "handoff/away")
+    assert git(repo, "show", f"{head}:work/away.txt") == "indented with tabs"
