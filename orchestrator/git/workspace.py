@@ -39,6 +39,8 @@ from typing import Any, Literal
 import pygit2
 from pygit2.enums import RepositoryOpenFlag, SortMode
 
+from orchestrator.config import WorkspaceConfig
+from orchestrator.git import warm
 from orchestrator.observe import logs
 
 __all__ = [
@@ -223,6 +225,9 @@ class Workspace:
             ) from exc
         self._pool_dir = self.worktrees_dir / POOL_DIR
         self.gate_path = self.worktrees_dir / GATE_DIR
+        # Gate checkout -> its admin dir, as found when it was checked out: a gate or a
+        # setup command may rewrite the checkout's .git file, so it is not read again.
+        self._gate_admins: dict[Path, Path] = {}
         self.recover()
 
     # ------------------------------------------------------------------ refs and commits
@@ -645,13 +650,17 @@ class Workspace:
 
     # ------------------------------------------------------------------ gate worktree
 
-    def gate_checkout(self, commit: str, *, slot: int = 0) -> Path:
+    def gate_checkout(
+        self, commit: str, *, slot: int = 0, keep: Sequence[str] = (), key: str | None = None
+    ) -> Path:
         """Return the gate worktree, detached at ``commit`` with exactly its files.
 
         Created once, then moved by diff; untracked and ignored files are removed so build
         leftovers of an earlier gate run cannot leak into this one. ``slot`` > 0 selects
         another gate worktree (``.gate-<slot>``), for gating speculative candidates in
-        parallel.
+        parallel. ``keep`` (``[workspace] keep``) spares those paths, but only while
+        ``key`` is the one they were built for (:mod:`orchestrator.git.warm`); otherwise
+        everything goes and the recorded key is forgotten.
         """
         if slot < 0:
             raise ValueError(f"gate slot must be >= 0, not {slot}")
@@ -661,13 +670,39 @@ class Workspace:
         if admin is None:
             self.recover()
             self._git("worktree", "add", "-q", "--detach", str(path), sha, cwd=self.repo_path)
-            if self._adopt(path) is None:
+            admin = self._adopt(path)
+            if admin is None:
                 raise GitError(f"git worktree add did not register {path}")
+            warm.write_stamp(admin, None)
+            self._gate_admins[path] = admin
             return path
+        self._gate_admins[path] = admin
         self._clear_stale_state(admin)
         self._wt_git(path, admin, "checkout", "-f", "-q", "--detach", sha, "--")
-        self._wt_git(path, admin, "clean", "-ffdxq")
+        spared: Sequence[str] = ()
+        if keep and key is not None and warm.read_stamp(admin) == key:
+            spared = keep
+        else:
+            warm.write_stamp(admin, None)
+        self._wt_git(path, admin, "clean", "-ffdxq", *warm.clean_excludes(spared))
         return path
+
+    def gate_warm_key(self, path: Path) -> str | None:
+        """The cache key the kept paths of the gate checkout at ``path`` were built for."""
+        admin = self._gate_admins.get(path)
+        return warm.read_stamp(admin) if admin is not None else None
+
+    def mark_gate_warm(self, path: Path, key: str) -> None:
+        """Record that the kept paths of the gate checkout at ``path`` are built for ``key``
+        (after setup succeeded)."""
+        admin = self._gate_admins.get(path)
+        if admin is None:
+            raise GitError(f"{path} is not a gate checkout of {self.repo_path}")
+        warm.write_stamp(admin, key)
+
+    def warm_key(self, commit: str, workspace: WorkspaceConfig) -> str:
+        """The cache key of ``[workspace]`` kept paths for ``commit``."""
+        return warm.cache_key(self._repo, commit, workspace)
 
     # ------------------------------------------------------------------ crash recovery
 
