@@ -85,6 +85,9 @@ def test_ask_and_answer_over_the_socket(daemon: Daemon) -> None:
         assert stale["error"]["code"] == -32001
         assert _summary(daemon, "h1")["needsInput"] is None
 
+        # A worker cannot answer (its own or any) question: that is a person's, by role.
+        own = worker.request("handoff.answer", {"name": "h1", "answer": "red"})
+        assert own["error"]["code"] == -32002, own
         asked = worker.request("lease.ask", {**ids, "question": "Which colour?",
                                              "choices": ["red", "blue"]})
         assert asked == {"jsonrpc": "2.0", "id": asked["id"], "result": {}}
@@ -228,3 +231,21 @@ def test_the_metrics_count_who_waits_and_for_how_long(tmp_path: Path) -> None:
         assert (after["needing_input"], after["oldest_question_s"]) == (0, 0.0)
     finally:
         store.close()
+
+
+def test_a_question_is_shown_with_its_control_characters_made_visible() -> None:
+    from orchestrator.cli import format_record, format_status
+
+    needs = {"question": "Delete\x1b[2J everything?", "choices": ["yes\r", "no"],
+             "askedAt": "2026-12-04T10:00:00.000Z"}
+    status = {"integrationBranch": "main", "integrationTip": "0" * 40, "counts": {},
+              "workers": [], "leases": [], "mergeQueue": [], "needsInput": 1}
+    handoff = {"name": "h", "state": "leased", "priority": "HIGH", "attempt": 1,
+               "progress": None, "needsInput": needs}
+    shown = format_status(status, [handoff])
+    assert "waiting for an answer: 1" in shown
+    assert "\x1b" not in shown and "\r" not in shown
+    assert "asks: Delete␛[2J everything? [yes␍ | no]" in shown
+    record = format_record({"name": "h", "title": "t", "state": "leased", "priority": "HIGH",
+                            "attempt": 1, "needsInput": needs})
+    assert "\x1b" not in record and "orchestrator answer h TEXT" in record
