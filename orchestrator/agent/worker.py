@@ -259,7 +259,12 @@ async def _work_on(link: Link, options: WorkerOptions, lease: dict[str, Any]) ->
                 tg.start_soon(
                     watch_question_file, files / "question", run.channel.asking, link.call, bound
                 )
-                await tg.start(run.channel.serve, files / "agent.sock")
+                try:
+                    await tg.start(run.channel.serve, files / "agent.sock")
+                except OSError as exc:
+                    # e.g. a $TMPDIR too deep for a Unix socket path: the file interface
+                    # still works, only `orchestrator mcp` cannot reach this lease.
+                    bound.error("agent_channel_unavailable", error=str(exc))
                 exit_status = await _run_agent(options, run, _agent_env(run), bound)
                 agent_done = True
                 if not run.revoked:
