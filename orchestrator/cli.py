@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p = sub.add_parser("retry", help="give a failed, conflict or cancelled handoff another go")
     p.add_argument("name")
+    p = sub.add_parser("answer", help="answer the question a handoff's agent is waiting on")
+    p.add_argument("name")
+    p.add_argument("text", metavar="TEXT", help="the answer (one of its choices, if it gave any)")
     p = sub.add_parser("check-config", help="validate the config and say what to fix")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("worker", help="run an agent command for each leased handoff")
@@ -119,10 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit when no handoff came within --wait seconds",
     )
     p.add_argument(
+        "--agent",
+        dest="recipe",
+        default=None,
+        metavar="NAME",
+        help="run a known agent CLI with its MCP config for each lease: claude, codex, "
+        "gemini, opencode, goose or aider (arguments after -- are added to its own)",
+    )
+    p.add_argument(
         "agent", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the agent command, after --"
     )
     p = sub.add_parser("init", help="write an orchestrator.toml for the repository you are in")
     p.add_argument("--force", action="store_true", help="replace an existing orchestrator.toml")
+    p = sub.add_parser(
+        "mcp", help="stdio MCP server for an agent, acting for its worker's lease only"
+    )
+    p.add_argument(
+        "--channel",
+        default=None,
+        help="the worker's lease channel (default: $ORCHESTRATOR_AGENT_SOCKET)",
+    )
     p = sub.add_parser("demo", help="run the whole flow on a sample repository")
     p.add_argument("--dir", default=None, help="where to build it (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the demo directory")
@@ -133,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console script entry point."""
     args = build_parser().parse_args(argv)
     log_format = args.log_format or ("json" if args.command in ("serve", "worker") else "console")
-    logs.configure(log_format, args.log_level)
+    # stdout is the MCP server's protocol stream: its logs go to stderr.
+    logs.configure(log_format, args.log_level, sys.stderr if args.command == "mcp" else None)
     try:
         return _run(args)
     except config_module.ConfigError as exc:
@@ -303,13 +323,35 @@ def _run(args: argparse.Namespace) -> int:
         _call(args, f"handoff.{command}", {"name": args.name})
         print(f"{args.name}: {'cancelled' if command == 'cancel' else 'queued again'}")
         return 0
+    if command == "answer":
+        _call(args, "handoff.answer", {"name": args.name, "answer": args.text})
+        print(f"{args.name}: answered")
+        return 0
     if command == "worker":
         from orchestrator.agent.worker import WorkerOptions, default_name, main_sync
 
         agent = list(args.agent)
         if agent and agent[0] == "--":
             agent = agent[1:]
-        if not agent:
+        recipe = None
+        if args.recipe is not None:
+            import shutil
+
+            from orchestrator.agent.recipes import recipe as find_recipe
+
+            try:
+                recipe = find_recipe(args.recipe)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            if shutil.which(recipe.executable) is None:
+                print(
+                    f"error: {recipe.executable!r} is not on PATH; install {recipe.name} or "
+                    "put its directory on PATH",
+                    file=sys.stderr,
+                )
+                return EXIT_USAGE
+        if not agent and recipe is None:
             print(
                 "error: give the agent command after --, e.g. orchestrator worker -- ./my-agent.sh",
                 file=sys.stderr,
@@ -326,6 +368,7 @@ def _run(args: argparse.Namespace) -> int:
             wait_s=args.wait,
             max_handoffs=args.max_handoffs,
             exit_when_idle=args.exit_when_idle,
+            recipe=recipe,
         )
         return main_sync(options)
     if command == "init":
@@ -347,6 +390,10 @@ def _run(args: argparse.Namespace) -> int:
         for line in config_starter.next_commands(written, Path.cwd()):
             print(f"  {line}")
         return 0
+    if command == "mcp":
+        from orchestrator.agent.mcp_server import main as mcp_main
+
+        return mcp_main(args.channel)
     if command == "demo":
         from orchestrator.demo import run_demo
 
@@ -400,6 +447,10 @@ def format_status(status: dict[str, Any], handoffs: list[dict[str, Any]]) -> str
             f"INTEGRATION BRANCH MOVED OUTSIDE THE QUEUE: {moved['count']} time(s), last "
             f"{str(moved['from'])[:12]} -> {str(moved['to'])[:12]} at {v(str(moved['at']))}"
         )
+    if status.get("needsInput"):
+        lines.append(
+            f"waiting for an answer: {status['needsInput']} (orchestrator answer NAME TEXT)"
+        )
     if handoffs:
         lines.append("")
         width = max(len(v(h["name"])) for h in handoffs)
@@ -414,7 +465,20 @@ def format_status(status: dict[str, Any], handoffs: list[dict[str, Any]]) -> str
                 f"{v(h['name']):<{width}}  {v(h['state']):<9}  {v(h['priority']):<6}  "
                 f"attempt {h['attempt']}{extra}"
             )
+            if h.get("needsInput"):
+                lines.append(f"{'':<{width}}  asks: {_question_text(h['needsInput'])}")
     return "\n".join(lines)
+
+
+def _question_text(needs_input: dict[str, Any]) -> str:
+    """A waiting question on one line, its choices after it; agent-written, so made visible."""
+    from orchestrator.observe.terminal import visible
+
+    text = visible(str(needs_input.get("question", "")))
+    choices = needs_input.get("choices")
+    if choices:
+        text += " [" + " | ".join(visible(str(c)) for c in choices) + "]"
+    return text
 
 
 def format_record(record: dict[str, Any], states: dict[str, str] | None = None) -> str:
@@ -442,6 +506,12 @@ def format_record(record: dict[str, Any], states: dict[str, str] | None = None) 
             )
     if record.get("detail"):
         lines.append(f"  {v(record['detail'])}")
+    if record.get("needsInput"):
+        lines.append(
+            f"  WAITING FOR AN ANSWER (asked {record['needsInput'].get('askedAt')}): "
+            f"{_question_text(record['needsInput'])}"
+        )
+        lines.append(f"    answer with: orchestrator answer {record['name']} TEXT")
     if record.get("conflicts"):
         lines.append("  conflicts: " + ", ".join(map(v, record["conflicts"])))
     if record.get("mergeCommit"):

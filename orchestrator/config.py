@@ -46,6 +46,21 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class WorkspaceConfig:
+    """``[workspace]``: warm dependencies for the gate checkout.
+
+    ``keep`` names ignored paths (e.g. ``.venv``, ``node_modules``) that survive the clean
+    between gate runs while the cache key (the contents of ``cache_key_files`` in the
+    candidate, with ``setup`` and ``keep``) is unchanged; ``setup`` runs in the checkout,
+    like a gate, whenever that key changed."""
+
+    setup: tuple[str, ...] = ()
+    setup_timeout_s: float = 900.0
+    keep: tuple[str, ...] = ()
+    cache_key_files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class WorkerPoolConfig:
     """``[workers]``: agent workers the daemon starts and supervises itself."""
 
@@ -107,6 +122,7 @@ class Config:
     merge_paused: bool = False
     speculative_window: int = 1
     workers: WorkerPoolConfig | None = None
+    workspace: WorkspaceConfig = field(default_factory=WorkspaceConfig)
 
     @property
     def worktrees_dir(self) -> Path:
@@ -190,7 +206,16 @@ class _Reader:
         return value
 
     def unknown_keys(self) -> None:
-        known_tables = {"repository", "daemon", "leases", "gates", "merge", "metrics", "workers"}
+        known_tables = {
+            "repository",
+            "daemon",
+            "leases",
+            "gates",
+            "merge",
+            "metrics",
+            "workers",
+            "workspace",
+        }
         for name in self.data:
             if name not in known_tables:
                 self.problems.append(
@@ -340,6 +365,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
             problems.append(f"metrics.listen: {exc}")
     gates = _gates(data.get("gates", []), problems)
     workers = _workers(r)
+    workspace = _workspace(r)
     r.unknown_keys()
     if problems:
         raise ConfigError(source, problems)
@@ -374,6 +400,43 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         merge_paused=paused,
         speculative_window=window,
         workers=workers,
+        workspace=workspace,
+    )
+
+
+def _workspace(r: _Reader) -> WorkspaceConfig:
+    def strings(key: str, what: str) -> tuple[str, ...]:
+        value = r.get("workspace", key, list, [])
+        if not all(isinstance(v, str) and v for v in value):
+            r.problems.append(f"workspace.{key} must be a list of non-empty strings ({what})")
+            return ()
+        return tuple(value)
+
+    def relative_paths(key: str, example: str) -> tuple[str, ...]:
+        paths = strings(key, f"paths relative to the repository root, e.g. {example}")
+        for path in paths:
+            parts = Path(path).parts
+            if Path(path).is_absolute() or ".." in parts or (parts and parts[0] == ".git"):
+                r.problems.append(
+                    f"workspace.{key}: {path!r} must be a path inside the checkout, relative "
+                    "to its root (no leading /, no .., not .git)"
+                )
+                return ()
+        return tuple(p.strip("/") for p in paths)
+
+    setup = strings("setup", 'an argv, e.g. ["uv", "sync", "--frozen"]')
+    timeout = r.get("workspace", "setup_timeout_s", (int, float), 900.0)
+    if timeout <= 0:
+        r.problems.append(f"workspace.setup_timeout_s must be positive, got {timeout}")
+    keep = relative_paths("keep", '[".venv", "node_modules"]')
+    key_files = relative_paths("cache_key_files", '["uv.lock", "package-lock.json"]')
+    if keep and not key_files:
+        r.problems.append(
+            'workspace.keep needs workspace.cache_key_files (e.g. ["uv.lock"]): kept '
+            "paths are rebuilt when those files change"
+        )
+    return WorkspaceConfig(
+        setup=setup, setup_timeout_s=float(timeout), keep=keep, cache_key_files=key_files
     )
 
 

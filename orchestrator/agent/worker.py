@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,12 @@ from typing import Any
 import anyio
 import pygit2
 from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
 
+from orchestrator.agent.asking import Asking, watch_question_file
+from orchestrator.agent.channel import LeaseChannel
 from orchestrator.agent.client import Client, ConnectionLost
+from orchestrator.agent.recipes import Recipe, RecipeContext, progress_of_line
 from orchestrator.handoff import template as handoff_model
 from orchestrator.observe import logs
 from orchestrator.protocol.jsonrpc import (
@@ -55,6 +60,8 @@ class WorkerOptions:
     max_handoffs: int | None = None
     exit_when_idle: bool = False
     reconnect_for_s: float = 300.0
+    # With a recipe (``--agent NAME``), ``command`` holds extra arguments for its CLI.
+    recipe: Recipe | None = None
 
 
 class Link:
@@ -68,9 +75,16 @@ class Link:
         self.revoked_event = anyio.Event()
         self.server_info: dict[str, Any] = {}
         self.failure: Exception | None = None
+        # The leases this worker is working on, for the notifications about them.
+        self.channels: dict[str, LeaseChannel] = {}
 
     def _notified(self, method: str, params: dict[str, Any]) -> None:
-        if method == "lease.revoked":
+        channel = self.channels.get(str(params.get("leaseId")))
+        if method == "lease.answered" and channel is not None:
+            channel.asking.answered(str(params.get("answer", "")))
+        elif method == "lease.warning" and channel is not None:
+            channel.warnings.append(params)
+        elif method == "lease.revoked":
             self.revoked.add(str(params.get("leaseId")))
             self.revoked_event.set()
             self.revoked_event = anyio.Event()
@@ -209,8 +223,25 @@ def _dump_tasks() -> None:
 class _Run:
     lease: dict[str, Any]
     files: Path
+    channel: LeaseChannel
     process: Process | None = None
     revoked: bool = False
+    # Progress read from a recipe's CLI output, and when (monotonic).
+    stream_progress: dict[str, Any] | None = None
+    stream_progress_at: float = 0.0
+    # When the report in flight was sent (monotonic), None when none is: a heartbeat sent
+    # meanwhile would reach a lease the report just released and be refused for nothing.
+    report_sent_at: float | None = None
+
+
+def _channel(link: Link, lease: dict[str, Any], files: Path) -> LeaseChannel:
+    return LeaseChannel(
+        lease=lease,
+        asking=Asking(lease["id"], lease["token"], files / "answer.txt"),
+        call=link.call,
+        progress_file=files / "progress",
+        report_file=files / "report.md",
+    )
 
 
 async def _work_on(link: Link, options: WorkerOptions, lease: dict[str, Any]) -> None:
@@ -220,12 +251,23 @@ async def _work_on(link: Link, options: WorkerOptions, lease: dict[str, Any]) ->
     interval = float(link.server_info.get("heartbeatIntervalS", 15))
     agent_done = False
     with tempfile.TemporaryDirectory(prefix="orchestrator-worker-") as tmp:
-        run = _Run(lease=lease, files=Path(tmp))
+        files = Path(tmp)
+        run = _Run(lease=lease, files=files, channel=_channel(link, lease, files))
+        link.channels[lease["id"]] = run.channel
         try:
             # Heartbeats cover the whole lease, report included: building the report and
             # waiting for the reply must not let the lease lapse.
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_heartbeat, link, run, interval, bound)
+                tg.start_soon(
+                    watch_question_file, files / "question", run.channel.asking, link.call, bound
+                )
+                try:
+                    await tg.start(run.channel.serve, files / "agent.sock")
+                except OSError as exc:
+                    # e.g. a $TMPDIR too deep for a Unix socket path: the file interface
+                    # still works, only `orchestrator mcp` cannot reach this lease.
+                    bound.error("agent_channel_unavailable", error=str(exc))
                 exit_status = await _run_agent(options, run, _agent_env(run), bound)
                 agent_done = True
                 if not run.revoked:
@@ -235,6 +277,7 @@ async def _work_on(link: Link, options: WorkerOptions, lease: dict[str, Any]) ->
                         await _report(link, run, exit_status, bound)
                 tg.cancel_scope.cancel()
         finally:
+            link.channels.pop(lease["id"], None)
             if not agent_done and not run.revoked:
                 # Stopped by a signal: hand the work back now rather than after the TTL.
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -259,10 +302,12 @@ async def _report(link: Link, run: _Run, exit_status: int, bound: Any) -> None:
             await _release(link, lease, f"the worker could not build a report: {exc}", bound)
             return
         try:
+            run.report_sent_at = time.monotonic()
             await link.call("handoff.report", {**params, "report": report})
             bound.info("reported", status=report["status"], head=report["head"])
             return
         except RpcError as exc:
+            run.report_sent_at = None
             if exc.code == REPORT_REJECTED and rejected == 0:
                 # Something changed the worktree after our commit (e.g. an agent's
                 # background process): commit again once, then give up cleanly.
@@ -315,27 +360,48 @@ def _agent_env(run: _Run) -> dict[str, str]:
         "ORCHESTRATOR_FEEDBACK_FILE": str(feedback_file),
         "ORCHESTRATOR_REPORT_FILE": str(run.files / "report.md"),
         "ORCHESTRATOR_PROGRESS_FILE": str(run.files / "progress"),
+        "ORCHESTRATOR_QUESTION_FILE": str(run.files / "question"),
+        "ORCHESTRATOR_ANSWER_FILE": str(run.files / "answer.txt"),
+        "ORCHESTRATOR_AGENT_SOCKET": str(run.files / "agent.sock"),
         "ORCHESTRATOR_WORKER_PID": str(os.getpid()),
     }
 
 
 async def _run_agent(options: WorkerOptions, run: _Run, env: dict[str, str], bound: Any) -> int:
     lease = run.lease
+    command = list(options.command)
+    stdin_text: str | None = lease["handoff"]["body"]
+    recipe = options.recipe
+    if recipe is not None:
+        invocation = recipe.invocation(
+            RecipeContext(
+                files=run.files,
+                channel=run.files / "agent.sock",
+                body=lease["handoff"]["body"],
+                feedback=lease["handoff"].get("feedback"),
+                extra_args=tuple(options.command),
+            )
+        )
+        command = invocation.argv
+        env = {**env, **invocation.env}
+        stdin_text = invocation.stdin
+        bound.info("agent_recipe", agent=recipe.name, executable=command[0])
     try:
         # The agent gets its own process group (so it can be stopped whole) and dies with
         # this worker even on SIGKILL (orchestrator.deathsig), so it never keeps writing
         # into a worktree that a later attempt owns.
         process = await anyio.open_process(
-            [sys.executable, "-m", "orchestrator.deathsig", *options.command],
+            [sys.executable, "-m", "orchestrator.deathsig", *command],
             cwd=lease["worktree"],
             env=env,
             stdin=-1,
-            stdout=None,
+            # A recipe's CLI output is read for progress (and passed on to stderr).
+            stdout=-1 if recipe is not None and recipe.progress is not None else None,
             stderr=None,
             start_new_session=True,
         )
     except OSError as exc:
-        bound.error("agent_not_started", command=list(options.command), error=str(exc))
+        bound.error("agent_not_started", command=command, error=str(exc))
         return 127
     run.process = process
     if run.revoked:  # revoked while it was starting
@@ -345,16 +411,34 @@ async def _run_agent(options: WorkerOptions, run: _Run, env: dict[str, str], bou
     async def feed_stdin() -> None:
         assert process.stdin is not None
         try:
-            await process.stdin.send(lease["handoff"]["body"].encode("utf-8"))
+            if stdin_text:
+                await process.stdin.send(stdin_text.encode("utf-8"))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass  # an agent that does not read its stdin is fine
         finally:
             await process.stdin.aclose()
 
+    async def read_stdout() -> None:
+        assert process.stdout is not None and recipe is not None
+        reader = BufferedByteReceiveStream(process.stdout)
+        while True:
+            try:
+                line = await reader.receive_until(b"\n", 16 * 1024 * 1024)
+            except (anyio.EndOfStream, anyio.IncompleteRead, anyio.DelimiterNotFound):
+                return
+            sys.stderr.buffer.write(line + b"\n")
+            sys.stderr.flush()
+            progress = progress_of_line(recipe, line.decode("utf-8", errors="replace"))
+            if progress is not None:
+                run.stream_progress = progress
+                run.stream_progress_at = time.monotonic()
+
     try:
         async with anyio.create_task_group() as tg:
             # A task, so a large handoff and an agent that never reads can't block us.
             tg.start_soon(feed_stdin)
+            if process.stdout is not None:
+                tg.start_soon(read_stdout)
             status = await process.wait()
             tg.cancel_scope.cancel()
     finally:
@@ -373,12 +457,17 @@ async def _heartbeat(link: Link, run: _Run, interval: float, bound: Any) -> None
         if lease["id"] in link.revoked:
             await _revoked(run)
             return
+        sent = run.report_sent_at
+        if sent is not None and time.monotonic() - sent < interval:
+            continue  # the report is the lease's last word; beat again only if it is slow
         params: dict[str, Any] = {"leaseId": lease["id"], "token": lease["token"]}
-        progress = _read_progress(run.files / "progress")
+        progress = _current_progress(run)
         if progress is not None:
             params["progress"] = progress
         try:
-            await link.call("lease.heartbeat", params)
+            result = await link.call("lease.heartbeat", params)
+            if isinstance(result, dict) and isinstance(result.get("answer"), str):
+                run.channel.asking.answered(result["answer"])
         except RpcError as exc:
             if exc.code == LEASE_NOT_HELD:
                 bound.warning("lease_lost", error=exc.message)
@@ -407,6 +496,25 @@ async def _stop_agent(process: Process) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     await process.wait()
+
+
+def _current_progress(run: _Run) -> dict[str, Any] | None:
+    """What the agent said last (progress file or MCP tool) merged with what its CLI's
+    output says, the newer on top: a stream message does not erase a percent."""
+    path = run.files / "progress"
+    written = _read_progress(path)
+    if run.stream_progress is None:
+        return written
+    if written is None:
+        return dict(run.stream_progress)
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        age = 0.0
+    written_at = time.monotonic() - age
+    if written_at >= run.stream_progress_at:
+        return {**run.stream_progress, **written}
+    return {**written, **run.stream_progress}
 
 
 def _read_progress(path: Path) -> dict[str, Any] | None:

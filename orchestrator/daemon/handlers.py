@@ -16,6 +16,12 @@ from orchestrator.git.workspace import Workspace
 from orchestrator.handoff import template as handoff_model
 from orchestrator.merge.queue import MergeQueue
 from orchestrator.observe import logs
+from orchestrator.protocol.asking import (
+    answer_from_wire,
+    answered_to_wire,
+    needs_input_to_wire,
+    question_from_wire,
+)
 from orchestrator.protocol.jsonrpc import (
     DUPLICATE_HANDOFF,
     INTERNAL_ERROR,
@@ -38,6 +44,7 @@ from orchestrator.store.sqlite import (
     InvalidTransition,
     LeaseNotHeld,
     NewHandoff,
+    NothingAsked,
     Store,
     StoreFull,
     UnknownHandoff,
@@ -75,6 +82,7 @@ class Handlers:
             "lease.acquire": self.lease_acquire,
             "lease.heartbeat": self.lease_heartbeat,
             "lease.release": self.lease_release,
+            "lease.ask": self.lease_ask,
             "handoff.report": self.handoff_report,
             "handoff.submit": self.handoff_submit,
             "handoff.list": self.handoff_list,
@@ -82,6 +90,7 @@ class Handlers:
             "handoff.cancel": self.handoff_cancel,
             "handoff.retry": self.handoff_retry,
             "status": self.status,
+            "handoff.answer": self.handoff_answer,
         }
 
     async def dispatch(self, session: Session, request: Request) -> Any:
@@ -98,6 +107,8 @@ class Handlers:
                 INVALID_HANDOFF, f"invalid handoff: {exc}", {"errors": exc.problems}
             ) from exc
         except InvalidTransition as exc:
+            raise RpcError(INVALID_PARAMS, str(exc)) from exc
+        except NothingAsked as exc:
             raise RpcError(INVALID_PARAMS, str(exc)) from exc
         except StoreFull as exc:
             # No protocol code of its own: an internal error, with a reason to match on.
@@ -129,7 +140,29 @@ class Handlers:
         # A worker that reconnected (e.g. after a daemon restart) is now the one to notify.
         self.leases.track(lease_id, session)
         self.leases.metrics.heartbeat(lease_id)
-        return {"expiresAt": rfc3339(expires)}
+        result: dict[str, Any] = {"expiresAt": rfc3339(expires)}
+        # An answer given while this worker was disconnected reaches it here.
+        answer = await self.offload.db(self.store.take_answer, lease_id, now=time.time())
+        if answer is not None:
+            result["answer"] = answer
+        return result
+
+    async def lease_ask(self, session: Session, params: dict[str, Any]) -> Any:
+        lease_id = param_str(params, "leaseId")
+        token = param_int(params, "token")
+        question = question_from_wire(params)
+        name = await self.offload.db(
+            self.store.ask,
+            lease_id,
+            token,
+            question,
+            now=time.time(),
+            worker=session.worker_name,
+        )
+        self.leases.track(lease_id, session)
+        log.info("question_asked", handoff=name, lease=lease_id, choices=question.choices)
+        self.on_change()
+        return {}
 
     async def lease_release(self, session: Session, params: dict[str, Any]) -> Any:
         lease_id = param_str(params, "leaseId")
@@ -328,6 +361,16 @@ class Handlers:
         self.on_change()
         return {}
 
+    async def handoff_answer(self, session: Session, params: dict[str, Any]) -> Any:
+        name = param_str(params, "name")
+        answer = answer_from_wire(params)
+        lease_id = await self.offload.db(self.store.answer, name, answer, now=time.time())
+        log.info("question_answered", handoff=name, lease=lease_id)
+        if await self.leases.notify_answer(lease_id, answered_to_wire(lease_id, answer)):
+            await self.offload.db(self.store.mark_answer_delivered, lease_id, now=time.time())
+        self.on_change()
+        return {}
+
     async def status(self, session: Session, params: dict[str, Any]) -> Any:
         return await self.status_result()
 
@@ -335,10 +378,16 @@ class Handlers:
         """The ``status`` result; the live page shows the same (``observe.page``)."""
         now = time.time()
 
-        def read() -> tuple[dict[str, int], list[dict[str, Any]], list[str]]:
-            return self.store.counts(), self.store.active_leases(now=now), self.store.merge_queue()
+        def read() -> tuple[dict[str, int], list[dict[str, Any]], list[str], dict[str, Any]]:
+            return (
+                self.store.counts(),
+                self.store.active_leases(now=now),
+                self.store.merge_queue(),
+                self.store.open_questions(),
+            )
 
-        counts, leases, queue = await self.offload.db(read)
+        counts, leases, queue, asked = await self.offload.db(read)
+        by_lease = {q.lease_id: q for q in asked.values()}
         tip = await self.offload.git(self.workspace.integration_tip)
         workers = [
             {
@@ -362,9 +411,11 @@ class Handlers:
                     "attempt": lease["attempt"],
                     "grantedAt": rfc3339(lease["granted_at"]),
                     "expiresAt": rfc3339(lease["expires_at"]),
+                    "needsInput": needs_input_to_wire(by_lease.get(lease["id"])),
                 }
                 for lease in leases
             ],
+            "needsInput": len(asked),
             "mergeQueue": queue,
             "mergeBlocked": self.merges.blocked_reason,
             # How gates are confined (null until the merge queue has probed, at start-up).

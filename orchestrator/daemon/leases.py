@@ -197,6 +197,15 @@ class LeaseManager:
                 self.wake()
             await anyio.sleep(interval)
 
+    async def notify_answer(self, lease_id: str, params: dict[str, Any]) -> bool:
+        """Send ``lease.answered`` to the lease's worker; False when it is not connected
+        (it then finds the answer in its next heartbeat result)."""
+        session = self._holders.get(lease_id)
+        if session is None or session.closed:
+            return False
+        await session.notify("lease.answered", params)
+        return not session.closed
+
     async def revoke(self, lease_id: str, reason: str) -> None:
         """Tell the holder (if still connected) to stop working on ``lease_id``."""
         session = self._holders.pop(lease_id, None)

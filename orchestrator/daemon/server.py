@@ -29,6 +29,7 @@ from orchestrator.config import Config
 from orchestrator.observe import logs
 from orchestrator.observe.metrics import Metrics
 from orchestrator.protocol.jsonrpc import (
+    CAPABILITIES,
     CONTROL_METHODS,
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -522,6 +523,7 @@ class SocketServer:
             "sessionId": session.id,
             "leaseTtlS": self.config.lease_ttl_s,
             "heartbeatIntervalS": self.config.heartbeat_interval_s,
+            "capabilities": list(CAPABILITIES),
         }
 
     async def _call(self, session: Session, request: Request, bound: Any) -> None:

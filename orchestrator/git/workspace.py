@@ -39,6 +39,8 @@ from typing import Any, Literal
 import pygit2
 from pygit2.enums import RepositoryOpenFlag, SortMode
 
+from orchestrator.config import WorkspaceConfig
+from orchestrator.git import warm
 from orchestrator.observe import logs
 
 __all__ = [
@@ -223,6 +225,9 @@ class Workspace:
             ) from exc
         self._pool_dir = self.worktrees_dir / POOL_DIR
         self.gate_path = self.worktrees_dir / GATE_DIR
+        # Gate checkout -> its admin dir, as found when it was checked out: a gate or a
+        # setup command may rewrite the checkout's .git file, so it is not read again.
+        self._gate_admins: dict[Path, Path] = {}
         self.recover()
 
     # ------------------------------------------------------------------ refs and commits
@@ -650,13 +655,17 @@ class Workspace:
         """The integration repository's git dir (objects, refs): what gates must not write."""
         return self._common_dir
 
-    def gate_checkout(self, commit: str, *, slot: int = 0) -> Path:
+    def gate_checkout(
+        self, commit: str, *, slot: int = 0, keep: Sequence[str] = (), key: str | None = None
+    ) -> Path:
         """Return the gate worktree, detached at ``commit`` with exactly its files.
 
         Created once, then moved by diff; untracked and ignored files are removed so build
         leftovers of an earlier gate run cannot leak into this one. ``slot`` > 0 selects
         another gate worktree (``.gate-<slot>``), for gating speculative candidates in
-        parallel.
+        parallel. ``keep`` (``[workspace] keep``) spares those paths, but only while
+        ``key`` is the one they were built for (:mod:`orchestrator.git.warm`); otherwise
+        everything goes and the recorded key is forgotten.
         """
         if slot < 0:
             raise ValueError(f"gate slot must be >= 0, not {slot}")
@@ -669,7 +678,10 @@ class Workspace:
             admin = self._adopt(path)
             if admin is None:
                 raise GitError(f"git worktree add did not register {path}")
+            warm.write_stamp(admin, None)
+            self._gate_admins[path] = admin
             return self._gate_verified(path, admin, sha)
+        self._gate_admins[path] = admin
         self._clear_stale_state(admin)
         # A gate runs the agents' code: it may have marked tracked files skip-worktree or
         # assume-unchanged (so checkout leaves its rewritten copies alone) or turned on
@@ -681,8 +693,13 @@ class Workspace:
                 batch = flagged[start : start + 500]
                 self._gate_git(path, admin, "update-index", option, "--", *batch)
         self._gate_git(path, admin, "checkout", "-f", "-q", "--detach", sha, "--")
-        self._gate_git(path, admin, "clean", "-ffdxq")
-        problem = self._gate_differs(path, admin, sha)
+        spared: Sequence[str] = ()
+        if keep and key is not None and warm.read_stamp(admin) == key:
+            spared = keep
+        else:
+            warm.write_stamp(admin, None)
+        self._gate_git(path, admin, "clean", "-ffdxq", *warm.clean_excludes(spared))
+        problem = self._gate_differs(path, admin, sha, spared)
         if problem is None:
             return path
         # Whatever the last gate did to this checkout, a fresh one starts from git alone.
@@ -693,6 +710,8 @@ class Workspace:
         admin = self._adopt(path)
         if admin is None:
             raise GitError(f"git worktree add did not register {path}")
+        warm.write_stamp(admin, None)
+        self._gate_admins[path] = admin
         return self._gate_verified(path, admin, sha)
 
     def _gate_verified(self, path: Path, admin: Path, sha: str) -> Path:
@@ -734,8 +753,11 @@ class Workspace:
                 flagged.append(name)
         return flagged
 
-    def _gate_differs(self, path: Path, admin: Path, sha: str) -> str | None:
-        """Why the gate worktree is not exactly ``sha``'s tree, or None when it is."""
+    def _gate_differs(
+        self, path: Path, admin: Path, sha: str, spared: Sequence[str] = ()
+    ) -> str | None:
+        """Why the gate worktree is not exactly ``sha``'s tree (``spared``, the kept paths
+        of ``[workspace] keep``, aside), or None when it is."""
         want_tree = str(self._commit(sha).tree_id)
         head = self._gate_git(path, admin, "rev-parse", "--verify", "HEAD").stdout.strip()
         if head != sha:
@@ -747,12 +769,38 @@ class Workspace:
         if tree != want_tree:
             return f"its index holds tree {tree[:12]}, not the commit's {want_tree[:12]}"
         status = self._gate_git(
-            path, admin, "status", "--porcelain=v1", "-z", "--ignored", "--untracked-files=all"
+            path,
+            admin,
+            "status",
+            "--porcelain=v1",
+            "-z",
+            "--ignored",
+            "--untracked-files=all",
+            "--",
+            ":(top)",
+            *(f":(top,exclude){kept}" for kept in spared),
         ).stdout
         changes = [item for item in status.split("\0") if item]
         if changes:
             return f"{len(changes)} path(s) differ from the commit, e.g. {changes[0]!r}"
         return None
+
+    def gate_warm_key(self, path: Path) -> str | None:
+        """The cache key the kept paths of the gate checkout at ``path`` were built for."""
+        admin = self._gate_admins.get(path)
+        return warm.read_stamp(admin) if admin is not None else None
+
+    def mark_gate_warm(self, path: Path, key: str) -> None:
+        """Record that the kept paths of the gate checkout at ``path`` are built for ``key``
+        (after setup succeeded)."""
+        admin = self._gate_admins.get(path)
+        if admin is None:
+            raise GitError(f"{path} is not a gate checkout of {self.repo_path}")
+        warm.write_stamp(admin, key)
+
+    def warm_key(self, commit: str, workspace: WorkspaceConfig) -> str:
+        """The cache key of ``[workspace]`` kept paths for ``commit``."""
+        return warm.cache_key(self._repo, commit, workspace)
 
     # ------------------------------------------------------------------ crash recovery
 

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 
 from orchestrator.blocking import Offload
-from orchestrator.config import Config
+from orchestrator.config import Config, GateConfig
 from orchestrator.git.workspace import (
     GIT_TIMEOUT_S,
     GitError,
@@ -436,9 +436,26 @@ class MergeQueue:
         """Run every gate on the candidate; the first failure, or None when all passed."""
         if not self.config.gates:
             return None
-        checkout = await self.offload.git(self.workspace.gate_checkout, candidate, slot=slot)
+        workspace = self.config.workspace
+        key = None
+        if workspace.keep or workspace.setup:
+            key = await self.offload.git(self.workspace.warm_key, candidate, workspace)
+        checkout = await self.offload.git(
+            self.workspace.gate_checkout, candidate, slot=slot, keep=workspace.keep, key=key
+        )
         env = {"ORCHESTRATOR_HANDOFF": job.name, "ORCHESTRATOR_CANDIDATE": candidate}
-        for gate in self.config.gates:
+        gates = self.config.gates
+        setup_gate: GateConfig | None = None
+        if key is not None:
+            if await self.offload.git(self.workspace.gate_warm_key, checkout) == key:
+                bound.info("gate_setup_skipped", reason="kept paths match the cache key")
+            else:
+                # [workspace] setup runs like a gate, sandboxed and recorded, before them;
+                # the key is recorded once it passed (and every gate after it).
+                if workspace.setup:
+                    setup_gate = GateConfig("setup", workspace.setup, workspace.setup_timeout_s)
+                    gates = (setup_gate, *gates)
+        for gate in gates:
             bound.info("gate_started", gate=gate.name, candidate=candidate)
             result = await run_gate(
                 gate,
@@ -478,6 +495,11 @@ class MergeQueue:
             )
             if not result.passed:
                 return result
+            if gate is setup_gate and key is not None:
+                await self.offload.git(self.workspace.mark_gate_warm, checkout, key)
+        if key is not None and not workspace.setup:
+            # Nothing to build: what the gates left in the kept paths serves the next run.
+            await self.offload.git(self.workspace.mark_gate_warm, checkout, key)
         return None
 
     async def _advance(self, base: str, candidate: str, job: MergeJob, bound: Any) -> bool | None:

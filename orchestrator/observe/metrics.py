@@ -240,6 +240,10 @@ class StoreSnapshot:
     """Handoffs ``reported`` or ``gating``."""
     oldest_s: Mapping[str, float] = field(default_factory=dict)
     """Per live state: how long its longest-waiting handoff has been in it."""
+    needing_input: int = 0
+    """Handoffs whose agent waits for a person's answer (``lease.ask``)."""
+    oldest_question_s: float = 0.0
+    """How long the longest-waiting of those questions has waited; 0 when none does."""
 
 
 class _Registry(CollectorRegistry):
@@ -282,6 +286,18 @@ class Metrics:
             "How long the longest-waiting handoff in each live state has been in it; 0 when "
             "the state is empty (read from the store at scrape time).",
             ["state"],
+            registry=r,
+        )
+        self._needing_input = Gauge(
+            "orchestrator_handoffs_needing_input",
+            "Handoffs whose agent is waiting for a person to answer a question "
+            "(`orchestrator answer NAME TEXT`; read from the store at scrape time).",
+            registry=r,
+        )
+        self._oldest_question = Gauge(
+            "orchestrator_question_oldest_age_seconds",
+            "How long the longest-waiting question to a person has waited; 0 when none "
+            "waits (read from the store at scrape time).",
             registry=r,
         )
         self._leases_active = Gauge(
@@ -461,6 +477,8 @@ class Metrics:
             self._oldest.labels(state=state).set(max(0.0, snapshot.oldest_s.get(state, 0.0)))
         self._leases_active.set(snapshot.leases_active)
         self._merge_queue_depth.set(snapshot.merge_queue_depth)
+        self._needing_input.set(snapshot.needing_input)
+        self._oldest_question.set(max(0.0, snapshot.oldest_question_s))
 
     def set_workers_connected(self, n: int) -> None:
         """Set ``orchestrator_workers_connected``."""

@@ -27,10 +27,22 @@ SHUTTING_DOWN = -32006
 REPORT_REJECTED = -32007
 UNSUPPORTED_VERSION = -32010
 
-WORKER_METHODS = frozenset({"lease.acquire", "lease.heartbeat", "handoff.report", "lease.release"})
-CONTROL_METHODS = frozenset(
-    {"handoff.submit", "handoff.list", "handoff.get", "handoff.cancel", "handoff.retry", "status"}
+WORKER_METHODS = frozenset(
+    {"lease.acquire", "lease.heartbeat", "handoff.report", "lease.release", "lease.ask"}
 )
+CONTROL_METHODS = frozenset(
+    {
+        "handoff.submit",
+        "handoff.list",
+        "handoff.get",
+        "handoff.cancel",
+        "handoff.retry",
+        "status",
+        "handoff.answer",
+    }
+)
+# Additions within version 1 this daemon implements, listed in the initialize result.
+CAPABILITIES = ("ask",)
 
 
 class RpcError(Exception):

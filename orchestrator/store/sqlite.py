@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.protocol.asking import OpenQuestion, Question, needs_input_to_wire
 from orchestrator.protocol.jsonrpc import rfc3339
 
 STATES = (
@@ -138,6 +139,25 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL
 );
 """
+# Asking a person (capability "ask"). A table of its own, created on open like the rest:
+# a store written before it gains the empty table, so no data migration is needed and an
+# older daemon simply ignores it. `closed_at` is set when answered or when a newer question
+# of the same lease replaces it; `delivered_at` once its worker has the answer.
+QUESTIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS questions (
+    id INTEGER PRIMARY KEY,
+    handoff TEXT NOT NULL REFERENCES handoffs(name),
+    lease_id TEXT NOT NULL REFERENCES leases(id),
+    question TEXT NOT NULL,
+    choices TEXT,
+    asked_at REAL NOT NULL,
+    answer TEXT,
+    closed_at REAL,
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS questions_open ON questions(closed_at, handoff);
+CREATE INDEX IF NOT EXISTS questions_lease ON questions(lease_id, delivered_at);
+"""
 
 
 class StoreError(Exception):
@@ -193,6 +213,10 @@ class InvalidSubmission(StoreError):
 
 class LeaseNotHeld(StoreError):
     pass
+
+
+class NothingAsked(StoreError):
+    """``handoff.answer`` for a handoff whose agent is not waiting for an answer."""
 
 
 class InvalidTransition(StoreError):
@@ -383,6 +407,7 @@ class Store:
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
         _add_lease_uid(conn)
+        conn.executescript(QUESTIONS_SCHEMA)
         store = cls(conn, path, lock_wait_s)
         with store._tx() as c:
             row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -1230,6 +1255,124 @@ class Store:
         ).fetchall()
         return [(r[0], int(r[1]), str(r[2]), str(r[3])) for r in rows]
 
+    # ---- asking a person --------------------------------------------------------------
+
+    def ask(
+        self, lease_id: str, token: int, question: Question, *, now: float, worker: str | None
+    ) -> str:
+        """Record the lease's question (replacing one it asked before); the handoff's name."""
+        with self._tx() as c:
+            row = self._held(c, lease_id, token, now, worker)
+            c.execute(
+                "UPDATE questions SET closed_at = ? WHERE lease_id = ? AND closed_at IS NULL",
+                (now, lease_id),
+            )
+            c.execute(
+                "INSERT INTO questions(handoff, lease_id, question, choices, asked_at)"
+                " VALUES (?,?,?,?,?)",
+                (
+                    row["handoff"],
+                    lease_id,
+                    question.question,
+                    _dumps(list(question.choices)) if question.choices is not None else None,
+                    now,
+                ),
+            )
+            self._event(c, now, row["handoff"], "asked", lease=lease_id, question=question.question)
+            return str(row["handoff"])
+
+    def answer(self, name: str, answer: str, *, now: float) -> str:
+        """Answer the handoff's open question; the lease to tell. Raises
+        :class:`UnknownHandoff` or :class:`NothingAsked`."""
+        with self._tx() as c:
+            self._row(c, name)
+            found = self._open_questions(c, name)
+            if not found:
+                raise NothingAsked(
+                    f"handoff {name!r} is not waiting for an answer (nothing was asked, it was "
+                    "already answered, or its lease ended); see `orchestrator status`"
+                )
+            lease_id = found[0][1].lease_id
+            c.execute(
+                "UPDATE questions SET answer = ?, closed_at = ? WHERE id = ?",
+                (answer, now, found[0][0]),
+            )
+            self._event(c, now, name, "answered", lease=lease_id, answer=answer)
+            return lease_id
+
+    def mark_answer_delivered(self, lease_id: str, *, now: float) -> None:
+        """The worker has the answer (the notification went out)."""
+        with self._tx() as c:
+            c.execute(
+                "UPDATE questions SET delivered_at = ? WHERE lease_id = ? AND answer IS NOT NULL"
+                " AND delivered_at IS NULL",
+                (now, lease_id),
+            )
+
+    def take_answer(self, lease_id: str, *, now: float) -> str | None:
+        """An answer its worker has not had yet (it was disconnected), marked delivered."""
+        # Asked on every heartbeat: a read first, so the usual "nothing" takes no write lock.
+        if (
+            self._conn.execute(
+                "SELECT 1 FROM questions WHERE lease_id = ? AND answer IS NOT NULL"
+                " AND delivered_at IS NULL LIMIT 1",
+                (lease_id,),
+            ).fetchone()
+            is None
+        ):
+            return None
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT id, answer FROM questions WHERE lease_id = ? AND answer IS NOT NULL"
+                " AND delivered_at IS NULL ORDER BY id DESC LIMIT 1",
+                (lease_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            c.execute(
+                "UPDATE questions SET delivered_at = ? WHERE lease_id = ? AND answer IS NOT NULL"
+                " AND delivered_at IS NULL",
+                (now, lease_id),
+            )
+            return str(row["answer"])
+
+    def _open_questions(
+        self, c: sqlite3.Connection, name: str | None = None
+    ) -> list[tuple[int, OpenQuestion]]:
+        # Only a live lease's question waits for a person: once the lease ends (reported,
+        # expired, released, cancelled) nobody is there to receive the answer.
+        sql = (
+            "SELECT q.* FROM questions q JOIN leases l ON l.id = q.lease_id"
+            " WHERE q.closed_at IS NULL AND l.ended_at IS NULL"
+        )
+        args: tuple[Any, ...] = ()
+        if name is not None:
+            sql += " AND q.handoff = ?"
+            args = (name,)
+        rows = c.execute(sql + " ORDER BY q.id DESC", args).fetchall()
+        return [
+            (
+                r["id"],
+                OpenQuestion(
+                    handoff=r["handoff"],
+                    lease_id=r["lease_id"],
+                    question=Question(
+                        r["question"],
+                        tuple(json.loads(r["choices"])) if r["choices"] is not None else None,
+                    ),
+                    asked_at=r["asked_at"],
+                ),
+            )
+            for r in rows
+        ]
+
+    def open_questions(self) -> dict[str, OpenQuestion]:
+        """Each handoff waiting for a person, with what it asked."""
+        found: dict[str, OpenQuestion] = {}
+        for _, question in self._open_questions(self._conn):
+            found.setdefault(question.handoff, question)
+        return found
+
     # ---- reads ------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
@@ -1258,7 +1401,10 @@ class Store:
             sql += " WHERE state = ?"
             args = (state,)
         rows = self._conn.execute(sql + " ORDER BY seq", args).fetchall()
-        return [_summary(r) for r in rows]
+        asked = self.open_questions()
+        return [
+            {**_summary(r), "needsInput": needs_input_to_wire(asked.get(r["name"]))} for r in rows
+        ]
 
     def recent_summaries(self, states: Sequence[str], limit: int) -> list[dict[str, Any]]:
         """The ``limit`` handoffs in ``states`` that changed last, newest first (one index
@@ -1290,6 +1436,8 @@ class Store:
         c = self._conn
         row = self._row(c, name)
         record = _summary(row)
+        asked = self._open_questions(c, name)
+        record["needsInput"] = needs_input_to_wire(asked[0][1] if asked else None)
         record["body"] = row["body"]
         record["labels"] = json.loads(row["labels"])
         record["detail"] = row["detail"]
@@ -1403,6 +1551,12 @@ class Store:
             ).fetchone()
             if granted is not None:
                 oldest["leased"] = now - granted
+            # Open questions are few (one per live lease at most): a join, not a scan.
+            asking, asked_at = c.execute(
+                "SELECT COUNT(DISTINCT q.handoff), MIN(q.asked_at) FROM questions q"
+                " JOIN leases l ON l.id = q.lease_id"
+                " WHERE q.closed_at IS NULL AND l.ended_at IS NULL"
+            ).fetchone()
         finally:
             c.execute("COMMIT")
         return {
@@ -1410,6 +1564,8 @@ class Store:
             "leases_active": int(active),
             "merge_queue_depth": counts["reported"] + counts["gating"],
             "oldest_s": oldest,
+            "needing_input": int(asking),
+            "oldest_question_s": now - asked_at if asked_at is not None else 0.0,
         }
 
     def state_clock_start(self) -> tuple[int, list[tuple[str, str, float]]]:
