@@ -243,8 +243,15 @@ def box() -> Iterator[Box]:
             "--exclude='*/__pycache__' --exclude=./.mypy_cache --exclude=./.ruff_cache "
             f"--exclude=./.pytest_cache -cf - . | tar -C {CHECKOUT_IN_BOX} -xf -"
         )
+        # pip's cache of earlier runs: `make install-service` downloads the same wheels.
+        if (cache / "pip").is_dir():
+            shutil.copytree(cache / "pip", the_box.path("/root/.cache/pip"), dirs_exist_ok=True)
         yield the_box
     finally:
+        if the_box.path("/root/.cache/pip").is_dir():
+            shutil.copytree(
+                the_box.path("/root/.cache/pip"), cache / "pip", dirs_exist_ok=True, symlinks=True
+            )
         try:
             (cache / "last-run-journal.txt").write_text(
                 the_box.sh("journalctl -b --no-pager -o short-precise", check=False)
