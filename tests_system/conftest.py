@@ -42,7 +42,8 @@ CHECKOUT_IN_BOX = "/root/orchestrator"
 
 def _tool_candidates() -> list[Path]:
     """Where systemd-box may be: $ORCHESTRATOR_SYSTEMD_BOX, else ../shared/tools beside
-    this checkout, else beside the main checkout when this one is a `git worktree`."""
+    this checkout, else beside the main checkout when this one is a `git worktree`. It is
+    run with bash, so a copy of shared/ that lost its x bit still works."""
     found: list[Path] = []
     if os.environ.get("ORCHESTRATOR_SYSTEMD_BOX"):
         found.append(Path(os.environ["ORCHESTRATOR_SYSTEMD_BOX"]))
@@ -63,7 +64,7 @@ def _tool_candidates() -> list[Path]:
 
 def _why_no_box() -> tuple[Path | None, str]:
     """The tool, or why the system tests cannot run on this machine."""
-    tool = next((p for p in _tool_candidates() if os.access(p, os.X_OK)), None)
+    tool = next((p for p in _tool_candidates() if p.is_file()), None)
     if tool is None:
         places = ", ".join(str(p) for p in _tool_candidates())
         return None, (
@@ -109,7 +110,7 @@ class Box:
     def popen(self, script: str, **kwargs: object) -> subprocess.Popen[str]:
         """Start a bash script inside the box, as root, with a clean login-like environment."""
         argv = [
-            str(self.tool), "run", str(self.dir), "env", "-i", f"PATH={BOX_PATH}",
+            "bash", str(self.tool), "run", str(self.dir), "env", "-i", f"PATH={BOX_PATH}",
             "HOME=/root", "USER=root", "LOGNAME=root", "LANG=C.UTF-8", "TERM=dumb",
             "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0", "bash", "-c", script,
         ]  # fmt: skip
@@ -170,7 +171,7 @@ class Box:
 
 def _run_tool(tool: Path, *args: str, timeout: float) -> str:
     done = subprocess.run(
-        [str(tool), *args], capture_output=True, text=True, timeout=timeout
+        ["bash", str(tool), *args], capture_output=True, text=True, timeout=timeout
     )
     if done.returncode != 0:
         pytest.fail(f"systemd-box {' '.join(args)}: exit {done.returncode}\n{done.stderr}")
@@ -202,17 +203,19 @@ def _base_image(tool: Path, cache: Path) -> Path:
         return base
 
 
-def _remove_stale_runs(cache: Path) -> None:
-    """Copies left by runs that were killed (their container is gone)."""
+def _remove_stale_runs(tool: Path, cache: Path) -> None:
+    """Copies left by runs that were killed: run-PID whose pytest process is gone."""
     for run in cache.glob("run-*"):
         if run.suffix:  # run-N.console.log and the like go with their directory
             continue
-        pidfile = Path(f"{run}.nspawn-pid")
         try:
-            os.kill(int(pidfile.read_text()), 0)
-            continue
-        except (OSError, ValueError):
+            os.kill(int(run.name.removeprefix("run-")), 0)
+            continue  # still running (or the pid was reused: left for next time)
+        except ProcessLookupError:
             pass
+        except (OSError, ValueError):
+            continue
+        subprocess.run(["bash", str(tool), "down", str(run)], capture_output=True, timeout=60)
         shutil.rmtree(run, ignore_errors=True)
         for side in cache.glob(f"{run.name}.*"):
             side.unlink(missing_ok=True)
@@ -227,7 +230,7 @@ def box() -> Iterator[Box]:
         pytest.skip(why)
     cache = Path(os.environ.get("ORCHESTRATOR_BOX_CACHE", "/var/cache/orchestrator-system-tests"))
     cache.mkdir(parents=True, exist_ok=True)
-    _remove_stale_runs(cache)
+    _remove_stale_runs(tool, cache)
     base = _base_image(tool, cache)
     run = cache / f"run-{os.getpid()}"
     shutil.rmtree(run, ignore_errors=True)
@@ -258,7 +261,7 @@ def box() -> Iterator[Box]:
             )
         except Exception:  # a box that never came up has no journal
             pass
-        subprocess.run([str(tool), "down", str(run)], capture_output=True, timeout=60)
+        subprocess.run(["bash", str(tool), "down", str(run)], capture_output=True, timeout=60)
         shutil.rmtree(run, ignore_errors=True)
         for side in cache.glob(f"{run.name}.*"):
             side.unlink(missing_ok=True)

@@ -204,9 +204,11 @@ def test_root_is_control_and_a_stranger_is_turned_away(box: Box) -> None:
     out = box.sh("sudo orchestrator status")
     assert "integration: main at" in out
     box.sh("id visitor >/dev/null 2>&1 || useradd --create-home visitor")
-    rc, out = box.rc("cd /tmp && sudo -u visitor orchestrator status")
-    assert rc != 0 and "Traceback" not in out, out
-    assert "ermission denied" in out or "not authorized" in out, out
+    for how in ("", "--socket /run/orchestrator/orchestrator.sock "):
+        rc, out = box.rc(f"cd /tmp && sudo -u visitor orchestrator {how}status")
+        assert rc != 0 and "Traceback" not in out, out
+        assert len(out.strip().splitlines()) <= 2, out
+        assert "ermission denied" in out or "not authorized" in out, out
 
 
 def test_journald_carries_the_daemons_json_logs(box: Box) -> None:
