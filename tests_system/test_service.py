@@ -357,6 +357,35 @@ def test_reload_applies_a_changed_gate_and_refuses_a_broken_config(box: Box) -> 
 # --- hardening as applied --------------------------------------------------------------
 
 
+def test_a_gate_cannot_reach_the_store(box: Box) -> None:
+    """A gate runs code an agent wrote: it must not read or write the daemon's store. Today
+    gates run as the daemon's user inside its sandbox (unless merge.gate_sandbox confines
+    them), so this is expected to fail until gates are sandboxed by default (issue 12)."""
+    config = "/etc/orchestrator/orchestrator.toml"
+    original = box.path(config).read_text()
+    probe = (
+        '[[gates]]\nname = "store-probe"\nrun = ["sh", "-c", "! head -c1 '
+        '/var/lib/orchestrator/orchestrator.sqlite3 >/dev/null 2>&1 && ! touch '
+        '/var/lib/orchestrator/orchestrator.sqlite3"]\n'
+    )
+    try:
+        box.path(config).write_text(original.replace(GATES, probe))
+        box.sh("systemctl reload orchestrator")
+        submit(box, "store-probe")
+
+        def gated() -> bool:
+            return bool(json.loads(box.sh("orchestrator show --json store-probe"))["gates"])
+
+        box.wait_for("the store probe's first gate run", gated)
+        run = json.loads(box.sh("orchestrator show --json store-probe"))["gates"][0]
+    finally:
+        box.rc("orchestrator cancel store-probe")
+        box.path(config).write_text(original)
+        box.sh("systemctl reload orchestrator")
+    if run["exitStatus"] != 0:
+        pytest.xfail("a gate can read the store: gates are not sandboxed by default yet")
+
+
 def test_the_daemon_cannot_write_outside_its_directories(box: Box) -> None:
     """In the daemon's own mount namespace, as its user: the state directory and the
     repository are writable; a directory the user owns elsewhere, /etc, the venv and the
