@@ -250,11 +250,11 @@ def test_start_returns_only_once_ready_and_the_socket_activates_the_daemon(box: 
 
 PROBE = r"""
 import json, os, socket, sys, time
-path, seconds = sys.argv[1], float(sys.argv[2])
-ok, errors, deadline = 0, [], time.monotonic() + seconds
+path, stop = sys.argv[1], sys.argv[2]  # connect until the file `stop` exists (60 s at most)
+ok, errors, deadline = 0, [], time.monotonic() + 60
 init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
     "protocolVersion": 1, "role": "control", "client": {"name": "probe", "version": "1"}}}
-while time.monotonic() < deadline:
+while time.monotonic() < deadline and not os.path.exists(stop):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(60)
     try:
@@ -278,8 +278,8 @@ print(json.dumps({"ok": ok, "errors": errors}))
 
 
 def test_the_socket_outlives_a_daemon_restart_and_so_do_workers(box: Box) -> None:
-    """While the daemon restarts, clients keep connecting and every one is served (they
-    wait in the socket's backlog); the worker unit is not restarted, its agent keeps
+    """While the daemon restarts, a client keeps connecting and every time is served (it
+    waits in the socket's backlog); the worker unit is not restarted, its agent keeps
     working on its lease, and the handoff lands afterwards."""
     unit = "orchestrator-worker@claude-1"
     worker_pid = box.wait_active(unit)
@@ -288,9 +288,12 @@ def test_the_socket_outlives_a_daemon_restart_and_so_do_workers(box: Box) -> Non
     daemon_pid = box.prop("orchestrator.service", "MainPID")
     box.write("/root/probe.py", PROBE)
     probe = box.popen("/opt/orchestrator/bin/python /root/probe.py "
-                      "/run/orchestrator/orchestrator.sock 6")
+                      "/run/orchestrator/orchestrator.sock /root/probe-stop")
     try:
-        box.sh("sleep 1 && systemctl restart orchestrator.service")
+        # The probe connects all through the restart: from before it to a second after the
+        # new daemon is ready (Type=notify: that is when systemctl returns).
+        box.sh("sleep 1 && systemctl restart orchestrator.service && sleep 1"
+               " && touch /root/probe-stop")
         out, _ = probe.communicate(timeout=120)
     finally:
         if probe.poll() is None:
