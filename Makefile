@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo bench chaos fuzz clean
+.PHONY: test lint demo bench chaos fuzz clean test-system
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,12 +13,20 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check orchestrator tests bench
+	$(BIN)/ruff check orchestrator tests bench tests_system
 	$(BIN)/ruff format --check orchestrator
 	$(BIN)/mypy --strict orchestrator tests bench
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The service under a real systemd (tests_system/, not part of `make test`): boots Debian
+# with systemd as PID 1 in a container (../shared/tools/systemd-box, or
+# $ORCHESTRATOR_SYSTEMD_BOX), installs from this checkout and follows README's "Run as a
+# service". The image is built once into $ORCHESTRATOR_BOX_CACHE
+# (/var/cache/orchestrator-system-tests). Skips, saying why, where containers cannot run.
+test-system: $(STAMP)
+	$(BIN)/python -m pytest -q tests_system
 
 # The long versions of the chaos test and the fuzzers (`make test` runs short ones); the
 # figures they print go in docs/reliability.md. Override the sizes, e.g.
