@@ -16,6 +16,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check orchestrator tests bench tests_system
 	$(BIN)/ruff format --check orchestrator
 	$(BIN)/mypy --strict orchestrator tests bench
+	$(BIN)/mypy --strict tests_system  # apart: its conftest is another "conftest"
 
 test: lint
 	$(BIN)/python -m pytest -q

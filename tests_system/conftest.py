@@ -114,7 +114,7 @@ class Box:
             "HOME=/root", "USER=root", "LOGNAME=root", "LANG=C.UTF-8", "TERM=dumb",
             "SYSTEMD_PAGER=", "SYSTEMD_COLORS=0", "bash", "-c", script,
         ]  # fmt: skip
-        return subprocess.Popen(
+        process: subprocess.Popen[str] = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -122,6 +122,7 @@ class Box:
             text=True,
             **kwargs,  # type: ignore[call-overload]
         )
+        return process
 
     def sh(self, script: str, *, check: bool = True, timeout: float = 120) -> str:
         """Run a bash script inside the box; its stdout and stderr together. check: fail

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from conftest import CHECKOUT_IN_BOX, ROOT, Box, handoff_doc
@@ -120,9 +121,10 @@ def json_stream(text: str) -> list[dict[str, object]]:
     return values
 
 
-def status_json(box: Box) -> dict[str, object]:
+def status_json(box: Box) -> dict[str, Any]:
     """`orchestrator status --json`, as root."""
-    return json.loads(box.sh("orchestrator status --json"))
+    status: dict[str, Any] = json.loads(box.sh("orchestrator status --json"))
+    return status
 
 
 def handoff_state(box: Box, name: str) -> str:
@@ -309,7 +311,7 @@ def test_the_socket_outlives_a_daemon_restart_and_so_do_workers(box: Box) -> Non
     finally:
         box.sh("rm -f /run/orchestrator-test/release")
     assert box.prop(unit, "MainPID") == worker_pid
-    names = [w["name"] for w in status_json(box)["workers"]]  # type: ignore[index, union-attr]
+    names = [w["name"] for w in status_json(box)["workers"]]
     assert "claude-1" in names
 
 
@@ -456,7 +458,7 @@ def test_a_worker_unit_stops_cleanly(box: Box) -> None:
     unit = "orchestrator-worker@claude-1"
     box.wait_active(unit)
     box.wait_for("the worker to be attached",
-                 lambda: "claude-1" in [w["name"] for w in status_json(box)["workers"]])  # type: ignore[index, union-attr]
+                 lambda: "claude-1" in [w["name"] for w in status_json(box)["workers"]])
     since = cursor(box)
     box.sh(f"systemctl stop {unit}")
     assert box.prop(unit, "ActiveState") == "inactive"
@@ -464,7 +466,7 @@ def test_a_worker_unit_stops_cleanly(box: Box) -> None:
     log = logged(box, since, "Stopped", "-u", unit, "-o", "cat")
     assert "SIGKILL" not in log and "timed out" not in log, log
     box.wait_for("the daemon to drop the worker",
-                 lambda: "claude-1" not in [w["name"] for w in status_json(box)["workers"]])  # type: ignore[index, union-attr]
+                 lambda: "claude-1" not in [w["name"] for w in status_json(box)["workers"]])
 
 
 def test_a_daemon_that_cannot_start_stops_being_restarted(box: Box) -> None:
