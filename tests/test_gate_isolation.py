@@ -223,18 +223,41 @@ print("ESCAPED:", done)
 """
 
 
+# A bwrap that refuses PID namespaces, as under the shipped systemd unit
+# (RestrictNamespaces=user mnt): the fences must hold without one.
+NO_PID_NAMESPACE_BWRAP = """#!/bin/sh
+for arg in "$@"; do
+  if [ "$arg" = --unshare-pid ]; then
+    echo "bwrap: Creating new namespace failed: Operation not permitted" >&2; exit 1
+  fi
+done
+exec /usr/bin/bwrap "$@"
+"""
+
+
 @needs_bwrap
+@pytest.mark.parametrize("pid_namespace", [True, False], ids=["pid-namespace", "no-pid-namespace"])
 def test_a_gate_cannot_write_the_integration_repository_the_store_or_reach_the_socket(
-    tmp_path: Path, repo: Path
+    tmp_path: Path, repo: Path, pid_namespace: bool
 ) -> None:
     state = tmp_path / "state"
     body = ESCAPING_GATE.format(repo=str(repo), state=str(state))
     config = write_config(tmp_path, repo, gates=_gate(tmp_path, body))
-    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    env = None
+    if not pid_namespace:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "bwrap").write_text(NO_PID_NAMESPACE_BWRAP)
+        (bin_dir / "bwrap").chmod(0o755)
+        env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    daemon = Daemon(config, tmp_path / "daemon.log", env=env).start()
     worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
     try:
         control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("escaper")]})
         wait_for(lambda: states(daemon.socket) == {"escaper": "merged"}, "the escaper merged")
+        isolation = control(daemon.socket, "status")["gateIsolation"]
+        assert isolation["mode"] == "bwrap", isolation
+        assert ("without a PID namespace" in isolation["detail"]) is not pid_namespace
         record = control(daemon.socket, "handoff.get", {"name": "escaper"})
         assert "ESCAPED: []" in record["gates"][0]["outputTail"], record["gates"][0]
     finally:

@@ -64,6 +64,10 @@ class GateIsolation:
     detail: str
     fences: GateFences = field(default_factory=GateFences)
     bwrap: str = BWRAP
+    # Off where PID namespaces are refused but mount namespaces are not (the shipped
+    # systemd unit allows only user and mnt, to keep its exposure at 2.0): the fences hold,
+    # and the supervisor, a child subreaper, still kills every descendant.
+    pid_namespace: bool = True
 
     @property
     def namespaces(self) -> bool:
@@ -73,20 +77,20 @@ class GateIsolation:
         """The argv prefix that confines one gate run in ``checkout``."""
         if self.mode != "bwrap":
             return []
-        return bwrap_argv(self.bwrap, checkout, self.fences)
+        return bwrap_argv(self.bwrap, checkout, self.fences, pid_namespace=self.pid_namespace)
 
 
-def bwrap_argv(bwrap: str, checkout: Path, fences: GateFences) -> list[str]:
+def bwrap_argv(
+    bwrap: str, checkout: Path, fences: GateFences, *, pid_namespace: bool = True
+) -> list[str]:
     """bubblewrap arguments: the host's file system as it is, minus the fences, plus the
-    checkout writable; a PID namespace that dies with the daemon."""
-    argv = [
-        bwrap,
-        "--die-with-parent",
-        "--unshare-pid",
-        "--new-session",  # no TIOCSTI into the daemon's terminal
-        "--bind", "/", "/",
-        "--proc", "/proc",
-    ]  # fmt: skip
+    checkout writable; a PID namespace (unless ``pid_namespace`` is off) that dies with
+    the daemon."""
+    argv = [bwrap, "--die-with-parent", "--new-session"]  # no TIOCSTI into our terminal
+    argv += ["--bind", "/", "/"]
+    if pid_namespace:
+        argv[2:2] = ["--unshare-pid"]
+        argv += ["--proc", "/proc"]
     if os.geteuid() == 0:
         # Root keeps its capabilities in bwrap, and CAP_SYS_ADMIN could remount the fences.
         argv += ["--cap-drop", "ALL"]
@@ -136,33 +140,49 @@ def detect_isolation(
     if bwrap is None:
         problem = "bubblewrap (bwrap) is not installed"
     else:
-        try:
-            done = subprocess.run(
-                [*bwrap_argv(bwrap, probe_dir, fences), "true"],
-                capture_output=True,
-                text=True,
-                timeout=PROBE_TIMEOUT_S,
-                check=False,
+        problem = _probe(bwrap, probe_dir, fences, pid_namespace=True)
+        if problem is None:
+            return GateIsolation(
+                "bwrap",
+                "gates run in bubblewrap: own PID namespace, integration repository "
+                "read-only, state directory hidden, only the gate checkout writable",
+                fences,
+                bwrap,
             )
-            if done.returncode != 0:
-                problem = f"bwrap does not work here: {done.stderr.strip() or done.returncode}"
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            problem = f"bwrap does not work here: {exc}"
-    if problem is None:
-        assert bwrap is not None
-        return GateIsolation(
-            "bwrap",
-            "gates run in bubblewrap: own PID namespace, integration repository read-only, "
-            "state directory hidden, only the gate checkout writable",
-            fences,
-            bwrap,
-        )
+        if _probe(bwrap, probe_dir, fences, pid_namespace=False) is None:
+            return GateIsolation(
+                "bwrap",
+                "gates run in bubblewrap without a PID namespace (refused here: "
+                f"{problem}): integration repository read-only, state directory hidden, "
+                "only the gate checkout writable; every process they start is killed "
+                "when they end",
+                fences,
+                bwrap,
+                pid_namespace=False,
+            )
     return GateIsolation(
         "processes",
         f"namespaces unavailable ({problem}): gates can write what the daemon's user can; "
         "every process they start is still killed when they end",
         fences,
     )
+
+
+def _probe(bwrap: str, probe_dir: Path, fences: GateFences, *, pid_namespace: bool) -> str | None:
+    """Why bubblewrap with these fences does not run ``true`` here, or None when it does."""
+    try:
+        done = subprocess.run(
+            [*bwrap_argv(bwrap, probe_dir, fences, pid_namespace=pid_namespace), "true"],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"bwrap does not work here: {exc}"
+    if done.returncode != 0:
+        return f"bwrap does not work here: {done.stderr.strip() or done.returncode}"
+    return None
 
 
 @dataclass(frozen=True)
