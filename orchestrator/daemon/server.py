@@ -27,6 +27,7 @@ from orchestrator import __version__
 from orchestrator.config import Config
 from orchestrator.observe import logs
 from orchestrator.observe.metrics import Metrics
+from orchestrator.protocol.capabilities import CAPABILITIES
 from orchestrator.protocol.jsonrpc import (
     CONTROL_METHODS,
     INTERNAL_ERROR,
@@ -423,6 +424,7 @@ class SocketServer:
             "sessionId": session.id,
             "leaseTtlS": self.config.lease_ttl_s,
             "heartbeatIntervalS": self.config.heartbeat_interval_s,
+            "capabilities": list(CAPABILITIES),
         }
 
     async def _call(self, session: Session, request: Request, bound: Any) -> None:
