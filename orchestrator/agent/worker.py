@@ -310,6 +310,9 @@ def _agent_env(run: _Run) -> dict[str, str]:
         "ORCHESTRATOR_WORKTREE": lease["worktree"],
         "ORCHESTRATOR_BRANCH": lease["branch"],
         "ORCHESTRATOR_BASE_COMMIT": lease["baseCommit"],
+        # origin/<integration branch> in the worktree is at this commit; older daemons
+        # do not send it.
+        "ORCHESTRATOR_INTEGRATION_COMMIT": lease.get("integrationCommit") or "",
         "ORCHESTRATOR_ATTEMPT": str(lease["attempt"]),
         "ORCHESTRATOR_LEASE_ID": lease["id"],
         "ORCHESTRATOR_FEEDBACK_FILE": str(feedback_file),

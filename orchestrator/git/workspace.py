@@ -59,6 +59,7 @@ __all__ = [
     "MergeResult",
     "MergeStrategy",
     "Workspace",
+    "conflict_detail",
 ]
 
 log = logs.get("git")
@@ -333,7 +334,7 @@ class Workspace:
 
     # ------------------------------------------------------------------ leased repositories
 
-    def checkout_for_lease(self, name: str, branch: str) -> Path:
+    def checkout_for_lease(self, name: str, branch: str, *, integration: str | None = None) -> Path:
         """Return ``worktrees_dir/<name>``: a repository of its own with ``branch`` checked
         out and nothing else in its working tree.
 
@@ -349,6 +350,9 @@ class Workspace:
         pool is empty is a fresh checkout made. Reuse rewrites only the files that differ,
         using an index the daemon keeps for each directory (not the agent's). A directory
         an agent broke (``.git`` not a directory, changed owner, modes) is discarded.
+
+        ``integration`` (default: the integration tip now) is the commit
+        ``origin/<integration branch>`` names there.
         """
         path = self._lease_path(name)
         if branch == self.integration_branch:
@@ -369,6 +373,7 @@ class Workspace:
                 "that one first"
             )
         key = _lease_key(name)
+        origin = integration if integration is not None else self.integration_tip()
         reused = False
         if os.path.lexists(path) and not self._intact(path):
             self._discard(path, key)
@@ -382,7 +387,7 @@ class Workspace:
         if not reused:
             path.mkdir(mode=0o755)
         try:
-            self._populate(path, key, branch, tip)
+            self._populate(path, key, branch, tip, origin)
         except (GitError, OSError) as exc:
             if not reused:
                 raise
@@ -391,7 +396,7 @@ class Workspace:
             log.info("lease_directory_replaced", path=str(path), error=str(exc))
             self._discard(path, key)
             path.mkdir(mode=0o755)
-            self._populate(path, key, branch, tip)
+            self._populate(path, key, branch, tip, origin)
         return path
 
     def release_worktree(self, name: str) -> None:
@@ -425,7 +430,7 @@ class Workspace:
             slot = secrets.token_hex(6)
             path = self._pool_dir / slot
             path.mkdir(mode=0o755)
-            self._populate(path, _pool_key(slot), None, tip)
+            self._populate(path, _pool_key(slot), None, tip, tip)
             created += 1
         return created
 
@@ -547,11 +552,13 @@ class Workspace:
             return False
         return is_plain_dir(path / ".git") or not os.path.lexists(path / ".git")
 
-    def _populate(self, path: Path, key: str, branch: str | None, tip: str) -> None:
+    def _populate(
+        self, path: Path, key: str, branch: str | None, tip: str, integration: str
+    ) -> None:
         """Check ``tip`` out in ``path`` with a ``.git`` made from scratch."""
         build = Path(tempfile.mkdtemp(prefix="git-", dir=self._build_dir))
         try:
-            self._write_git_dir(build, branch, tip)
+            self._write_git_dir(build, branch, tip, integration)
             index = self._state_dir / f"{key}.index"
             with contextlib.suppress(FileNotFoundError):
                 os.rename(index, build / "index")
@@ -573,13 +580,13 @@ class Workspace:
             raise
         self._empty_trash()
 
-    def _write_git_dir(self, build: Path, branch: str | None, tip: str) -> None:
+    def _write_git_dir(self, build: Path, branch: str | None, tip: str, integration: str) -> None:
         integ = self.integration_branch
         objects = self._common_dir / "objects"
         for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags", "info", "hooks"):
             (build / sub).mkdir(parents=True, exist_ok=True)
         head = f"ref: refs/heads/{branch}\n" if branch else f"{tip}\n"
-        refs = {f"refs/remotes/origin/{integ}": self.integration_tip()}
+        refs = {f"refs/remotes/origin/{integ}": integration}
         if branch:
             refs[f"refs/heads/{branch}"] = tip
         packed = "# pack-refs with: peeled fully-peeled sorted \n" + "".join(
@@ -611,7 +618,7 @@ class Workspace:
         every file); the agent's config, hooks and fsmonitor play no part."""
         build = Path(tempfile.mkdtemp(prefix="status-", dir=self._build_dir))
         try:
-            self._write_git_dir(build, None, head)
+            self._write_git_dir(build, None, head, head)
             index: bytes | None = None
             with contextlib.suppress(OSError):
                 dir_fd = open_dir_nofollow(path)
@@ -784,8 +791,8 @@ class Workspace:
             )
         tree, conflicts = self._merge_trees(base_id, theirs_id)
         if conflicts:
-            n = len(conflicts)
-            return MergeResult(None, conflicts, base, f"{n} conflicting path{'s' * (n != 1)}")
+            detail = conflict_detail(self.integration_branch, base, conflicts)
+            return MergeResult(None, conflicts, base, detail)
         assert tree is not None
         base_commit = self._commit(base)
         if strategy == "squash" and tree == base_commit.tree_id:
@@ -1331,6 +1338,19 @@ class Workspace:
                 f"{result.stderr.strip() or result.stdout.strip()}"
             )
         return result
+
+
+def conflict_detail(integration_branch: str, commit: str, paths: Sequence[str]) -> str:
+    """What an agent is told when its branch conflicts with ``integration_branch`` at
+    ``commit``: that commit in full, the paths, and how to repair (its repository has the
+    branch as ``origin/<integration_branch>``; PROTOCOL.md, "integration-tip")."""
+    n = len(paths)
+    shown = ", ".join(paths[:20]) + (f", ... ({n} in all)" if n > 20 else "")
+    return (
+        f"{n} conflicting path{'s' * (n != 1)} with {integration_branch} at {commit}: {shown}; "
+        f"run `git fetch origin && git merge origin/{integration_branch}` (or rebase onto "
+        f"origin/{integration_branch}), resolve, commit, and report again"
+    )
 
 
 def _common_dir(git_dir: Path) -> Path:

@@ -6,11 +6,12 @@ import json
 import os
 from pathlib import Path
 
-from _common import HANDOFF, WORKTREE, commit, git, write
+from _common import HANDOFF, WORKTREE, commit, git, record, write
 
 feedback_file = Path(os.environ["ORCHESTRATOR_FEEDBACK_FILE"])
-if feedback_file.is_file():
-    feedback = json.loads(feedback_file.read_text())
+feedback = json.loads(feedback_file.read_text()) if feedback_file.is_file() else None
+record(feedback=feedback)
+if feedback is not None:
     assert feedback["reason"] == "conflict", feedback
     assert "shared.txt" in feedback["log"], feedback
     integration = os.environ.get("ORCHESTRATOR_INTEGRATION_COMMIT")
