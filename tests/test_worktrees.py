@@ -803,4 +803,4 @@ def test_half_moved_pool_slot_is_repaired(repo: Path, ws: Workspace, wts: Path) 
     assert git(c, "symbolic-ref", "HEAD") == "refs/heads/handoff/c"
     assert_own_repository(c, repo)
     ws.recover()
-    assert sorted(p.name for p in (wts / ".state").iterdir()) == ["L-c.at", "L-c.index"]
+    assert sorted(p.name for p in (wts / ".state").iterdir()) == ["L-c"]

@@ -415,6 +415,7 @@ class Workspace:
             return
         slot = secrets.token_hex(6)
         self._rename_slot(path, key, self._pool_dir / slot, _pool_key(slot))
+        self._empty_trash()
 
     def warm_pool(self, size: int) -> int:
         """Create idle directories (at the integration tip) until the pool holds ``size``.
@@ -559,15 +560,32 @@ class Workspace:
         build = Path(tempfile.mkdtemp(prefix="git-", dir=self._build_dir))
         try:
             self._write_git_dir(build, branch, tip, integration)
-            index = self._state_dir / f"{key}.index"
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(index, build / "index")
-            # The git dir is ours and named explicitly, so git reads no config, hook or
-            # index the agent wrote; .git entries in the work tree are never touched.
-            self._lease_git(build, path, "reset", "--hard", "-q")
-            self._lease_git(build, path, "clean", "-ffdxq")
-            shutil.copyfile(build / "index", index)
-            _write_atomic(self._state_dir / f"{key}.at", f"{tip} {branch or ''}\n")
+            state = self._state_dir / key
+            state.mkdir(exist_ok=True)
+            index = state / "index"
+            # The git dir is ours and named explicitly, and the index is the daemon's own
+            # copy, so git reads no config, hook or index the agent wrote; .git entries in
+            # the work tree are never touched. checkout -f (not read-tree, which keeps
+            # stale stat data and so rehashes every file the next time) rewrites what
+            # differs or was touched; no reflog is worth the writes here.
+            target = [branch] if branch else ["--detach", tip]
+            self._lease_git(
+                build,
+                path,
+                "-c",
+                "core.logAllRefUpdates=false",
+                "checkout",
+                "-f",
+                "-q",
+                *target,
+                "--",
+                index=index,
+            )
+            self._lease_git(build, path, "clean", "-ffdxq", index=index)
+            shutil.copyfile(index, build / "index")
+            # Not atomic, on purpose (a rename costs more than the rest): a torn record
+            # only loses the pool's preference for a directory at the wanted commit.
+            (state / "at").write_text(f"{tip} {branch or ''}\n", encoding="utf-8")
             dir_fd = open_dir_nofollow(path)
             try:
                 if os.path.lexists(path / ".git"):
@@ -578,12 +596,15 @@ class Workspace:
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
-        self._empty_trash()
+        # The old .git waits in the trash: deleting it (the agent's objects too) is left
+        # to release_worktree and recover, off the path of a lease being granted.
 
     def _write_git_dir(self, build: Path, branch: str | None, tip: str, integration: str) -> None:
         integ = self.integration_branch
         objects = self._common_dir / "objects"
-        for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags", "info", "hooks"):
+        # As few entries as git needs (each costs a syscall now and one when it is
+        # thrown away): git makes the rest on demand.
+        for sub in ("objects/info", "refs", "hooks"):
             (build / sub).mkdir(parents=True, exist_ok=True)
         head = f"ref: refs/heads/{branch}\n" if branch else f"{tip}\n"
         refs = {f"refs/remotes/origin/{integ}": integration}
@@ -607,7 +628,6 @@ class Workspace:
             "config": config,
             "packed-refs": packed,
             "objects/info/alternates": f"{objects}\n",
-            "description": "a lease repository of orchestrator\n",
         }
         for rel, text in files.items():
             (build / rel).write_text(text, encoding="utf-8")
@@ -649,20 +669,25 @@ class Workspace:
         return sorted({entry[3:] for entry in out.split("\0") if len(entry) > 3})
 
     def _lease_git(
-        self, git_dir: Path, work_tree: Path, *args: str
+        self, git_dir: Path, work_tree: Path, *args: str, index: Path | None = None
     ) -> subprocess.CompletedProcess[str]:
         return self._git(
-            f"--git-dir={git_dir}", f"--work-tree={work_tree}", *args, cwd=git_dir, untrusted=True
+            f"--git-dir={git_dir}",
+            f"--work-tree={work_tree}",
+            *args,
+            cwd=git_dir,
+            untrusted=True,
+            index=index,
         )
 
     def _lease_holding(self, branch: str) -> str | None:
         """The lease directory whose checkout is ``branch``, from the daemon's records."""
         for entry in _listdir(self._state_dir):
-            if not entry.startswith("L-") or not entry.endswith(".at"):
+            if not entry.startswith("L-"):
                 continue
-            name = entry[2:-3]
+            name = entry[2:]
             try:
-                recorded = (self._state_dir / entry).read_text(encoding="utf-8").split()
+                recorded = (self._state_dir / entry / "at").read_text(encoding="utf-8").split()
             except OSError:
                 continue
             if recorded[1:] == [branch] and os.path.lexists(self.worktrees_dir / name):
@@ -681,7 +706,7 @@ class Workspace:
             if not self._intact(path):
                 self._discard(path, _pool_key(slot))
                 continue
-            at = self._state_dir / f"{_pool_key(slot)}.at"
+            at = self._state_dir / _pool_key(slot) / "at"
             try:
                 at_want = at.read_text(encoding="utf-8").split()[:1] == [want]
                 rank = (at_want, at.stat().st_mtime, slot)
@@ -695,16 +720,12 @@ class Workspace:
         # The directory first: a crash after it leaves the index under the old key, and
         # the next checkout of dst is a full one (correct, only slower).
         os.rename(src, dst)
-        for suffix in (".index", ".at"):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(
-                    self._state_dir / f"{src_key}{suffix}", self._state_dir / f"{dst_key}{suffix}"
-                )
+        self._drop_state(dst_key)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self._state_dir / src_key, self._state_dir / dst_key)
 
     def _drop_state(self, key: str) -> None:
-        for suffix in (".index", ".at"):
-            with contextlib.suppress(FileNotFoundError):
-                (self._state_dir / f"{key}{suffix}").unlink()
+        shutil.rmtree(self._state_dir / key, ignore_errors=True)
 
     def _discard(self, path: Path, key: str) -> None:
         """Delete a lease or pool directory, never following anything in it."""
@@ -977,8 +998,7 @@ class Workspace:
         for entry in _listdir(self._build_dir):
             shutil.rmtree(self._build_dir / entry, ignore_errors=True)
         self._empty_trash()
-        for entry in _listdir(self._state_dir):
-            key, _, _suffix = entry.rpartition(".")
+        for key in _listdir(self._state_dir):
             where = (
                 self.worktrees_dir / key[2:]
                 if key.startswith("L-")
@@ -987,8 +1007,7 @@ class Workspace:
                 else None
             )
             if where is None or not os.path.lexists(where):
-                with contextlib.suppress(FileNotFoundError):
-                    (self._state_dir / entry).unlink()
+                self._drop_state(key)
 
     # ------------------------------------------------------------------ internals
 
@@ -1296,6 +1315,7 @@ class Workspace:
         check: bool = True,
         optional_locks: bool = True,
         untrusted: bool = False,
+        index: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run git. ``untrusted``: the command reads a directory an agent can write, so it
         runs with no hooks, no fsmonitor and no system or global config (see
@@ -1306,6 +1326,8 @@ class Workspace:
             env = hardened_env(env)
         env["LC_ALL"] = "C"
         env["GIT_TERMINAL_PROMPT"] = "0"
+        if index is not None:
+            env["GIT_INDEX_FILE"] = str(index)
         if not optional_locks:
             # Reading someone else's checkout must not take its index.lock, or their own
             # git commands could fail while we look.
