@@ -75,6 +75,7 @@ def test_moving_refs_and_config_in_a_lease_changes_nothing_outside(
     git(path, "branch", "-f", "handoff/other", head)
     git(path, "tag", "v-evil", head)
     git(path, "config", "user.name", "evil")
+    (path / ".git" / "hooks").mkdir(exist_ok=True)
     (path / ".git" / "hooks" / "pre-commit").write_text("#!/bin/sh\nexit 1\n")
     assert snapshot(repo) == before
     # the daemon takes the head into a namespace of its own, and the branch it tracks
@@ -164,6 +165,7 @@ def arm(path: Path, tmp_path: Path) -> dict[str, Path]:
     git(path, "config", "filter.evil.required", "true")
     (path / ".git" / "info").mkdir(exist_ok=True)
     (path / ".git" / "info" / "attributes").write_text("* filter=evil\n")
+    (path / ".git" / "hooks").mkdir(exist_ok=True)
     for hook in ("post-checkout", "reference-transaction", "pre-auto-gc", "post-index-change"):
         marker, cmd = trap(tmp_path, hook)
         markers[hook] = marker

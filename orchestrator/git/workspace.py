@@ -247,6 +247,9 @@ class Workspace:
         self._state_dir = self.worktrees_dir / STATE_DIR
         self._build_dir = self.worktrees_dir / BUILD_DIR
         self._trash_dir = self.worktrees_dir / TRASH_DIR
+        # State key -> (commit, branch) each lease or pool directory was last checked out
+        # at by this daemon: only its own memory, never read back from a directory.
+        self._checked_out: dict[str, tuple[str, str | None]] = {}
         self.gate_path = self.worktrees_dir / GATE_DIR
         self.recover()
 
@@ -583,9 +586,7 @@ class Workspace:
             )
             self._lease_git(build, path, "clean", "-ffdxq", index=index)
             shutil.copyfile(index, build / "index")
-            # Not atomic, on purpose (a rename costs more than the rest): a torn record
-            # only loses the pool's preference for a directory at the wanted commit.
-            (state / "at").write_text(f"{tip} {branch or ''}\n", encoding="utf-8")
+            self._checked_out[key] = (tip, branch)
             dir_fd = open_dir_nofollow(path)
             try:
                 if os.path.lexists(path / ".git"):
@@ -604,7 +605,7 @@ class Workspace:
         objects = self._common_dir / "objects"
         # As few entries as git needs (each costs a syscall now and one when it is
         # thrown away): git makes the rest on demand.
-        for sub in ("objects/info", "refs", "hooks"):
+        for sub in ("objects/info", "refs"):
             (build / sub).mkdir(parents=True, exist_ok=True)
         head = f"ref: refs/heads/{branch}\n" if branch else f"{tip}\n"
         refs = {f"refs/remotes/origin/{integ}": integration}
@@ -681,24 +682,19 @@ class Workspace:
         )
 
     def _lease_holding(self, branch: str) -> str | None:
-        """The lease directory whose checkout is ``branch``, from the daemon's records."""
-        for entry in _listdir(self._state_dir):
-            if not entry.startswith("L-"):
-                continue
-            name = entry[2:]
-            try:
-                recorded = (self._state_dir / entry / "at").read_text(encoding="utf-8").split()
-            except OSError:
-                continue
-            if recorded[1:] == [branch] and os.path.lexists(self.worktrees_dir / name):
-                return name
+        """The lease directory this daemon checked ``branch`` out in, if it is still there."""
+        for key, (_, held) in self._checked_out.items():
+            if held == branch and key.startswith("L-"):
+                if os.path.lexists(self.worktrees_dir / key[2:]):
+                    return key[2:]
         return None
 
     def _take_pool_slot(self, want: str | None) -> str | None:
         """An idle directory: one already at ``want`` if any, else the latest released.
 
         The latest released one is most likely close to the current integration tip, and
-        its files are the likeliest to still be in the page cache.
+        its files are the likeliest to still be in the page cache. (What each is at is
+        known for those released since the daemon started; the others rank by age.)
         """
         best: tuple[bool, float, str] | None = None
         for slot in _listdir(self._pool_dir):
@@ -706,12 +702,12 @@ class Workspace:
             if not self._intact(path):
                 self._discard(path, _pool_key(slot))
                 continue
-            at = self._state_dir / _pool_key(slot) / "at"
+            at = self._checked_out.get(_pool_key(slot))
             try:
-                at_want = at.read_text(encoding="utf-8").split()[:1] == [want]
-                rank = (at_want, at.stat().st_mtime, slot)
+                released = os.stat(self._state_dir / _pool_key(slot)).st_mtime
             except OSError:
-                rank = (False, 0.0, slot)
+                released = 0.0
+            rank = (at is not None and at[0] == want, released, slot)
             if best is None or rank > best:
                 best = rank
         return best[2] if best is not None else None
@@ -723,8 +719,12 @@ class Workspace:
         self._drop_state(dst_key)
         with contextlib.suppress(FileNotFoundError):
             os.rename(self._state_dir / src_key, self._state_dir / dst_key)
+        at = self._checked_out.pop(src_key, None)
+        if at is not None:
+            self._checked_out[dst_key] = at
 
     def _drop_state(self, key: str) -> None:
+        self._checked_out.pop(key, None)
         shutil.rmtree(self._state_dir / key, ignore_errors=True)
 
     def _discard(self, path: Path, key: str) -> None:
