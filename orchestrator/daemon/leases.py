@@ -112,7 +112,10 @@ class LeaseManager:
             tip = self.workspace.integration_tip()
             base = self.workspace.ensure_branch(branch, tip)
             # The lease's repository gets origin/<integration branch> at this same tip.
-            path = self.workspace.checkout_for_lease(grant.handoff, branch, integration=tip)
+            # It is made writable for the worker's uid (SO_PEERCRED), when not the daemon's.
+            path = self.workspace.checkout_for_lease(
+                grant.handoff, branch, integration=tip, owner_uid=session.uid
+            )
             return base, tip, str(path)
 
         base, integration, worktree = await self.offload.git(prepare)

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import pygit2
 from pygit2.enums import RepositoryOpenFlag, SortMode
 
+from orchestrator.git import lease_access
 from orchestrator.git.untrusted import (
     HARDENED_CONFIG,
     hardened_env,
@@ -250,6 +251,8 @@ class Workspace:
         # State key -> (commit, branch) each lease or pool directory was last checked out
         # at by this daemon: only its own memory, never read back from a directory.
         self._checked_out: dict[str, tuple[str, str | None]] = {}
+        # State key -> the uid (not the daemon's) a directory was made writable for.
+        self._granted: dict[str, int] = {}
         self.gate_path = self.worktrees_dir / GATE_DIR
         self.recover()
 
@@ -337,7 +340,14 @@ class Workspace:
 
     # ------------------------------------------------------------------ leased repositories
 
-    def checkout_for_lease(self, name: str, branch: str, *, integration: str | None = None) -> Path:
+    def checkout_for_lease(
+        self,
+        name: str,
+        branch: str,
+        *,
+        integration: str | None = None,
+        owner_uid: int | None = None,
+    ) -> Path:
         """Return ``worktrees_dir/<name>``: a repository of its own with ``branch`` checked
         out and nothing else in its working tree.
 
@@ -355,7 +365,10 @@ class Workspace:
         an agent broke (``.git`` not a directory, changed owner, modes) is discarded.
 
         ``integration`` (default: the integration tip now) is the commit
-        ``origin/<integration branch>`` names there.
+        ``origin/<integration branch>`` names there. ``owner_uid``: the uid that will
+        work there, when it is not the daemon's: it gets write access by POSIX ACLs (see
+        orchestrator.git.lease_access); a directory an earlier lease of another uid had
+        is not reused for it.
         """
         path = self._lease_path(name)
         if branch == self.integration_branch:
@@ -377,20 +390,21 @@ class Workspace:
             )
         key = _lease_key(name)
         origin = integration if integration is not None else self.integration_tip()
+        uid = owner_uid if owner_uid is not None and owner_uid != os.geteuid() else None
         reused = False
         if os.path.lexists(path) and not self._intact(path):
             self._discard(path, key)
         if os.path.lexists(path):
             reused = True
         else:
-            slot = self._take_pool_slot(tip)
+            slot = self._take_pool_slot(tip, uid)
             if slot is not None:
                 self._rename_slot(self._pool_dir / slot, _pool_key(slot), path, key)
                 reused = True
         if not reused:
             path.mkdir(mode=0o755)
         try:
-            self._populate(path, key, branch, tip, origin)
+            self._populate(path, key, branch, tip, origin, uid)
         except (GitError, OSError) as exc:
             if not reused:
                 raise
@@ -399,7 +413,7 @@ class Workspace:
             log.info("lease_directory_replaced", path=str(path), error=str(exc))
             self._discard(path, key)
             path.mkdir(mode=0o755)
-            self._populate(path, key, branch, tip, origin)
+            self._populate(path, key, branch, tip, origin, uid)
         return path
 
     def release_worktree(self, name: str) -> None:
@@ -557,9 +571,25 @@ class Workspace:
         return is_plain_dir(path / ".git") or not os.path.lexists(path / ".git")
 
     def _populate(
-        self, path: Path, key: str, branch: str | None, tip: str, integration: str
+        self,
+        path: Path,
+        key: str,
+        branch: str | None,
+        tip: str,
+        integration: str,
+        uid: int | None = None,
     ) -> None:
-        """Check ``tip`` out in ``path`` with a ``.git`` made from scratch."""
+        """Check ``tip`` out in ``path`` with a ``.git`` made from scratch; ``uid`` (not
+        the daemon's) gets write access to all of it."""
+        granted = self._granted.get(key)
+        if granted is not None and granted != uid:
+            # Files the earlier uid created are its own: only a new directory is clean.
+            raise GitError(f"{path} was handed to uid {granted}; a new one is made for {uid}")
+        if uid is not None and granted is None:
+            # Inherited (default ACL) by every file git writes from now on; what is there
+            # already (a reused directory the daemon knows nothing of) gets it too.
+            lease_access.grant(path, uid)
+            self._granted[key] = uid
         build = Path(tempfile.mkdtemp(prefix="git-", dir=self._build_dir))
         try:
             self._write_git_dir(build, branch, tip, integration)
@@ -586,6 +616,8 @@ class Workspace:
             )
             self._lease_git(build, path, "clean", "-ffdxq", index=index)
             shutil.copyfile(index, build / "index")
+            if uid is not None:
+                lease_access.grant(build, uid)
             self._checked_out[key] = (tip, branch)
             dir_fd = open_dir_nofollow(path)
             try:
@@ -689,14 +721,14 @@ class Workspace:
                     return key[2:]
         return None
 
-    def _take_pool_slot(self, want: str | None) -> str | None:
+    def _take_pool_slot(self, want: str | None, uid: int | None = None) -> str | None:
         """An idle directory: one already at ``want`` if any, else the latest released.
 
         The latest released one is most likely close to the current integration tip, and
         its files are the likeliest to still be in the page cache. (What each is at is
         known for those released since the daemon started; the others rank by age.)
         """
-        best: tuple[bool, float, str] | None = None
+        best: tuple[bool, bool, float, str] | None = None
         for slot in _listdir(self._pool_dir):
             path = self._pool_dir / slot
             if not self._intact(path):
@@ -707,10 +739,12 @@ class Workspace:
                 released = os.stat(self._state_dir / _pool_key(slot)).st_mtime
             except OSError:
                 released = 0.0
-            rank = (at is not None and at[0] == want, released, slot)
+            # A directory made writable for another uid would only be discarded.
+            same_uid = self._granted.get(_pool_key(slot)) == uid
+            rank = (same_uid, at is not None and at[0] == want, released, slot)
             if best is None or rank > best:
                 best = rank
-        return best[2] if best is not None else None
+        return best[3] if best is not None else None
 
     def _rename_slot(self, src: Path, src_key: str, dst: Path, dst_key: str) -> None:
         # The directory first: a crash after it leaves the index under the old key, and
@@ -722,9 +756,13 @@ class Workspace:
         at = self._checked_out.pop(src_key, None)
         if at is not None:
             self._checked_out[dst_key] = at
+        uid = self._granted.pop(src_key, None)
+        if uid is not None:
+            self._granted[dst_key] = uid
 
     def _drop_state(self, key: str) -> None:
         self._checked_out.pop(key, None)
+        self._granted.pop(key, None)
         shutil.rmtree(self._state_dir / key, ignore_errors=True)
 
     def _discard(self, path: Path, key: str) -> None:
