@@ -304,3 +304,18 @@ def test_initialize_lists_the_isolation_capabilities(
         conn.close()
     assert {"isolated-worktree", "integration-tip"} <= set(result["capabilities"])
 
+
+
+def test_an_unreported_attempt_keeps_its_commits_for_the_next(repo: Path, ws: Workspace) -> None:
+    base = ws.ensure_branch("handoff/a", "main")
+    path = ws.checkout_for_lease("a", "handoff/a")
+    partial = commit_in(path, "part.txt", "1\n", "partial")  # then the worker dies
+    again = ws.checkout_for_lease("a", "handoff/a")
+    assert git(again, "rev-parse", "HEAD") == partial
+    assert ws.branch_tip("handoff/a") == partial
+    # history that does not build on the branch is not taken
+    git(again, "checkout", "-q", "--orphan", "other")
+    git(again, "commit", "-q", "-m", "unrelated")
+    git(again, "branch", "-f", "handoff/a", "other")
+    ws.checkout_for_lease("a", "handoff/a")
+    assert ws.branch_tip("handoff/a") == partial != base

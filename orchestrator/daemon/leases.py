@@ -116,7 +116,8 @@ class LeaseManager:
             path = self.workspace.checkout_for_lease(
                 grant.handoff, branch, integration=tip, owner_uid=session.uid
             )
-            return base, tip, str(path)
+            # Commits an unreported attempt left in its directory were taken just now.
+            return self.workspace.branch_tip(branch) or base, tip, str(path)
 
         base, integration, worktree = await self.offload.git(prepare)
         expires = time.time() + self.config.lease_ttl_s

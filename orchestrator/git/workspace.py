@@ -253,6 +253,7 @@ class Workspace:
         self._checked_out: dict[str, tuple[str, str | None]] = {}
         # State key -> the uid (not the daemon's) a directory was made writable for.
         self._granted: dict[str, int] = {}
+        self._last_fetch_error = ""
         self.gate_path = self.worktrees_dir / GATE_DIR
         self.recover()
 
@@ -396,6 +397,9 @@ class Workspace:
             self._discard(path, key)
         if os.path.lexists(path):
             reused = True
+            # An earlier attempt that never reported (its worker died, its lease
+            # expired) may have committed: that work continues, not from scratch.
+            tip = self._salvage(name, branch, tip)
         else:
             slot = self._take_pool_slot(tip, uid)
             if slot is not None:
@@ -456,6 +460,42 @@ class Workspace:
         """How many idle directories the pool holds."""
         return len(_listdir(self._pool_dir))
 
+    def _salvage(self, name: str, branch: str, tip: str) -> str:
+        """Take the commits an unreported attempt left on ``branch`` in the lease
+        directory ``name`` (fetched as a report's are, see :meth:`import_lease_head`).
+        Our branch moves to them only if they build on it; returns its tip."""
+        path = self._lease_path(name)
+        if not self._intact(path) or not is_plain_dir(path / ".git"):
+            return tip
+        ref = f"{LEASE_REF_PREFIX}{name}"
+        fetched = self._fetch_lease_branch(path, branch, ref)
+        got = self._repo.references.get(ref) if fetched else None
+        if got is None:
+            return tip
+        left = str(got.target)
+        if left == tip or not self.is_ancestor(tip, left):
+            return tip
+        log.info("unreported_commits_kept", lease=name, branch=branch, old=tip, new=left)
+        self._repo.references.create(f"refs/heads/{branch}", got.target, force=True)
+        return left
+
+    def _fetch_lease_branch(self, path: Path, branch: str, ref: str) -> bool:
+        result = self._git(
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-recurse-submodules",
+            "--no-write-fetch-head",
+            "--no-auto-gc",
+            str(path / ".git"),
+            f"+refs/heads/{branch}:{ref}",
+            cwd=self.repo_path,
+            check=False,
+            untrusted=True,
+        )
+        self._last_fetch_error = result.stderr.strip()
+        return result.returncode == 0
+
     def import_lease_head(self, name: str, branch: str, head: str) -> str:
         """Take the reported ``head`` from the lease repository ``name`` into ours.
 
@@ -474,23 +514,10 @@ class Workspace:
                 "daemon made); the next attempt gets a fresh one"
             )
         ref = f"{LEASE_REF_PREFIX}{name}"
-        fetched = self._git(
-            "fetch",
-            "--quiet",
-            "--no-tags",
-            "--no-recurse-submodules",
-            "--no-write-fetch-head",
-            "--no-auto-gc",
-            str(path / ".git"),
-            f"+refs/heads/{branch}:{ref}",
-            cwd=self.repo_path,
-            check=False,
-            untrusted=True,
-        )
-        if fetched.returncode != 0:
+        if not self._fetch_lease_branch(path, branch, ref):
             return (
                 f"could not take {branch} from the lease's repository: "
-                f"{fetched.stderr.strip()[:300] or 'git fetch failed'}; commit your work on "
+                f"{self._last_fetch_error[:300] or 'git fetch failed'}; commit your work on "
                 f"{branch} there and report its tip"
             )
         got = self._repo.references.get(ref)
