@@ -77,7 +77,7 @@ def bench_lease(config: BenchConfig) -> BenchResult:
     shutil.rmtree(root)
     return BenchResult(
         f"lease a worktree ({n} files, {CHANGED} differ)",
-        "pooled worktree moved by diff",
+        "pooled lease repository moved by diff",
         ours,
         "`git worktree add`",
         baseline,

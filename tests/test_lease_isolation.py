@@ -319,3 +319,15 @@ def test_an_unreported_attempt_keeps_its_commits_for_the_next(repo: Path, ws: Wo
     git(again, "branch", "-f", "handoff/a", "other")
     ws.checkout_for_lease("a", "handoff/a")
     assert ws.branch_tip("handoff/a") == partial != base
+
+
+def test_the_integration_repository_identity_reaches_lease_repositories(
+    repo: Path, tmp_path: Path
+) -> None:
+    git(repo, "config", "user.name", "Project Bot")
+    git(repo, "config", "user.email", "bot@project.invalid")
+    ws = Workspace(repo, "main", tmp_path / "worktrees")
+    ws.ensure_branch("handoff/a", "main")
+    path = ws.checkout_for_lease("a", "handoff/a")
+    assert git(path, "config", "--local", "user.name") == "Project Bot"
+    assert git(path, "config", "--local", "user.email") == "bot@project.invalid"

@@ -254,6 +254,9 @@ class Workspace:
         # State key -> the uid (not the daemon's) a directory was made writable for.
         self._granted: dict[str, int] = {}
         self._last_fetch_error = ""
+        # The identity people set on the integration repository (README: agents that
+        # commit need one) is given to each lease repository's config.
+        self._identity = _identity_section(self._repo)
         self.gate_path = self.worktrees_dir / GATE_DIR
         self.recover()
 
@@ -682,6 +685,7 @@ class Workspace:
             f"\turl = {self._common_dir}\n"
             f"\tfetch = +refs/heads/{integ}:refs/remotes/origin/{integ}\n"
             f"\tpushurl = {PUSH_REFUSED_URL}\n"
+            f"{self._identity}"
         )
         files = {
             "HEAD": head,
@@ -1438,6 +1442,19 @@ def conflict_detail(integration_branch: str, commit: str, paths: Sequence[str]) 
         f"run `git fetch origin && git merge origin/{integration_branch}` (or rebase onto "
         f"origin/{integration_branch}), resolve, commit, and report again"
     )
+
+
+def _identity_section(repo: pygit2.Repository) -> str:
+    """``[user]`` with the integration repository's user.name / user.email, if set."""
+    lines = []
+    for key in ("name", "email"):
+        try:
+            value = str(repo.config[f"user.{key}"])
+        except (KeyError, pygit2.GitError):
+            continue
+        if value and not any(c in value for c in '\n\0"\\'):
+            lines.append(f'\t{key} = "{value}"\n')
+    return "[user]\n" + "".join(lines) if lines else ""
 
 
 def _common_dir(git_dir: Path) -> Path:
