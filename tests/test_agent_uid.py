@@ -107,6 +107,10 @@ def test_a_second_user_commits_fetches_and_merges_with_plain_git(
     with pytest.raises(AssertionError):
         as_agent(user, path, env, "sh", "-c", f"echo x > {ws.worktrees_dir / '.state' / 'x'}")
     assert git(repo, "for-each-ref") == before
+    # a third user cannot even look in
+    nobody = pwd.getpwnam("nobody")
+    with pytest.raises(AssertionError):
+        as_agent(nobody, shared, env, "ls", str(path))
     # the daemon takes the head, and the next lease of the same uid reuses the directory
     assert ws.import_lease_head("a", "handoff/a", head) == ""
     assert git(repo, "rev-parse", "handoff/a") == head
@@ -204,3 +208,21 @@ def test_a_conflict_is_repaired_by_an_agent_of_another_uid_and_lands(
     # the agent's commits were made as the second user, in its own repository
     worktree = tmp_path / "state" / "worktrees"
     assert not (worktree / retry["handoff"] / ".git").is_symlink()
+
+
+def test_after_a_restart_a_directory_with_another_uids_files_is_not_handed_over(
+    shared: Path, user: pwd.struct_passwd
+) -> None:
+    repo = make_repo(shared / "repo")
+    ws = Workspace(repo, "main", shared / "worktrees")
+    ws.ensure_branch("handoff/a", "main")
+    path = ws.checkout_for_lease("a", "handoff/a", owner_uid=user.pw_uid)
+    env = {"PATH": os.environ["PATH"], "HOME": str(shared)}
+    # a directory of its own where git has one: a checkout by diff keeps directories
+    as_agent(user, path, env, "sh", "-c", "mv src s && mkdir src && mv s/app.py src/ && rmdir s")
+    assert (path / "src").stat().st_uid == user.pw_uid
+    # the daemon restarts: it no longer remembers whom the directory was for
+    ws = Workspace(repo, "main", shared / "worktrees")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    again = ws.checkout_for_lease("a", "handoff/a", owner_uid=nobody)
+    assert all(p.stat().st_uid != user.pw_uid for p in again.rglob("*") if not p.is_symlink())

@@ -21,7 +21,7 @@ import stat
 import struct
 from pathlib import Path
 
-__all__ = ["AccessError", "grant"]
+__all__ = ["AccessError", "ForeignFiles", "grant"]
 
 _ACCESS = "system.posix_acl_access"
 _DEFAULT = "system.posix_acl_default"
@@ -32,6 +32,11 @@ _UNDEFINED_ID = 0xFFFFFFFF
 
 class AccessError(OSError):
     """The file system refused the ACL (mounted without ACL support?)."""
+
+
+class ForeignFiles(RuntimeError):
+    """The directory holds files of a uid that is neither the daemon's nor the grantee's
+    (left by an earlier lease of another uid): it must not be handed over."""
 
 
 def _acl(entries: list[tuple[int, int, int]]) -> bytes:
@@ -85,8 +90,11 @@ def _set(fd: int, mode: int, uid: int, default: bytes | None) -> None:
 def grant(root: Path, uid: int) -> int:
     """Give ``uid`` the owner's access to everything under ``root`` (``root`` included),
     and make it inherited by whatever is created there later. Returns how many entries
-    got an ACL. Symlinks are skipped (an ACL on one would land on its target)."""
-    default = _default_acl(uid, os.geteuid())
+    got an ACL. Symlinks are skipped (an ACL on one would land on its target).
+    :class:`ForeignFiles` if something there belongs to a third uid."""
+    daemon = os.geteuid()
+    mine = (daemon, uid)
+    default = _default_acl(uid, daemon)
     count = 0
     top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -100,7 +108,10 @@ def grant(root: Path, uid: int) -> int:
             if fd is None:
                 continue
             try:
-                _set(fd, os.fstat(fd).st_mode, uid, default)
+                info = os.fstat(fd)
+                if info.st_uid not in mine:
+                    raise ForeignFiles(f"{root}: {name} belongs to uid {info.st_uid}")
+                _set(fd, info.st_mode, uid, default)
                 count += 1
             finally:
                 os.close(fd)
@@ -110,6 +121,8 @@ def grant(root: Path, uid: int) -> int:
                 continue
             try:
                 info = os.fstat(fd)
+                if info.st_uid not in mine:
+                    raise ForeignFiles(f"{root}: {name} belongs to uid {info.st_uid}")
                 if stat.S_ISREG(info.st_mode):
                     _set(fd, info.st_mode, uid, None)
                     count += 1

@@ -409,7 +409,7 @@ class Workspace:
                 self._rename_slot(self._pool_dir / slot, _pool_key(slot), path, key)
                 reused = True
         if not reused:
-            path.mkdir(mode=0o755)
+            path.mkdir(mode=0o700)
         try:
             self._populate(path, key, branch, tip, origin, uid)
         except (GitError, OSError) as exc:
@@ -419,7 +419,7 @@ class Workspace:
             # directory is the way back.
             log.info("lease_directory_replaced", path=str(path), error=str(exc))
             self._discard(path, key)
-            path.mkdir(mode=0o755)
+            path.mkdir(mode=0o700)
             self._populate(path, key, branch, tip, origin, uid)
         return path
 
@@ -454,7 +454,7 @@ class Workspace:
         while have + created < size:
             slot = secrets.token_hex(6)
             path = self._pool_dir / slot
-            path.mkdir(mode=0o755)
+            path.mkdir(mode=0o700)
             self._populate(path, _pool_key(slot), None, tip, tip)
             created += 1
         return created
@@ -618,7 +618,10 @@ class Workspace:
         if uid is not None and granted is None:
             # Inherited (default ACL) by every file git writes from now on; what is there
             # already (a reused directory the daemon knows nothing of) gets it too.
-            lease_access.grant(path, uid)
+            try:
+                lease_access.grant(path, uid)
+            except lease_access.ForeignFiles as exc:
+                raise GitError(f"{exc}; a new directory is made for uid {uid}") from exc
             self._granted[key] = uid
         build = Path(tempfile.mkdtemp(prefix="git-", dir=self._build_dir))
         try:
@@ -810,10 +813,15 @@ class Workspace:
     def _empty_trash(self) -> None:
         for entry in _listdir(self._trash_dir):
             target = self._trash_dir / entry
-            if target.is_symlink() or not target.is_dir():
-                target.unlink(missing_ok=True)
-            else:
-                shutil.rmtree(target, onerror=_make_writable_and_retry)
+            try:
+                if target.is_symlink() or not target.is_dir():
+                    target.unlink(missing_ok=True)
+                else:
+                    shutil.rmtree(target, onerror=_make_writable_and_retry)
+            except OSError as exc:
+                # e.g. an agent of another uid made a directory of its own unwritable:
+                # it is out of the way here, and nothing waits for it.
+                log.warning("trash_not_emptied", path=str(target), error=str(exc))
 
     # ------------------------------------------------------------------ merging
 
