@@ -331,3 +331,15 @@ def test_the_integration_repository_identity_reaches_lease_repositories(
     path = ws.checkout_for_lease("a", "handoff/a")
     assert git(path, "config", "--local", "user.name") == "Project Bot"
     assert git(path, "config", "--local", "user.email") == "bot@project.invalid"
+
+
+def test_a_git_dir_nested_in_the_lease_git_dir_does_not_redirect_the_fetch(
+    repo: Path, ws: Workspace, tmp_path: Path
+) -> None:
+    ws.ensure_branch("handoff/a", "main")
+    path = ws.checkout_for_lease("a", "handoff/a")
+    head = commit_in(path, "w.txt", "w\n", "work")
+    other = tmp_path / "other"
+    git(tmp_path, "clone", "-q", str(path), str(other))
+    (path / ".git" / ".git").write_text(f"gitdir: {other / '.git'}\n")
+    assert ".git/.git exists" in ws.import_lease_head("a", "handoff/a", head)

@@ -483,6 +483,11 @@ class Workspace:
         return left
 
     def _fetch_lease_branch(self, path: Path, branch: str, ref: str) -> bool:
+        # git looks for <url>/.git before <url> itself: a .git/.git the agent made would
+        # send the fetch to a repository of its choosing.
+        if os.path.lexists(path / ".git" / ".git"):
+            self._last_fetch_error = f"{path / '.git' / '.git'} exists; remove it"
+            return False
         result = self._git(
             "fetch",
             "--quiet",
