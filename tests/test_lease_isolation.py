@@ -343,3 +343,20 @@ def test_a_git_dir_nested_in_the_lease_git_dir_does_not_redirect_the_fetch(
     git(tmp_path, "clone", "-q", str(path), str(other))
     (path / ".git" / ".git").write_text(f"gitdir: {other / '.git'}\n")
     assert ".git/.git exists" in ws.import_lease_head("a", "handoff/a", head)
+
+
+def test_gate_checkouts_run_no_fsmonitor_or_hook_gate_code_could_set(
+    repo: Path, ws: Workspace, tmp_path: Path
+) -> None:
+    # Gate code runs as the daemon's uid (until gates are sandboxed) and can write the
+    # repository's config and hooks; the daemon's git on the gate worktree ignores both.
+    gate = ws.gate_checkout("main")
+    marker, cmd = trap(tmp_path, "gate")
+    git(repo, "config", "core.fsmonitor", f"{cmd}; echo")
+    hook = repo / ".git" / "hooks" / "post-checkout"
+    hook.write_text(f"#!/bin/sh\n{cmd}\n")
+    hook.chmod(0o755)
+    (gate / "README.md").write_text("sample\n")
+    marker.unlink(missing_ok=True)
+    ws.gate_checkout("main")
+    assert not marker.exists()
