@@ -1,4 +1,4 @@
-"""Git plumbing for the daemon: branches, a pool of reusable worktrees, in-memory merges.
+"""Git plumbing for the daemon: branches, a pool of lease repositories, in-memory merges.
 
 Everything here is blocking and meant to run in a worker thread. The caller runs one git
 operation at a time per repository, so there is no locking here.
@@ -6,19 +6,28 @@ operation at a time per repository, so there is no locking here.
 Why it is shaped this way (see DESIGN.md, "Where speed comes from"):
 
 * A fresh checkout writes every file of the tree; moving an existing checkout to another
-  commit only rewrites the files that differ. So worktrees are never thrown away: a
-  released worktree goes to a pool (``<worktrees_dir>/.pool/<id>``) and the next lease
+  commit only rewrites the files that differ. So lease directories are never thrown
+  away: a released one goes to a pool (``<worktrees_dir>/.pool/<id>``) and the next lease
   renames it into place and moves it by diff. The gate worktree is moved the same way.
+* Each lease directory is a repository of its own (its own ``.git``, objects borrowed
+  read-only through alternates), not a ``git worktree`` of ours: whatever its agent does
+  to refs, config or hooks stays there. Its ``.git`` is written afresh by the daemon for
+  every lease; the daemon checks it out with a git dir and an index of its own, and
+  takes reported work by fetching from it (see ``checkout_for_lease``).
 * Merge candidates are built in the object database (pygit2 ``merge_commits``, or
   ``git merge-tree --write-tree``), never in a checkout.
-* Working-tree changes (checkout, clean, worktree add) go through the git CLI: it is the
-  faster of the two on big trees, and it runs the repository's filters (LFS, eol) and
-  hooks the way a person's git would.
+* Working-tree changes (checkout, clean) go through the git CLI: it is the faster of the
+  two on big trees. On directories an agent can write (leases, the gate worktree) it
+  runs with no hooks, fsmonitor, filters or config the agent could have written
+  (``orchestrator.git.untrusted``).
 
 Layout of ``worktrees_dir``::
 
-    <name>/          a worktree leased to the handoff <name>
-    .pool/<id>/      idle worktrees (detached HEAD); <id> is git's admin id for it
+    <name>/          the repository leased to the handoff <name>
+    .pool/<id>/      idle lease repositories
+    .state/<key>/    the daemon's index of each of them (``L-<name>``, ``P-<id>``)
+    .build/          git dirs being written, renamed into a lease when complete
+    .trash/          what is being deleted (old ``.git`` dirs, discarded directories)
     .gate/           the gate worktree, detached at the candidate being validated
 """
 
