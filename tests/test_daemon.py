@@ -114,7 +114,8 @@ def test_killed_worker_loses_its_lease_and_the_next_attempt_keeps_its_commits(
 
         wait_for(partial_committed, "the dying agent to commit part of its work")
         first = control(daemon.socket, "handoff.get", {"name": "fragile"})["leases"][0]
-        partial = git(repo, "rev-parse", "handoff/fragile")
+        # committed in the lease's own repository (the daemon takes it on the next lease)
+        partial = git(Path(first["worktree"]), "rev-parse", "handoff/fragile")
         kill_group(dying)
 
         def requeued() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Iterator
@@ -177,9 +178,11 @@ def test_a_broken_merge_job_is_held_and_the_daemon_carries_on(tmp_path: Path,
         handoff_doc("doomed", priority="HIGH"), handoff_doc("fine", priority="LOW")]})
     assert worker.wait(timeout=120) == 0
     daemon.stop()
-    # Someone deletes the reported branch and garbage-collects its commits away.
-    git(repo, "worktree", "remove", "--force", str(tmp_path / "state" / "worktrees" / "doomed"))
+    # Someone deletes the reported branch (and the daemon's copy of the lease's head) and
+    # garbage-collects its commits away.
+    shutil.rmtree(tmp_path / "state" / "worktrees" / "doomed")
     git(repo, "branch", "-D", "handoff/doomed")
+    git(repo, "update-ref", "-d", "refs/orchestrator/leases/doomed")
     git(repo, "reflog", "expire", "--expire=now", "--all")
     git(repo, "gc", "-q", "--prune=now")
     daemon = Daemon(write_config(tmp_path, repo), tmp_path / "daemon2.log").start()

@@ -88,8 +88,22 @@ def git_raw(cwd: Path, *args: str) -> str:
 
 
 def admin_dir(worktree: Path) -> Path:
+    """The git dir of a worktree: its own ``.git`` (a lease repository) or the admin dir
+    its ``.git`` file names (the gate worktree)."""
+    if (worktree / ".git").is_dir():
+        return worktree / ".git"
     text = (worktree / ".git").read_text()
     return Path(text.split(":", 1)[1].strip())
+
+
+def assert_own_repository(path: Path, repo: Path) -> None:
+    """``path`` is a repository of its own that borrows the objects of ``repo``."""
+    assert (path / ".git").is_dir() and not (path / ".git").is_symlink()
+    assert git(path, "rev-parse", "--absolute-git-dir") == str(path / ".git")
+    assert git(path, "rev-parse", "--git-common-dir") in (".git", str(path / ".git"))
+    alternates = (path / ".git" / "objects" / "info" / "alternates").read_text().split()
+    assert alternates == [str(Path(git(repo, "rev-parse", "--absolute-git-dir")) / "objects")]
+    assert path not in registered(repo)
 
 
 def registered(repo: Path) -> list[Path]:
@@ -212,7 +226,8 @@ def test_fresh_lease_when_pool_is_empty(repo: Path, ws: Workspace, wts: Path) ->
     assert ws.head_of(path) == tip
     assert ws.dirty_paths(path) == []
     assert tree_files(path) == commit_tree_files(repo, tip)
-    assert path in registered(repo)
+    assert_own_repository(path, repo)
+    assert git(path, "rev-parse", "origin/main") == git(repo, "rev-parse", "main")
 
 
 def test_pool_reuse_moves_by_diff(big_repo: Path, ws: Workspace, wts: Path) -> None:
@@ -243,8 +258,7 @@ def test_pool_reuse_moves_by_diff(big_repo: Path, ws: Workspace, wts: Path) -> N
     assert git(b, "symbolic-ref", "HEAD") == "refs/heads/handoff/b"
     assert tree_files(b) == commit_tree_files(repo, "handoff/b")
     assert ws.dirty_paths(b) == []
-    # the registration follows the directory
-    assert b in registered(repo)
+    assert_own_repository(b, repo)
     assert git(b, "rev-parse", "--show-toplevel") == str(b)
 
 
@@ -255,6 +269,9 @@ def test_continue_existing_branch_with_earlier_commits(repo: Path, ws: Workspace
     git(path, "add", "work.txt")
     git(path, "commit", "-q", "-m", "attempt 1")
     earlier = git(path, "rev-parse", "HEAD")
+    assert ws.branch_tip("handoff/a") == base  # the lease's branch is its own...
+    assert ws.import_lease_head("a", "handoff/a", earlier) == ""  # ...until reported
+    assert git(repo, "rev-parse", "refs/orchestrator/leases/a") == earlier
     ws.release_worktree("a")
     # the next attempt (even under another worktree name) starts from those commits
     path2 = ws.checkout_for_lease("a-retry", "handoff/a")
@@ -317,16 +334,15 @@ def test_reuse_when_the_tree_differs_a_lot(repo: Path, ws: Workspace) -> None:
     assert tree_files(a2) == commit_tree_files(repo, "handoff/a")
 
 
-def test_release_detaches_so_the_branch_can_go(repo: Path, ws: Workspace, wts: Path) -> None:
+def test_release_puts_the_directory_in_the_pool(repo: Path, ws: Workspace, wts: Path) -> None:
     ws.ensure_branch("handoff/a", "main")
     path = ws.checkout_for_lease("a", "handoff/a")
-    with pytest.raises(subprocess.CalledProcessError):
-        git(repo, "branch", "-D", "handoff/a")  # checked out in the lease
-    ws.release_worktree("a")
+    # the lease's checkout is in its own repository: ours does not hold the branch
     git(repo, "branch", "-D", "handoff/a")
+    ws.release_worktree("a")
     assert not path.exists()
     (slot,) = (wts / ".pool").iterdir()
-    assert git(slot, "rev-parse", "--abbrev-ref", "HEAD") == "HEAD"  # detached
+    assert (slot / "README.md").is_file()
     ws.release_worktree("a")  # already released: no error
     ws.release_worktree("never-leased")
 
@@ -344,7 +360,7 @@ def test_branch_cannot_be_leased_twice(ws: Workspace) -> None:
     ws.ensure_branch("handoff/a", "main")
     ws.checkout_for_lease("a", "handoff/a")
     with pytest.raises(GitError, match="already checked out"):
-        ws.checkout_for_lease("b", "handoff/a")  # pool empty: `git worktree add` refuses
+        ws.checkout_for_lease("b", "handoff/a")  # pool empty
     assert not (ws.worktrees_dir / "b").exists()
     ws.warm_pool(1)
     with pytest.raises(GitError, match="already checked out"):
@@ -703,7 +719,7 @@ def test_stale_index_lock_in_owned_worktrees(repo: Path, ws: Workspace) -> None:
     with pytest.raises(subprocess.CalledProcessError):
         git(path, "add", "-A")
     assert ws.checkout_for_lease("a", "handoff/a") == path
-    assert not lock.exists()
+    assert not lock.exists()  # the lease got a new .git
     # the same in a pooled slot
     ws.release_worktree("a")
     slot_admin = admin_dir(next((ws.worktrees_dir / ".pool").iterdir()))
@@ -734,20 +750,20 @@ def test_worktree_whose_metadata_was_pruned(repo: Path, ws: Workspace) -> None:
     ws.ensure_branch("handoff/a", "main")
     path = ws.checkout_for_lease("a", "handoff/a")
     (path / "leftover.txt").write_text("x\n")
-    shutil.rmtree(admin_dir(path))  # e.g. someone ran `git worktree prune` on a moved copy
+    shutil.rmtree(admin_dir(path))  # e.g. an agent deleted its .git
     again = ws.checkout_for_lease("a", "handoff/a")
     assert again == path
-    assert again in registered(repo)
+    assert_own_repository(again, repo)
     assert git(again, "symbolic-ref", "HEAD") == "refs/heads/handoff/a"
     assert not (again / "leftover.txt").exists()
-    # a pooled slot without metadata is discarded instead of handed out
+    # a pooled slot without its .git gets a new one when it is handed out
     ws.release_worktree("a")
     (slot,) = (ws.worktrees_dir / ".pool").iterdir()
     shutil.rmtree(admin_dir(slot))
-    assert ws.pool_size() == 0
-    assert not slot.exists()
+    assert ws.pool_size() == 1
     b = ws.checkout_for_lease("b", "handoff/a")
-    assert (b / "README.md").exists() and b in registered(repo)
+    assert (b / "README.md").exists()
+    assert_own_repository(b, repo)
 
 
 def test_worktree_directory_deleted_behind_our_back(repo: Path, ws: Workspace) -> None:
@@ -768,30 +784,23 @@ def test_half_moved_pool_slot_is_repaired(repo: Path, ws: Workspace, wts: Path) 
     ws.ensure_branch("handoff/c", "main")
     a = ws.checkout_for_lease("a", "handoff/a")
     inode = a.stat().st_ino
-    # crash in release_worktree between the rename and the link update
-    ws._detach(a, admin_dir(a))  # the step before the move
-    slot = wts / ".pool" / admin_dir(a).name
+    # crash in release_worktree between renaming the directory and the daemon's index
+    slot = wts / ".pool" / "crashed"
     os.rename(a, slot)
     b = ws.checkout_for_lease("b", "handoff/b")
     assert b.stat().st_ino == inode
     assert git(b, "symbolic-ref", "HEAD") == "refs/heads/handoff/b"
-    assert b.resolve() in registered(repo)
+    assert tree_files(b) == commit_tree_files(repo, "handoff/b")
+    assert ws.dirty_paths(b) == []
     # releasing again after such a crash keeps the slot
     ws.release_worktree("b")
-    (slot,) = (wts / ".pool").iterdir()
-    ws.checkout_for_lease("b2", "handoff/b")
-    ws._detach(wts / "b2", admin_dir(wts / "b2"))
-    os.rename(wts / "b2", slot)
-    ws.release_worktree("b2")
     assert ws.pool_size() == 1
-    b = ws.checkout_for_lease("b", "handoff/b")
-    assert b.stat().st_ino == inode
-    # crash in checkout_for_lease between the rename and the link update
-    ws.release_worktree("b")
+    # crash in checkout_for_lease between the two renames
     (slot,) = (wts / ".pool").iterdir()
     os.rename(slot, wts / "c")
     c = ws.checkout_for_lease("c", "handoff/c")
     assert c.stat().st_ino == inode
     assert git(c, "symbolic-ref", "HEAD") == "refs/heads/handoff/c"
-    assert c.resolve() in registered(repo)
-    assert git(repo, "worktree", "list", "--porcelain").count("prunable") == 0
+    assert_own_repository(c, repo)
+    ws.recover()
+    assert sorted(p.name for p in (wts / ".state").iterdir()) == ["L-c"]

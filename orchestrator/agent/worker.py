@@ -349,12 +349,15 @@ def _agent_env(run: _Run) -> dict[str, str]:
     if handoff.get("feedback"):
         feedback_file.write_text(json.dumps(handoff["feedback"], indent=2), encoding="utf-8")
     return {
-        **os.environ,
+        **git_env_for_lease(Path(lease["worktree"]), dict(os.environ), run.files),
         "ORCHESTRATOR_HANDOFF": handoff["name"],
         "ORCHESTRATOR_HANDOFF_FILE": str(handoff_file),
         "ORCHESTRATOR_WORKTREE": lease["worktree"],
         "ORCHESTRATOR_BRANCH": lease["branch"],
         "ORCHESTRATOR_BASE_COMMIT": lease["baseCommit"],
+        # origin/<integration branch> in the worktree is at this commit; older daemons
+        # do not send it.
+        "ORCHESTRATOR_INTEGRATION_COMMIT": lease.get("integrationCommit") or "",
         "ORCHESTRATOR_ATTEMPT": str(lease["attempt"]),
         "ORCHESTRATOR_LEASE_ID": lease["id"],
         "ORCHESTRATOR_FEEDBACK_FILE": str(feedback_file),
@@ -365,6 +368,49 @@ def _agent_env(run: _Run) -> dict[str, str]:
         "ORCHESTRATOR_AGENT_SOCKET": str(run.files / "agent.sock"),
         "ORCHESTRATOR_WORKER_PID": str(os.getpid()),
     }
+
+
+def git_env_for_lease(
+    worktree: Path, env: dict[str, str], scratch: Path, *, uid: int | None = None
+) -> dict[str, str]:
+    """``env`` with ``safe.directory`` for the lease's repository and its ``origin``, when
+    the daemon (another uid) owns them, so that the agent's plain git works there.
+
+    git refuses a repository another user owns ("dubious ownership") unless system,
+    global or command-line config says it is safe, and it drops command-line config
+    (GIT_CONFIG_COUNT) for the upload-pack of a local ``git fetch origin``. So the agent
+    gets a global config file of its own in ``scratch``, which includes the user's
+    usual one. ``uid``: the agent's (default: this process's)."""
+    try:
+        if os.stat(worktree).st_uid == (os.getuid() if uid is None else uid):
+            return env
+    except OSError:
+        return env
+    safe = [str(worktree)]
+    try:
+        origin = pygit2.Config(str(worktree / ".git" / "config"))["remote.origin.url"]
+        safe.append(str(origin))
+    except (KeyError, OSError, pygit2.GitError):
+        pass
+    home = Path(env.get("HOME", "/nonexistent"))
+    usual = (
+        [env["GIT_CONFIG_GLOBAL"]]
+        if env.get("GIT_CONFIG_GLOBAL")
+        else [
+            str(Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "git" / "config"),
+            str(home / ".gitconfig"),
+        ]
+    )
+    config = scratch / "gitconfig"
+    lines = [f"[include]\n\tpath = {_config_quote(p)}\n" for p in usual if p != str(config)]
+    lines += [f"[safe]\n\tdirectory = {_config_quote(p)}\n" for p in safe]
+    config.write_text("".join(lines), encoding="utf-8")
+    return {**env, "GIT_CONFIG_GLOBAL": str(config)}
+
+
+def _config_quote(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
 
 
 async def _run_agent(options: WorkerOptions, run: _Run, env: dict[str, str], bound: Any) -> int:
@@ -667,6 +713,10 @@ def default_name() -> str:
 def main_sync(options: WorkerOptions) -> int:
     """Entry point for the CLI."""
     os.environ.setdefault("ORCHESTRATOR_WORKER_NAME", options.name)
+    # The lease's repository belongs to the daemon's uid when this worker runs as another
+    # (it writes there by ACL): libgit2's ownership check would refuse to open it. The
+    # worker opens only the directory the daemon named, never by searching upwards.
+    pygit2.option(pygit2.enums.Option.SET_OWNER_VALIDATION, 0)
     try:
         return anyio.run(run_worker, options)
     except KeyboardInterrupt:

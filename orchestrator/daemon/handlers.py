@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from orchestrator.blocking import Offload
@@ -255,21 +254,13 @@ class Handlers:
         return {"accepted": True}
 
     def _check_worktree(self, lease: dict[str, Any], head: str) -> str:
-        """Why the worktree does not match the report, or "" when it does."""
-        tip = self.workspace.branch_tip(lease["branch"]) if lease["branch"] else None
-        if tip is None:
-            return f"branch {lease['branch']} does not exist"
-        if tip != head:
-            return (
-                f"head {head[:12]} is not the tip of {lease['branch']} ({tip[:12]}); "
-                "commit your work on the branch and report its tip"
-            )
-        if lease["worktree"]:
-            dirty = self.workspace.dirty_paths(Path(lease["worktree"]))
-            if dirty:
-                shown = ", ".join(dirty[:10]) + (" ..." if len(dirty) > 10 else "")
-                return f"the worktree has uncommitted changes ({shown}); commit or remove them"
-        return ""
+        """Why the worktree does not match the report, or "" when it does.
+
+        The head is fetched from the lease's own repository into ours (see
+        Workspace.import_lease_head): the lease's branch is not ours until then."""
+        if not lease["branch"]:
+            return "the lease has no branch"
+        return self.workspace.import_lease_head(lease["handoff"], lease["branch"], head)
 
     # ---- control methods --------------------------------------------------------------
 

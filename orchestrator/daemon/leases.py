@@ -106,16 +106,21 @@ class LeaseManager:
     async def _prepare(self, session: Session, grant: Grant) -> dict[str, Any]:
         branch = handoff_model.branch_name(grant.handoff)
 
-        def prepare() -> tuple[str, str]:
+        def prepare() -> tuple[str, str, str]:
             # A branch from an earlier attempt is kept as it is: its commits are the work
             # done so far. A new branch starts at the integration tip, which holds every
             # dependency, since a handoff is dispatched only once they are merged.
             tip = self.workspace.integration_tip()
             base = self.workspace.ensure_branch(branch, tip)
-            path = self.workspace.checkout_for_lease(grant.handoff, branch)
-            return base, str(path)
+            # The lease's repository gets origin/<integration branch> at this same tip.
+            # It is made writable for the worker's uid (SO_PEERCRED), when not the daemon's.
+            path = self.workspace.checkout_for_lease(
+                grant.handoff, branch, integration=tip, owner_uid=session.uid
+            )
+            # Commits an unreported attempt left in its directory were taken just now.
+            return self.workspace.branch_tip(branch) or base, tip, str(path)
 
-        base, worktree = await self.offload.git(prepare)
+        base, integration, worktree = await self.offload.git(prepare)
         expires = time.time() + self.config.lease_ttl_s
         await self.offload.db(
             self.store.set_lease_workspace,
@@ -135,6 +140,7 @@ class LeaseManager:
             worker=session.worker_name,
             attempt=grant.attempt,
             base=base,
+            integration=integration,
         )
         handoff = dict(grant.wire)
         handoff["feedback"] = grant.feedback
@@ -144,7 +150,10 @@ class LeaseManager:
             "handoff": handoff,
             "worktree": worktree,
             "branch": branch,
+            # Where the handoff branch stood (first attempt: the integration tip; a
+            # retry: the earlier attempts' commits) and where the integration branch is.
             "baseCommit": base,
+            "integrationCommit": integration,
             "attempt": grant.attempt,
             "expiresAt": rfc3339(expires),
         }

@@ -28,8 +28,8 @@ from orchestrator import __version__
 from orchestrator.config import Config
 from orchestrator.observe import logs
 from orchestrator.observe.metrics import Metrics
+from orchestrator.protocol.capabilities import CAPABILITIES
 from orchestrator.protocol.jsonrpc import (
-    CAPABILITIES,
     CONTROL_METHODS,
     INTERNAL_ERROR,
     INVALID_PARAMS,

@@ -50,6 +50,39 @@ def _commit(message: str) -> None:
     )
 
 
+def _merge_integration() -> None:
+    """Repair a conflict the way the protocol says: merge the integration branch, which
+    the lease's repository has as ``origin/<branch>`` at ``$ORCHESTRATOR_INTEGRATION_COMMIT``
+    (fetched again, in case it moved since). Where both sides changed a line, the demo keeps
+    its own: it rewrites its files right after anyway."""
+    subprocess.run(["git", "fetch", "-q", "origin"], check=False)
+    refs = subprocess.run(
+        ["git", "for-each-ref", "--format=%(refname:short)", "refs/remotes/origin/"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    target = refs[0] if refs else os.environ.get("ORCHESTRATOR_INTEGRATION_COMMIT", "")
+    if not target:
+        return
+    subprocess.run(
+        [
+            "git",
+            "-c",
+            "user.name=demo agent",
+            "-c",
+            "user.email=agent@demo.invalid",
+            "merge",
+            "-q",
+            "--no-edit",
+            "-X",
+            "ours",
+            target,
+        ],
+        check=True,
+    )
+
+
 def _report(doc: handoff_model.Handoff, summary: str) -> None:
     phases = [
         handoff_model.CompletedPhase(
@@ -75,6 +108,9 @@ def main() -> int:
     feedback = json.loads(feedback_file.read_text()) if feedback_file.is_file() else None
     name = doc.name
     _progress(10, "reading the code")
+    if feedback is not None and feedback.get("reason") == "conflict":
+        _progress(20, "merging the integration branch to resolve the conflict")
+        _merge_integration()
     if name == "handoff-1-critical":
         _progress(40, "regression test written")
         _write(sample.FIX_EMPTY_INPUT)

@@ -1,4 +1,4 @@
-"""Git plumbing for the daemon: branches, a pool of reusable worktrees, in-memory merges.
+"""Git plumbing for the daemon: branches, a pool of lease repositories, in-memory merges.
 
 Everything here is blocking and meant to run in a worker thread. The caller runs one git
 operation at a time per repository, so there is no locking here.
@@ -6,19 +6,28 @@ operation at a time per repository, so there is no locking here.
 Why it is shaped this way (see DESIGN.md, "Where speed comes from"):
 
 * A fresh checkout writes every file of the tree; moving an existing checkout to another
-  commit only rewrites the files that differ. So worktrees are never thrown away: a
-  released worktree goes to a pool (``<worktrees_dir>/.pool/<id>``) and the next lease
+  commit only rewrites the files that differ. So lease directories are never thrown
+  away: a released one goes to a pool (``<worktrees_dir>/.pool/<id>``) and the next lease
   renames it into place and moves it by diff. The gate worktree is moved the same way.
+* Each lease directory is a repository of its own (its own ``.git``, objects borrowed
+  read-only through alternates), not a ``git worktree`` of ours: whatever its agent does
+  to refs, config or hooks stays there. Its ``.git`` is written afresh by the daemon for
+  every lease; the daemon checks it out with a git dir and an index of its own, and
+  takes reported work by fetching from it (see ``checkout_for_lease``).
 * Merge candidates are built in the object database (pygit2 ``merge_commits``, or
   ``git merge-tree --write-tree``), never in a checkout.
-* Working-tree changes (checkout, clean, worktree add) go through the git CLI: it is the
-  faster of the two on big trees, and it runs the repository's filters (LFS, eol) and
-  hooks the way a person's git would.
+* Working-tree changes (checkout, clean) go through the git CLI: it is the faster of the
+  two on big trees. On directories an agent can write (leases, the gate worktree) it
+  runs with no hooks, fsmonitor, filters or config the agent could have written
+  (``orchestrator.git.untrusted``).
 
 Layout of ``worktrees_dir``::
 
-    <name>/          a worktree leased to the handoff <name>
-    .pool/<id>/      idle worktrees (detached HEAD); <id> is git's admin id for it
+    <name>/          the repository leased to the handoff <name>
+    .pool/<id>/      idle lease repositories
+    .state/<key>/    the daemon's index of each of them (``L-<name>``, ``P-<id>``)
+    .build/          git dirs being written, renamed into a lease when complete
+    .trash/          what is being deleted (old ``.git`` dirs, discarded directories)
     .gate/           the gate worktree, detached at the candidate being validated
 """
 
@@ -26,10 +35,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import stat
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -40,7 +51,15 @@ import pygit2
 from pygit2.enums import RepositoryOpenFlag, SortMode
 
 from orchestrator.config import WorkspaceConfig
-from orchestrator.git import warm
+from orchestrator.git import lease_access, warm
+from orchestrator.git.untrusted import (
+    HARDENED_CONFIG,
+    hardened_env,
+    is_plain_dir,
+    open_dir_nofollow,
+    read_regular_nofollow,
+    write_new_nofollow,
+)
 from orchestrator.observe import logs
 
 __all__ = [
@@ -51,6 +70,7 @@ __all__ = [
     "MergeResult",
     "MergeStrategy",
     "Workspace",
+    "conflict_detail",
 ]
 
 log = logs.get("git")
@@ -63,6 +83,16 @@ _CALIBRATION_MERGES = 3
 
 POOL_DIR = ".pool"
 GATE_DIR = ".gate"
+# The daemon's own bookkeeping next to the lease directories (see checkout_for_lease).
+STATE_DIR = ".state"
+BUILD_DIR = ".build"
+TRASH_DIR = ".trash"
+# Where the daemon imports each lease's reported branch (fetched from its repository).
+LEASE_REF_PREFIX = "refs/orchestrator/leases/"
+# The push URL of a lease repository's origin: no repository, so `git push` fails at once.
+PUSH_REFUSED_URL = "/dev/null/orchestrator-lease-repositories-cannot-push"
+# A git index bigger than this is no index an agent's checkout needs; it is not copied.
+MAX_INDEX_BYTES = 1 << 30
 
 # Variables that would point our git subprocesses at some other repository, index or
 # object store (they are set, for instance, when the daemon is started from a git hook).
@@ -217,13 +247,26 @@ class Workspace:
         try:
             self.worktrees_dir.mkdir(parents=True, exist_ok=True)
             self.worktrees_dir = self.worktrees_dir.resolve()
-            (self.worktrees_dir / POOL_DIR).mkdir(exist_ok=True)
+            for sub in (POOL_DIR, STATE_DIR, BUILD_DIR, TRASH_DIR):
+                (self.worktrees_dir / sub).mkdir(mode=0o755, exist_ok=True)
         except OSError as exc:
             raise GitError(
                 f"cannot create the worktrees directory {worktrees_dir}: {exc}; "
                 "make it writable by the daemon's user"
             ) from exc
         self._pool_dir = self.worktrees_dir / POOL_DIR
+        self._state_dir = self.worktrees_dir / STATE_DIR
+        self._build_dir = self.worktrees_dir / BUILD_DIR
+        self._trash_dir = self.worktrees_dir / TRASH_DIR
+        # State key -> (commit, branch) each lease or pool directory was last checked out
+        # at by this daemon: only its own memory, never read back from a directory.
+        self._checked_out: dict[str, tuple[str, str | None]] = {}
+        # State key -> the uid (not the daemon's) a directory was made writable for.
+        self._granted: dict[str, int] = {}
+        self._last_fetch_error = ""
+        # The identity people set on the integration repository (README: agents that
+        # commit need one) is given to each lease repository's config.
+        self._identity = _identity_section(self._repo)
         self.gate_path = self.worktrees_dir / GATE_DIR
         # Gate checkout -> its admin dir, as found when it was checked out: a gate or a
         # setup command may rewrite the checkout's .git file, so it is not read again.
@@ -312,15 +355,37 @@ class Workspace:
             out.append((str(commit.id), lines[0] if lines else ""))
         return out
 
-    # ------------------------------------------------------------------ leased worktrees
+    # ------------------------------------------------------------------ leased repositories
 
-    def checkout_for_lease(self, name: str, branch: str) -> Path:
-        """Return ``worktrees_dir/<name>`` with ``branch`` checked out and nothing else in it.
+    def checkout_for_lease(
+        self,
+        name: str,
+        branch: str,
+        *,
+        integration: str | None = None,
+        owner_uid: int | None = None,
+    ) -> Path:
+        """Return ``worktrees_dir/<name>``: a repository of its own with ``branch`` checked
+        out and nothing else in its working tree.
 
-        HEAD is attached to ``refs/heads/<branch>``, the files are exactly the branch tip
-        and there are no untracked or ignored files. An existing worktree of that name is
-        reused; otherwise an idle pooled worktree is moved into place; only when the pool
-        is empty is a new worktree created. Reuse rewrites only the files that differ.
+        Its ``.git`` is a directory the daemon writes afresh for every lease: HEAD attached
+        to ``refs/heads/<branch>`` at the branch tip, ``origin/<integration branch>`` at
+        the integration tip, a remote ``origin`` to fetch newer tips from, and the
+        integration repository's objects borrowed through ``objects/info/alternates``
+        (read-only: git never writes into an alternate). Nothing the last holder of the
+        directory did to its ``.git`` (config, hooks, refs) survives.
+
+        A directory of that name is reused (a retry continues where the last attempt
+        stopped); otherwise an idle pooled directory is renamed into place; only when the
+        pool is empty is a fresh checkout made. Reuse rewrites only the files that differ,
+        using an index the daemon keeps for each directory (not the agent's). A directory
+        an agent broke (``.git`` not a directory, changed owner, modes) is discarded.
+
+        ``integration`` (default: the integration tip now) is the commit
+        ``origin/<integration branch>`` names there. ``owner_uid``: the uid that will
+        work there, when it is not the daemon's: it gets write access by POSIX ACLs (see
+        orchestrator.git.lease_access); a directory an earlier lease of another uid had
+        is not reused for it.
         """
         path = self._lease_path(name)
         if branch == self.integration_branch:
@@ -328,91 +393,180 @@ class Workspace:
                 f"refusing to lease the integration branch {branch!r}: agents work on their "
                 "own branches and only the merge queue advances the integration branch"
             )
-        if self.branch_tip(branch) is None:
+        tip = self.branch_tip(branch)
+        if tip is None:
             raise GitError(
                 f"branch {branch!r} does not exist in {self.repo_path}; create it with "
                 "ensure_branch() before leasing a worktree for it"
             )
-        self.recover()
-        admin = self._adopt_or_discard(path)
-        from_pool: Path | None = None
-        if admin is None:
-            slot = self._take_pool_slot(self.branch_tip(branch))
+        holder = self._lease_holding(branch)
+        if holder is not None and holder != name:
+            raise GitError(
+                f"branch {branch!r} is already checked out for the lease {holder!r}; release "
+                "that one first"
+            )
+        key = _lease_key(name)
+        origin = integration if integration is not None else self.integration_tip()
+        uid = owner_uid if owner_uid is not None and owner_uid != os.geteuid() else None
+        reused = False
+        if os.path.lexists(path) and not self._intact(path):
+            self._discard(path, key)
+        if os.path.lexists(path):
+            reused = True
+            # An earlier attempt that never reported (its worker died, its lease
+            # expired) may have committed: that work continues, not from scratch.
+            tip = self._salvage(name, branch, tip)
+        else:
+            slot = self._take_pool_slot(tip, uid)
             if slot is not None:
-                from_pool, admin = slot
-                self._move(from_pool, path, admin)
-        if admin is None:
-            self._git("worktree", "add", "-q", str(path), branch, cwd=self.repo_path)
-            if self._adopt(path) is None:
-                raise GitError(f"git worktree add did not register {path}")
-            return path
-        self._clear_stale_state(admin)
+                self._rename_slot(self._pool_dir / slot, _pool_key(slot), path, key)
+                reused = True
+        if not reused:
+            path.mkdir(mode=0o700)
         try:
-            self._wt_git(path, admin, "checkout", "-f", "-q", branch, "--")
-        except GitError:
-            if from_pool is not None:
-                # e.g. the branch is checked out in another worktree: give the slot back
-                # rather than leave a worktree under a name nobody will release.
-                self._move(path, from_pool, admin)
-            raise
-        self._wt_git(path, admin, "clean", "-ffdxq")
+            self._populate(path, key, branch, tip, origin, uid)
+        except (GitError, OSError) as exc:
+            if not reused:
+                raise
+            # Whatever the agent did to it (unreadable files, odd modes, ACLs), a fresh
+            # directory is the way back.
+            log.info("lease_directory_replaced", path=str(path), error=str(exc))
+            self._discard(path, key)
+            path.mkdir(mode=0o700)
+            self._populate(path, key, branch, tip, origin, uid)
         return path
 
     def release_worktree(self, name: str) -> None:
-        """Detach the worktree ``name`` from its branch and put it back in the pool.
+        """Put the directory of the lease ``name`` back in the pool.
 
-        After this the branch may be deleted or checked out elsewhere. The files stay as
-        they are until the worktree is leased again. A missing worktree is not an error.
+        Nothing in it is touched (the next lease rebuilds its ``.git`` anyway); a broken
+        one is deleted instead. A missing directory is not an error.
         """
         path = self._lease_path(name)
-        admin = self._adopt_or_discard(path)
-        if admin is None:
-            # Maybe it was half-moved into the pool already: recover() finishes that move
-            # before it prunes registrations of directories that are really gone.
-            self.recover()
+        key = _lease_key(name)
+        if not os.path.lexists(path):
+            self._drop_state(key)
             return
-        self._clear_locks(admin)
-        self._detach(path, admin)
-        slot = self._pool_dir / admin.name
-        if os.path.lexists(slot):
-            # Not the registered location of this admin entry (that is `path`), so it is
-            # debris from an interrupted run.
-            self._remove_tree(slot)
-        self._move(path, slot, admin)
+        if not self._intact(path):
+            self._discard(path, key)
+            return
+        slot = secrets.token_hex(6)
+        self._rename_slot(path, key, self._pool_dir / slot, _pool_key(slot))
+        self._empty_trash()
 
     def warm_pool(self, size: int) -> int:
-        """Create idle worktrees (at the integration tip) until the pool holds ``size``.
+        """Create idle directories (at the integration tip) until the pool holds ``size``.
 
         Lets the daemon pay for full checkouts at startup instead of on the first leases.
         Returns how many were created.
         """
         self.recover()
-        have = len(self._pool_slots())
+        have = self.pool_size()
         tip = self.integration_tip()
         created = 0
-        n = 0
         while have + created < size:
-            n += 1
-            slot = self._pool_dir / f"slot-{n}"
-            if os.path.lexists(slot) or os.path.lexists(self._admin_root / slot.name):
-                continue
-            self._git("worktree", "add", "-q", "--detach", str(slot), tip, cwd=self.repo_path)
-            admin = self._adopt(slot)
-            if admin is None:
-                raise GitError(f"git worktree add did not register {slot}")
-            if admin.name != slot.name:
-                self._move(slot, self._pool_dir / admin.name, admin)
+            slot = secrets.token_hex(6)
+            path = self._pool_dir / slot
+            path.mkdir(mode=0o700)
+            self._populate(path, _pool_key(slot), None, tip, tip)
             created += 1
         return created
 
     def pool_size(self) -> int:
-        """How many idle worktrees the pool holds."""
-        return len(self._pool_slots())
+        """How many idle directories the pool holds."""
+        return len(_listdir(self._pool_dir))
+
+    def _salvage(self, name: str, branch: str, tip: str) -> str:
+        """Take the commits an unreported attempt left on ``branch`` in the lease
+        directory ``name`` (fetched as a report's are, see :meth:`import_lease_head`).
+        Our branch moves to them only if they build on it; returns its tip."""
+        path = self._lease_path(name)
+        if not self._intact(path) or not is_plain_dir(path / ".git"):
+            return tip
+        ref = f"{LEASE_REF_PREFIX}{name}"
+        fetched = self._fetch_lease_branch(path, branch, ref)
+        got = self._repo.references.get(ref) if fetched else None
+        if got is None:
+            return tip
+        left = str(got.target)
+        if left == tip or not self.is_ancestor(tip, left):
+            return tip
+        log.info("unreported_commits_kept", lease=name, branch=branch, old=tip, new=left)
+        self._repo.references.create(f"refs/heads/{branch}", got.target, force=True)
+        return left
+
+    def _fetch_lease_branch(self, path: Path, branch: str, ref: str) -> bool:
+        # git looks for <url>/.git before <url> itself: a .git/.git the agent made would
+        # send the fetch to a repository of its choosing.
+        if os.path.lexists(path / ".git" / ".git"):
+            self._last_fetch_error = f"{path / '.git' / '.git'} exists; remove it"
+            return False
+        result = self._git(
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-recurse-submodules",
+            "--no-write-fetch-head",
+            "--no-auto-gc",
+            str(path / ".git"),
+            f"+refs/heads/{branch}:{ref}",
+            cwd=self.repo_path,
+            check=False,
+            untrusted=True,
+        )
+        self._last_fetch_error = result.stderr.strip()
+        return result.returncode == 0
+
+    def import_lease_head(self, name: str, branch: str, head: str) -> str:
+        """Take the reported ``head`` from the lease repository ``name`` into ours.
+
+        ``refs/heads/<branch>`` of the lease repository is fetched (by our repository,
+        with our configuration: nothing the lease repository configures runs) into
+        ``refs/orchestrator/leases/<name>``; it must be ``head``, and the lease's working
+        tree must have no uncommitted changes. Then our ``refs/heads/<branch>`` is moved to
+        ``head``: it is where the next attempt starts. Returns why the report does not
+        match, or "" when it does.
+        """
+        path = self._lease_path(name)
+        _check_branch_name(branch)
+        if not self._intact(path):
+            return (
+                f"the lease's repository {path} is broken (its .git is not a directory the "
+                "daemon made); the next attempt gets a fresh one"
+            )
+        ref = f"{LEASE_REF_PREFIX}{name}"
+        if not self._fetch_lease_branch(path, branch, ref):
+            return (
+                f"could not take {branch} from the lease's repository: "
+                f"{self._last_fetch_error[:300] or 'git fetch failed'}; commit your work on "
+                f"{branch} there and report its tip"
+            )
+        got = self._repo.references.get(ref)
+        tip = str(got.target) if got is not None else ""
+        if tip != head:
+            return (
+                f"head {head[:12]} is not the tip of {branch} ({tip[:12]}); "
+                "commit your work on the branch and report its tip"
+            )
+        try:
+            dirty = self._lease_dirty(path, head)
+        except GitError as exc:
+            return f"could not read the lease's working tree: {exc}"
+        if dirty:
+            shown = ", ".join(dirty[:10]) + (" ..." if len(dirty) > 10 else "")
+            return f"the worktree has uncommitted changes ({shown}); commit or remove them"
+        try:
+            self._repo.references.create(f"refs/heads/{branch}", pygit2.Oid(hex=head), force=True)
+        except (pygit2.GitError, ValueError) as exc:
+            raise GitError(f"cannot move {branch} to {head}: {exc}") from exc
+        return ""
 
     def dirty_paths(self, path: Path) -> list[str]:
-        """Uncommitted changes in the worktree at ``path``: modified, staged, untracked.
+        """Uncommitted changes in the working tree at ``path``: modified, staged, untracked.
 
-        Ignored files are not reported. Paths are relative to the worktree, sorted.
+        Ignored files are not reported. Paths are relative to the worktree, sorted. For
+        the daemon's own checkouts; a lease's directory is read by
+        :meth:`import_lease_head`, which runs nothing the directory configures.
         """
         path = Path(path)
         if not os.path.lexists(path / ".git"):
@@ -423,8 +577,10 @@ class Workspace:
             "-z",
             "--untracked-files=all",
             "--no-renames",
+            "--ignore-submodules=all",
             cwd=path,
             optional_locks=self._owns(path),
+            untrusted=True,
         ).stdout
         return sorted({entry[3:] for entry in out.split("\0") if len(entry) > 3})
 
@@ -443,6 +599,247 @@ class Workspace:
             return None
         finally:
             repo.free()
+
+    # Lease-repository internals. Layout: worktrees_dir/<name>/ and .pool/<id>/ are
+    # directories agents (may) write; .state/ (the daemon's index of each directory,
+    # and the commit and branch it was handed out at), .build/ (git dirs being made)
+    # and .trash/ are the daemon's own.
+
+    def _intact(self, path: Path) -> bool:
+        """``path`` is still a directory the daemon can reuse: a real directory it owns
+        with full access, holding a real ``.git`` directory (not a file or symlink)."""
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return False
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            return False
+        if info.st_mode & 0o700 != 0o700:
+            return False
+        return is_plain_dir(path / ".git") or not os.path.lexists(path / ".git")
+
+    def _populate(
+        self,
+        path: Path,
+        key: str,
+        branch: str | None,
+        tip: str,
+        integration: str,
+        uid: int | None = None,
+    ) -> None:
+        """Check ``tip`` out in ``path`` with a ``.git`` made from scratch; ``uid`` (not
+        the daemon's) gets write access to all of it."""
+        granted = self._granted.get(key)
+        if granted is not None and granted != uid:
+            # Files the earlier uid created are its own: only a new directory is clean.
+            raise GitError(f"{path} was handed to uid {granted}; a new one is made for {uid}")
+        if uid is not None and granted is None:
+            # Inherited (default ACL) by every file git writes from now on; what is there
+            # already (a reused directory the daemon knows nothing of) gets it too.
+            try:
+                lease_access.grant(path, uid)
+            except lease_access.ForeignFiles as exc:
+                raise GitError(f"{exc}; a new directory is made for uid {uid}") from exc
+            self._granted[key] = uid
+        build = Path(tempfile.mkdtemp(prefix="git-", dir=self._build_dir))
+        try:
+            self._write_git_dir(build, branch, tip, integration)
+            state = self._state_dir / key
+            state.mkdir(exist_ok=True)
+            index = state / "index"
+            # The git dir is ours and named explicitly, and the index is the daemon's own
+            # copy, so git reads no config, hook or index the agent wrote; .git entries in
+            # the work tree are never touched. checkout -f (not read-tree, which keeps
+            # stale stat data and so rehashes every file the next time) rewrites what
+            # differs or was touched; no reflog is worth the writes here.
+            target = [branch] if branch else ["--detach", tip]
+            self._lease_git(
+                build,
+                path,
+                "-c",
+                "core.logAllRefUpdates=false",
+                "checkout",
+                "-f",
+                "-q",
+                *target,
+                "--",
+                index=index,
+            )
+            self._lease_git(build, path, "clean", "-ffdxq", index=index)
+            shutil.copyfile(index, build / "index")
+            if uid is not None:
+                lease_access.grant(build, uid)
+            self._checked_out[key] = (tip, branch)
+            dir_fd = open_dir_nofollow(path)
+            try:
+                if os.path.lexists(path / ".git"):
+                    os.rename(".git", self._trash_dir / build.name, src_dir_fd=dir_fd)
+                os.rename(build, ".git", dst_dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+        # The old .git waits in the trash: deleting it (the agent's objects too) is left
+        # to release_worktree and recover, off the path of a lease being granted.
+
+    def _write_git_dir(self, build: Path, branch: str | None, tip: str, integration: str) -> None:
+        integ = self.integration_branch
+        objects = self._common_dir / "objects"
+        # As few entries as git needs (each costs a syscall now and one when it is
+        # thrown away): git makes the rest on demand.
+        for sub in ("objects/info", "refs"):
+            (build / sub).mkdir(parents=True, exist_ok=True)
+        head = f"ref: refs/heads/{branch}\n" if branch else f"{tip}\n"
+        refs = {f"refs/remotes/origin/{integ}": integration}
+        if branch:
+            refs[f"refs/heads/{branch}"] = tip
+        packed = "# pack-refs with: peeled fully-peeled sorted \n" + "".join(
+            f"{sha} {ref}\n" for ref, sha in sorted(refs.items())
+        )
+        # pushurl: a plain `git push` fails at once with a clear message; the real
+        # guarantee is that the agent's uid cannot write the integration repository.
+        config = (
+            "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
+            "\tlogallrefupdates = true\n"
+            '[remote "origin"]\n'
+            f"\turl = {self._common_dir}\n"
+            f"\tfetch = +refs/heads/{integ}:refs/remotes/origin/{integ}\n"
+            f"\tpushurl = {PUSH_REFUSED_URL}\n"
+            f"{self._identity}"
+        )
+        files = {
+            "HEAD": head,
+            "config": config,
+            "packed-refs": packed,
+            "objects/info/alternates": f"{objects}\n",
+        }
+        for rel, text in files.items():
+            (build / rel).write_text(text, encoding="utf-8")
+
+    def _lease_dirty(self, path: Path, head: str) -> list[str]:
+        """Uncommitted changes in the lease at ``path`` against ``head``, read with a
+        git dir of ours and a copy of the agent's index (its stat data saves rehashing
+        every file); the agent's config, hooks and fsmonitor play no part."""
+        build = Path(tempfile.mkdtemp(prefix="status-", dir=self._build_dir))
+        try:
+            self._write_git_dir(build, None, head, head)
+            index: bytes | None = None
+            with contextlib.suppress(OSError):
+                dir_fd = open_dir_nofollow(path)
+                try:
+                    git_fd = open_dir_nofollow(".git", dir_fd)
+                    try:
+                        index = read_regular_nofollow(git_fd, "index", MAX_INDEX_BYTES)
+                    finally:
+                        os.close(git_fd)
+                finally:
+                    os.close(dir_fd)
+            if index is not None:
+                (build / "index").write_bytes(index)
+            else:
+                self._lease_git(build, path, "read-tree", head)
+            out = self._lease_git(
+                build,
+                path,
+                "status",
+                "--porcelain=v1",
+                "-z",
+                "--untracked-files=all",
+                "--no-renames",
+                "--ignore-submodules=all",
+            ).stdout
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+        return sorted({entry[3:] for entry in out.split("\0") if len(entry) > 3})
+
+    def _lease_git(
+        self, git_dir: Path, work_tree: Path, *args: str, index: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return self._git(
+            f"--git-dir={git_dir}",
+            f"--work-tree={work_tree}",
+            *args,
+            cwd=git_dir,
+            untrusted=True,
+            index=index,
+        )
+
+    def _lease_holding(self, branch: str) -> str | None:
+        """The lease directory this daemon checked ``branch`` out in, if it is still there."""
+        for key, (_, held) in self._checked_out.items():
+            if held == branch and key.startswith("L-"):
+                if os.path.lexists(self.worktrees_dir / key[2:]):
+                    return key[2:]
+        return None
+
+    def _take_pool_slot(self, want: str | None, uid: int | None = None) -> str | None:
+        """An idle directory: one already at ``want`` if any, else the latest released.
+
+        The latest released one is most likely close to the current integration tip, and
+        its files are the likeliest to still be in the page cache. (What each is at is
+        known for those released since the daemon started; the others rank by age.)
+        """
+        best: tuple[bool, bool, float, str] | None = None
+        for slot in _listdir(self._pool_dir):
+            path = self._pool_dir / slot
+            if not self._intact(path):
+                self._discard(path, _pool_key(slot))
+                continue
+            at = self._checked_out.get(_pool_key(slot))
+            try:
+                released = os.stat(self._state_dir / _pool_key(slot)).st_mtime
+            except OSError:
+                released = 0.0
+            # A directory made writable for another uid would only be discarded.
+            same_uid = self._granted.get(_pool_key(slot)) == uid
+            rank = (same_uid, at is not None and at[0] == want, released, slot)
+            if best is None or rank > best:
+                best = rank
+        return best[3] if best is not None else None
+
+    def _rename_slot(self, src: Path, src_key: str, dst: Path, dst_key: str) -> None:
+        # The directory first: a crash after it leaves the index under the old key, and
+        # the next checkout of dst is a full one (correct, only slower).
+        os.rename(src, dst)
+        self._drop_state(dst_key)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self._state_dir / src_key, self._state_dir / dst_key)
+        at = self._checked_out.pop(src_key, None)
+        if at is not None:
+            self._checked_out[dst_key] = at
+        uid = self._granted.pop(src_key, None)
+        if uid is not None:
+            self._granted[dst_key] = uid
+
+    def _drop_state(self, key: str) -> None:
+        self._checked_out.pop(key, None)
+        self._granted.pop(key, None)
+        shutil.rmtree(self._state_dir / key, ignore_errors=True)
+
+    def _discard(self, path: Path, key: str) -> None:
+        """Delete a lease or pool directory, never following anything in it."""
+        log.info("lease_directory_discarded", path=str(path))
+        self._drop_state(key)
+        if not os.path.lexists(path):
+            return
+        # Renamed out of the way first, so a half-deleted directory never looks usable.
+        doomed = self._trash_dir / f"{path.name}-{secrets.token_hex(4)}"
+        os.rename(path, doomed)
+        self._empty_trash()
+
+    def _empty_trash(self) -> None:
+        for entry in _listdir(self._trash_dir):
+            target = self._trash_dir / entry
+            try:
+                if target.is_symlink() or not target.is_dir():
+                    target.unlink(missing_ok=True)
+                else:
+                    shutil.rmtree(target, onerror=_make_writable_and_retry)
+            except OSError as exc:
+                # e.g. an agent of another uid made a directory of its own unwritable:
+                # it is out of the way here, and nothing waits for it.
+                log.warning("trash_not_emptied", path=str(target), error=str(exc))
 
     # ------------------------------------------------------------------ merging
 
@@ -510,8 +907,8 @@ class Workspace:
             )
         tree, conflicts = self._merge_trees(base_id, theirs_id)
         if conflicts:
-            n = len(conflicts)
-            return MergeResult(None, conflicts, base, f"{n} conflicting path{'s' * (n != 1)}")
+            detail = conflict_detail(self.integration_branch, base, conflicts)
+            return MergeResult(None, conflicts, base, detail)
         assert tree is not None
         base_commit = self._commit(base)
         if strategy == "squash" and tree == base_commit.tree_id:
@@ -608,16 +1005,16 @@ class Workspace:
         return sorted(e for e in _listdir(self.worktrees_dir) if not e.startswith("."))
 
     def clear_idle_locks(self) -> list[Path]:
-        """Delete ``index.lock``/``HEAD.lock`` in the daemon's idle worktrees (pool slots
-        and gate checkouts); returns what was deleted.
+        """Delete ``index.lock``/``HEAD.lock`` in the daemon's idle gate checkouts;
+        returns what was deleted.
 
         Only the daemon runs git there, one call at a time, and this runs at start-up
-        before any: such a lock was left by a git process killed with the daemon."""
+        before any: such a lock was left by a git process killed with the daemon. Pooled
+        lease directories need nothing: each gets a new ``.git`` when it is leased."""
         removed: list[Path] = []
         paths = [
             self.worktrees_dir / e for e in _listdir(self.worktrees_dir) if e.startswith(GATE_DIR)
         ]
-        paths += [self._pool_dir / e for e in _listdir(self._pool_dir)]
         for path in paths:
             admin = self._adopt(path)
             if admin is not None:
@@ -807,20 +1204,33 @@ class Workspace:
     def recover(self) -> None:
         """Repair what an interrupted run may have left in ``worktrees_dir``.
 
-        * a worktree renamed into or out of the pool whose admin entry still names the old
-          place (the crash fell between the rename and the link update) is re-linked;
-        * pool slots whose git metadata is gone are deleted;
-        * admin entries for worktrees under ``worktrees_dir`` that no longer exist are
-          pruned (only ours: a person's worktree on an unmounted disk is left alone).
+        * a gate worktree renamed whose admin entry still names the old place is
+          re-linked; admin entries for worktrees under ``worktrees_dir`` that no longer
+          exist are pruned (only ours: a person's worktree on an unmounted disk is left
+          alone);
+        * half-built git dirs and trash of lease directories are deleted, and so are the
+          daemon's records of lease directories that are gone.
 
-        Cheap (a few small files per worktree); run on startup and before each lease.
+        Cheap (a few small files per directory); run on startup and before each lease.
+        Lease directories themselves are not read: their ``.git`` is the agent's.
         """
         for entry in _listdir(self.worktrees_dir):
-            if entry in (POOL_DIR,):
-                continue
-            self._adopt(self.worktrees_dir / entry)
-        self._pool_slots()
+            if entry.startswith(GATE_DIR):
+                self._adopt(self.worktrees_dir / entry)
         self._prune_registrations()
+        for entry in _listdir(self._build_dir):
+            shutil.rmtree(self._build_dir / entry, ignore_errors=True)
+        self._empty_trash()
+        for key in _listdir(self._state_dir):
+            where = (
+                self.worktrees_dir / key[2:]
+                if key.startswith("L-")
+                else self._pool_dir / key[2:]
+                if key.startswith("P-")
+                else None
+            )
+            if where is None or not os.path.lexists(where):
+                self._drop_state(key)
 
     # ------------------------------------------------------------------ internals
 
@@ -1046,42 +1456,6 @@ class Workspace:
             self._remove_tree(path)
         return admin
 
-    def _pool_slots(self) -> list[tuple[Path, Path]]:
-        slots: list[tuple[Path, Path]] = []
-        for entry in _listdir(self._pool_dir):
-            slot = self._pool_dir / entry
-            admin = self._adopt_or_discard(slot)
-            if admin is not None:
-                slots.append((slot, admin))
-        return slots
-
-    def _take_pool_slot(self, want: str | None) -> tuple[Path, Path] | None:
-        """An idle worktree: one already at ``want`` if any, else the latest released.
-
-        The latest released one is most likely close to the current integration tip, and
-        its files are the likeliest to still be in the page cache.
-        """
-        slots = self._pool_slots()
-        if not slots:
-            return None
-
-        def rank(slot: tuple[Path, Path]) -> tuple[bool, float]:
-            head = slot[1] / "HEAD"
-            try:
-                at_want = head.read_text(encoding="utf-8").strip() == want
-                return (at_want, head.stat().st_mtime)
-            except OSError:
-                return (False, 0.0)
-
-        return max(slots, key=rank)
-
-    def _move(self, src: Path, dst: Path, admin: Path) -> None:
-        """Rename a worktree directory and update its links, like `git worktree move`."""
-        self._assert_inside(src)
-        self._assert_inside(dst)
-        os.rename(src, dst)
-        self._write_links(dst, admin)
-
     def _write_links(self, path: Path, admin: Path) -> None:
         # Both links absolute: git writes absolute ones too, and a relative one in the
         # worktree's .git file would break on the rename.
@@ -1137,27 +1511,6 @@ class Workspace:
                 with contextlib.suppress(FileNotFoundError):
                     target.unlink()
 
-    def _detach(self, path: Path, admin: Path) -> None:
-        """Point HEAD of the worktree at its current commit instead of at its branch."""
-        try:
-            head = (admin / "HEAD").read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise GitError(f"cannot read HEAD of the worktree {path}: {exc}") from exc
-        if not head.startswith("ref:"):
-            return
-        ref = self._repo.references.get(head[len("ref:") :].strip())
-        try:
-            sha = str(ref.resolve().target) if ref is not None else None
-        except (KeyError, pygit2.GitError):
-            sha = None
-        if sha is None:
-            # The branch was deleted under it; any commit will do, the next lease does a
-            # forced checkout from the index anyway.
-            sha = self.integration_tip()
-        self._wt_git(
-            path, admin, "update-ref", "--no-deref", "-m", "orchestrator: release", "HEAD", sha
-        )
-
     def _remove_tree(self, path: Path) -> None:
         if path.is_symlink() or not path.is_dir():
             # Remove the link itself, wherever it points; only its location must be ours.
@@ -1173,7 +1526,10 @@ class Workspace:
         # Name both directories explicitly: if the worktree's .git file were broken, plain
         # `git -C path` would walk up and could find (and clean!) an enclosing repository,
         # e.g. the main checkout when worktrees_dir lives inside it.
-        return self._git(f"--git-dir={admin}", f"--work-tree={path}", *args, cwd=path)
+        # Gate code (an agent's) writes in the gate worktree: untrusted.
+        return self._git(
+            f"--git-dir={admin}", f"--work-tree={path}", *args, cwd=path, untrusted=True
+        )
 
     def _git(
         self,
@@ -1181,17 +1537,27 @@ class Workspace:
         cwd: Path,
         check: bool = True,
         optional_locks: bool = True,
+        untrusted: bool = False,
+        index: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
+        """Run git. ``untrusted``: the command reads a directory an agent can write, so it
+        runs with no hooks, no fsmonitor and no system or global config (see
+        orchestrator.git.untrusted). The integration repository's own hooks (its owner's)
+        run as usual on commands that only touch it."""
         env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCATION_ENV}
+        if untrusted:
+            env = hardened_env(env)
         env["LC_ALL"] = "C"
         env["GIT_TERMINAL_PROMPT"] = "0"
+        if index is not None:
+            env["GIT_INDEX_FILE"] = str(index)
         if not optional_locks:
             # Reading someone else's checkout must not take its index.lock, or their own
             # git commands could fail while we look.
             env["GIT_OPTIONAL_LOCKS"] = "0"
         try:
             result = subprocess.run(
-                ["git", *args],
+                ["git", *(HARDENED_CONFIG if untrusted else ()), *args],
                 cwd=cwd,
                 env=env,
                 capture_output=True,
@@ -1219,6 +1585,32 @@ class Workspace:
         return result
 
 
+def conflict_detail(integration_branch: str, commit: str, paths: Sequence[str]) -> str:
+    """What an agent is told when its branch conflicts with ``integration_branch`` at
+    ``commit``: that commit in full, the paths, and how to repair (its repository has the
+    branch as ``origin/<integration_branch>``; PROTOCOL.md, "integration-tip")."""
+    n = len(paths)
+    shown = ", ".join(paths[:20]) + (f", ... ({n} in all)" if n > 20 else "")
+    return (
+        f"{n} conflicting path{'s' * (n != 1)} with {integration_branch} at {commit}: {shown}; "
+        f"run `git fetch origin && git merge origin/{integration_branch}` (or rebase onto "
+        f"origin/{integration_branch}), resolve, commit, and report again"
+    )
+
+
+def _identity_section(repo: pygit2.Repository) -> str:
+    """``[user]`` with the integration repository's user.name / user.email, if set."""
+    lines = []
+    for key in ("name", "email"):
+        try:
+            value = str(repo.config[f"user.{key}"])
+        except (KeyError, pygit2.GitError):
+            continue
+        if value and not any(c in value for c in '\n\0"\\'):
+            lines.append(f'\t{key} = "{value}"\n')
+    return "[user]\n" + "".join(lines) if lines else ""
+
+
 def _common_dir(git_dir: Path) -> Path:
     try:
         rel = (git_dir / "commondir").read_text(encoding="utf-8").strip()
@@ -1240,9 +1632,22 @@ def _listdir(path: Path) -> list[str]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.orchestrator-tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Replace ``path`` with ``text``. The temporary file has a random name and is
+    created with O_EXCL | O_NOFOLLOW: a symlink an agent planted under a name we might
+    use is never written through, and the rename replaces a symlink at ``path`` itself
+    rather than what it points to."""
+    dir_fd = open_dir_nofollow(path.parent)
+    try:
+        tmp = f".{path.name}.orchestrator-{secrets.token_hex(6)}"
+        write_new_nofollow(dir_fd, tmp, text.encode("utf-8"))
+        try:
+            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(dir_fd)
 
 
 def _make_writable_and_retry(
@@ -1250,6 +1655,16 @@ def _make_writable_and_retry(
 ) -> None:  # pragma: no cover - only with read-only files (e.g. Go's module cache)
     parent = os.path.dirname(target)
     for p in (parent, target):
+        if os.path.islink(p):
+            continue  # chmod would follow it, to whatever file it names
         with contextlib.suppress(OSError):
             os.chmod(p, os.stat(p).st_mode | stat.S_IWUSR | stat.S_IRUSR | stat.S_IXUSR)
     func(target)
+
+
+def _lease_key(name: str) -> str:
+    return f"L-{name}"
+
+
+def _pool_key(slot: str) -> str:
+    return f"P-{slot}"

@@ -24,6 +24,7 @@ from orchestrator.git.workspace import (
     IntegrationTreeDirty,
     MergeResult,
     Workspace,
+    conflict_detail,
 )
 from orchestrator.handoff import template as handoff_model
 from orchestrator.merge import commit_message
@@ -573,11 +574,7 @@ class MergeQueue:
         self, job: MergeJob, base: str, paths: list[str], detail: str, bound: Any
     ) -> None:
         integration = self.config.integration_branch
-        text = detail or (
-            f"merging {handoff_model.branch_name(job.name)} onto {integration} ({base[:12]}) "
-            f"conflicts in {len(paths)} path(s); merge {integration} into your branch, resolve "
-            "them, commit, and report again"
-        )
+        text = detail or conflict_detail(integration, base, paths)
         state = await self._failed(
             job,
             "conflict",

@@ -41,8 +41,6 @@ CONTROL_METHODS = frozenset(
         "handoff.answer",
     }
 )
-# Additions within version 1 this daemon implements, listed in the initialize result.
-CAPABILITIES = ("ask",)
 
 
 class RpcError(Exception):

@@ -34,3 +34,23 @@ def commit(message: str) -> None:
 def progress(percent: int, message: str) -> None:
     with open(os.environ["ORCHESTRATOR_PROGRESS_FILE"], "a") as f:
         f.write(f"{percent} {message}\n")
+
+
+def record(**facts: object) -> None:
+    """Append what this attempt saw to $AGENT_RECORD (a JSON line), for the test to check."""
+    target = os.environ.get("AGENT_RECORD")
+    if not target:
+        return
+    import json
+
+    line = {
+        "handoff": HANDOFF,
+        "attempt": int(os.environ["ORCHESTRATOR_ATTEMPT"]),
+        "base": os.environ.get("ORCHESTRATOR_BASE_COMMIT"),
+        "integration": os.environ.get("ORCHESTRATOR_INTEGRATION_COMMIT"),
+        "origin": git("rev-parse", "origin/main"),
+        "head": git("rev-parse", "HEAD"),
+        **facts,
+    }
+    with open(target, "a") as f:
+        f.write(json.dumps(line) + "\n")

@@ -1,8 +1,8 @@
-"""An agent that leaves work behind and destroys its worktree's link to git."""
+"""An agent that leaves work behind and destroys its worktree's git directory."""
 
-import os
+import shutil
 
 from _common import WORKTREE, write
 
 write("leftover.txt", "never reviewed\n")
-os.remove(WORKTREE / ".git")
+shutil.rmtree(WORKTREE / ".git")

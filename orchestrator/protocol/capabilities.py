@@ -1,0 +1,16 @@
+"""The protocol additions within version 1 this daemon implements, as the ``initialize``
+result lists them (PROTOCOL.md, "Additions within version 1")."""
+
+from __future__ import annotations
+
+__all__ = ["ASK", "CAPABILITIES", "INTEGRATION_TIP", "ISOLATED_WORKTREE"]
+
+ISOLATED_WORKTREE = "isolated-worktree"
+"""A lease's worktree is a repository of its own."""
+INTEGRATION_TIP = "integration-tip"
+"""Every lease knows the integration tip (``integrationCommit``, ``origin/<branch>``)."""
+
+ASK = "ask"
+"""Asking a person: ``lease.ask``, ``handoff.answer``, ``lease.answered``."""
+
+CAPABILITIES: tuple[str, ...] = (ISOLATED_WORKTREE, INTEGRATION_TIP, ASK)
