@@ -93,6 +93,8 @@ class Config:
     metrics_listen: str = "127.0.0.1:9464"
     merge_paused: bool = False
     speculative_window: int = 1
+    # Reuse a gate's pass on a tree it already passed on (same argv, env and timeout).
+    gate_cache: bool = True
     workers: WorkerPoolConfig | None = None
 
     @property
@@ -290,6 +292,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         problems.append(
             f"merge.speculative_window must be from 1 to {MAX_SPECULATIVE_WINDOW}, got {window}"
         )
+    gate_cache = r.get("merge", "gate_cache", bool, True)
     tail = r.get("merge", "gate_output_tail_bytes", int, 64 * 1024)
     if tail < 256:
         problems.append(f"merge.gate_output_tail_bytes must be at least 256, got {tail}")
@@ -340,6 +343,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         metrics_listen=listen,
         merge_paused=paused,
         speculative_window=window,
+        gate_cache=gate_cache,
         workers=workers,
     )
 

@@ -455,3 +455,68 @@ def test_speculation_after_a_failure_is_rebuilt_without_penalty(tmp_path: Path,
             assert passes_gate(repo, commit, tmp_path), commit
     finally:
         daemon.stop()
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_the_same_tree_is_gated_once(tmp_path: Path, repo: Path, cache: bool) -> None:
+    # The first gate run lands an empty commit on main: the branch moved, so the candidate
+    # is rebuilt, a new commit with the very same tree. The counter, outside the checkout,
+    # says how often the gate really ran.
+    counter = tmp_path / "gate-runs"
+    gate_script = script(tmp_path, "count.py", f"""
+import os, subprocess
+from pathlib import Path
+counter = Path({str(counter)!r})
+with counter.open("a") as f:
+    f.write(os.environ["ORCHESTRATOR_CANDIDATE"] + "\\n")
+if len(counter.read_text().splitlines()) == 1:
+    subprocess.run(["git", "-c", "user.name=p", "-c", "user.email=p@x", "commit", "-q",
+                    "--allow-empty", "-m", "an empty commit"], cwd={str(repo)!r}, check=True)
+""")
+    config = write_config(tmp_path, repo, gates=gate([sys.executable, gate_script]),
+                          merge=f"gate_cache = {'true' if cache else 'false'}")
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("twice")]})
+        wait_for(lambda: states(daemon.socket)["twice"] == "merged", "the rebuilt candidate")
+        record = control(daemon.socket, "handoff.get", {"name": "twice"})
+        gated = counter.read_text().split()
+        first = gated[0]
+        assert record["mergeCommit"] != first
+        assert git(repo, "rev-parse", f"{first}^{{tree}}") == git(
+            repo, "rev-parse", f"{record['mergeCommit']}^{{tree}}")
+        cached = [e for e in daemon.logs() if e["event"] == "gate_cached"]
+        if cache:
+            assert gated == [first], "the same tree was gated twice"
+            assert len(record["gates"]) == 1
+            assert [e["passed_on"] for e in cached] == [first]
+            assert cached[0]["candidate"] == record["mergeCommit"]
+        else:
+            assert gated == [first, record["mergeCommit"]]
+            assert cached == []
+        subjects = git(repo, "log", "--first-parent", "--format=%s", "main").splitlines()
+        assert subjects[:2] == [subjects[0], "an empty commit"]
+        assert subjects[0].startswith("Merge handoff twice")
+    finally:
+        kill_group(worker)
+        daemon.stop()
+
+
+def test_a_store_from_before_the_gate_cache_gains_it(tmp_path: Path) -> None:
+    import sqlite3
+
+    from orchestrator.store.sqlite import Store
+
+    path = tmp_path / "old.sqlite3"
+    Store.open(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE gate_cache")  # as a store written before the table existed
+    conn.commit()
+    conn.close()
+    store = Store.open(path)
+    try:
+        assert store.cached_gate_pass("t" * 40, "k") is None
+        store.submit([], max_attempts=1, now=1.0)
+    finally:
+        store.close()

@@ -645,6 +645,10 @@ class Workspace:
 
     # ------------------------------------------------------------------ gate worktree
 
+    def tree_of(self, commit: str) -> str:
+        """The id of ``commit``'s tree: what a gate sees, whatever the commit's message."""
+        return str(self._commit(commit).tree_id)
+
     def gate_checkout(self, commit: str, *, slot: int = 0) -> Path:
         """Return the gate worktree, detached at ``commit`` with exactly its files.
 

@@ -7,6 +7,8 @@ checkout or a port the next gate needs.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import sys
@@ -61,6 +63,21 @@ class _Tail:
         if self.dropped:
             return f"[... {self.dropped} earlier bytes dropped ...]\n{body}"
         return body
+
+
+def gate_fingerprint(gate: GateConfig, sandbox: Sequence[str] = ()) -> str:
+    """What makes two runs of a gate on the same tree the same run: the argv (with the
+    sandbox prefix), the gate's own environment and its timeout, hashed.
+
+    The name is left out (renaming a gate does not change what it checks), and so are
+    ``ORCHESTRATOR_HANDOFF`` and ``ORCHESTRATOR_CANDIDATE``, which say which candidate
+    is gated rather than how."""
+    spec = {
+        "argv": [*sandbox, *gate.run],
+        "env": sorted(gate.env.items()),
+        "timeoutS": gate.timeout_s,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def _kill_group(process: Process, sig: int) -> None:

@@ -25,7 +25,7 @@ from orchestrator.git.workspace import (
     Workspace,
 )
 from orchestrator.handoff import template as handoff_model
-from orchestrator.merge.gates import GateResult, run_gate
+from orchestrator.merge.gates import GateResult, gate_fingerprint, run_gate
 from orchestrator.observe import logs
 from orchestrator.observe.metrics import Metrics
 from orchestrator.store.sqlite import InvalidTransition, MergeJob, Store, StoreFull
@@ -350,12 +350,41 @@ class MergeQueue:
     async def _run_gates(
         self, job: MergeJob, candidate: str, bound: Any, *, slot: int = 0
     ) -> GateResult | None:
-        """Run every gate on the candidate; the first failure, or None when all passed."""
+        """Run every gate on the candidate; the first failure, or None when all passed.
+
+        A gate that already passed on the same tree with the same fingerprint (argv,
+        environment, timeout) is not run again: the tree is all a gate sees, so a
+        requeued handoff or a rebuilt speculative candidate that merges to the same tree
+        reuses the pass. Failures are not reused: a person's retry runs the gate again."""
         if not self.config.gates:
             return None
-        checkout = await self.offload.git(self.workspace.gate_checkout, candidate, slot=slot)
+        tree = (
+            await self.offload.git(self.workspace.tree_of, candidate)
+            if self.config.gate_cache
+            else None
+        )
+        checkout = None  # checked out only when a gate has to run
         env = {"ORCHESTRATOR_HANDOFF": job.name, "ORCHESTRATOR_CANDIDATE": candidate}
         for gate in self.config.gates:
+            key = gate_fingerprint(gate, self.config.gate_sandbox)
+            if tree is not None:
+                hit = await self.offload.db(self.store.cached_gate_pass, tree, key)
+                if hit is not None:
+                    self.metrics.gate_cache_hit(gate.name)
+                    bound.info(
+                        "gate_cached",
+                        metric="orchestrator_gate_cache_hits_total",
+                        gate=gate.name,
+                        candidate=candidate,
+                        tree=tree,
+                        passed_on=hit.candidate,
+                        passed_for=hit.handoff,
+                    )
+                    continue
+            if checkout is None:
+                checkout = await self.offload.git(
+                    self.workspace.gate_checkout, candidate, slot=slot
+                )
             bound.info("gate_started", gate=gate.name, candidate=candidate)
             result = await run_gate(
                 gate,
@@ -375,6 +404,7 @@ class MergeQueue:
                 duration_s=result.duration_s,
                 output_tail=result.output_tail,
                 started_at=result.started_at,
+                cache_key=None if tree is None else (tree, key),
             )
             outcome = self.metrics.gate_finished(
                 gate.name,

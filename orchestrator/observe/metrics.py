@@ -361,6 +361,13 @@ class Metrics:
             ["gate", "outcome"],
             registry=r,
         )
+        self._gate_cache_hits = Counter(
+            "orchestrator_gate_cache_hits",
+            "Gate runs skipped because the same gate (argv, environment, timeout) already "
+            "passed on the same tree, by gate.",
+            ["gate"],
+            registry=r,
+        )
         self._handoff_cycle = Histogram(
             "orchestrator_handoff_cycle_seconds",
             "Time from a handoff's submission to its merge into the integration branch.",
@@ -573,6 +580,10 @@ class Metrics:
         self._gate_duration.labels(gate=gate).observe(duration_s)
         self._gate_runs.labels(gate=gate, outcome=outcome).inc()
         return outcome
+
+    def gate_cache_hit(self, gate: str) -> None:
+        """Count a gate pass reused from the cache (``orchestrator_gate_cache_hits_total``)."""
+        self._gate_cache_hits.labels(gate=gate).inc()
 
     def handoff_merged(self, cycle_s: float, attempts: int | None = None) -> None:
         """Observe a merged handoff: its submitted-to-merged time

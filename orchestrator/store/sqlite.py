@@ -120,6 +120,19 @@ CREATE TABLE IF NOT EXISTS gate_runs (
     output_tail TEXT NOT NULL,
     started_at REAL NOT NULL
 );
+-- Gate passes by the tree gated and the gate's fingerprint (argv, environment, timeout):
+-- the same tree under the same gate passes again, so it is never run twice. Created by
+-- CREATE TABLE IF NOT EXISTS, which is also the migration of a store that predates it.
+CREATE TABLE IF NOT EXISTS gate_cache (
+    tree TEXT NOT NULL,
+    gate_key TEXT NOT NULL,
+    gate TEXT NOT NULL,
+    handoff TEXT NOT NULL,
+    candidate TEXT NOT NULL,
+    duration_s REAL NOT NULL,
+    passed_at REAL NOT NULL,
+    PRIMARY KEY (tree, gate_key)
+);
 CREATE TABLE IF NOT EXISTS merges (
     id INTEGER PRIMARY KEY,
     handoff TEXT NOT NULL REFERENCES handoffs(name),
@@ -216,6 +229,17 @@ class Expired:
     new_state: str
     # "expired" (no heartbeat within the TTL) or "max_duration" (held too long).
     reason: str = "expired"
+
+
+@dataclass(frozen=True)
+class CachedGatePass:
+    """A gate that already passed on the same tree under the same fingerprint."""
+
+    gate: str
+    handoff: str
+    candidate: str
+    duration_s: float
+    passed_at: float
 
 
 @dataclass(frozen=True)
@@ -807,8 +831,17 @@ class Store:
         duration_s: float,
         output_tail: str,
         started_at: float,
+        cache_key: tuple[str, str] | None = None,
     ) -> None:
+        """Record one gate run; a pass with ``cache_key`` (tree, gate fingerprint) is
+        also remembered for :meth:`cached_gate_pass`, in the same transaction."""
         with self._tx() as c:
+            if cache_key is not None and exit_status == 0 and not timed_out:
+                c.execute(
+                    "INSERT OR REPLACE INTO gate_cache(tree, gate_key, gate, handoff, candidate,"
+                    " duration_s, passed_at) VALUES (?,?,?,?,?,?,?)",
+                    (*cache_key, gate, name, candidate, duration_s, started_at + duration_s),
+                )
             c.execute(
                 "INSERT INTO gate_runs(handoff, attempt, candidate, gate, exit_status, timed_out,"
                 " duration_s, output_tail, started_at) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -824,6 +857,23 @@ class Store:
                     started_at,
                 ),
             )
+
+    def cached_gate_pass(self, tree: str, gate_key: str) -> CachedGatePass | None:
+        """The recorded pass of a gate with fingerprint ``gate_key`` on ``tree``, if any."""
+        row = self._conn.execute(
+            "SELECT gate, handoff, candidate, duration_s, passed_at FROM gate_cache"
+            " WHERE tree = ? AND gate_key = ?",
+            (tree, gate_key),
+        ).fetchone()
+        if row is None:
+            return None
+        return CachedGatePass(
+            gate=row["gate"],
+            handoff=row["handoff"],
+            candidate=row["candidate"],
+            duration_s=float(row["duration_s"]),
+            passed_at=float(row["passed_at"]),
+        )
 
     def record_landing_intent(
         self, name: str, *, attempt: int, base: str, candidate: str, now: float
