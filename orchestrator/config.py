@@ -39,6 +39,8 @@ class GateConfig:
     run: tuple[str, ...]
     timeout_s: float = 900.0
     env: Mapping[str, str] = field(default_factory=dict)
+    # A failed run is tried again this many times, each on a fresh checkout (flaky gates).
+    retries: int = 0
 
 
 @dataclass(frozen=True)
@@ -404,9 +406,11 @@ def _gates(raw: Any, problems: list[str]) -> tuple[GateConfig, ...]:
         if not isinstance(item, Mapping):
             problems.append(f"{where} must be a table")
             continue
-        unknown = set(item) - {"name", "run", "timeout_s", "env"}
+        unknown = set(item) - {"name", "run", "timeout_s", "env", "retries"}
         for key in sorted(unknown):
-            problems.append(f"{where}: unknown key {key!r} (known: name, run, timeout_s, env)")
+            problems.append(
+                f"{where}: unknown key {key!r} (known: name, run, timeout_s, env, retries)"
+            )
         name = item.get("name")
         if not isinstance(name, str) or not name.strip():
             problems.append(f'{where}: name is required, e.g. name = "tests"')
@@ -432,8 +436,18 @@ def _gates(raw: Any, problems: list[str]) -> tuple[GateConfig, ...]:
         if not (isinstance(env, Mapping) and all(isinstance(v, str) for v in env.values())):
             problems.append(f"{where} ({name}): env must be a table of strings")
             env = {}
+        retries = item.get("retries", 0)
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+            problems.append(f"{where} ({name}): retries must be a whole number from 0 to 10")
+            retries = 0
         if run is not None:
             gates.append(
-                GateConfig(name=name, run=tuple(run), timeout_s=float(timeout), env=dict(env))
+                GateConfig(
+                    name=name,
+                    run=tuple(run),
+                    timeout_s=float(timeout),
+                    env=dict(env),
+                    retries=retries,
+                )
             )
     return tuple(gates)

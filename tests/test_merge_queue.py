@@ -520,3 +520,70 @@ def test_a_store_from_before_the_gate_cache_gains_it(tmp_path: Path) -> None:
         store.submit([], max_attempts=1, now=1.0)
     finally:
         store.close()
+
+
+def _scrape(port: int) -> str:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_flaky_gate_is_retried_on_a_fresh_checkout(tmp_path: Path, repo: Path,
+                                                       retries: int) -> None:
+    import socket
+
+    counter = tmp_path / "gate-runs"
+    flaky = script(tmp_path, "flaky.py", f"""
+import sys
+from pathlib import Path
+counter = Path({str(counter)!r})
+runs = len(counter.read_text().splitlines()) if counter.exists() else 0
+with counter.open("a") as f:
+    f.write("run\\n")
+if Path("leftover.txt").exists():
+    sys.exit("the retry ran on the failed run's leftovers")
+if runs == 0:
+    Path("leftover.txt").write_text("left behind by a failed run\\n")
+    sys.exit("flaky: fails the first time only")
+""")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_config(
+        tmp_path, repo, metrics=f"127.0.0.1:{port}", merge='on_gate_failure = "hold"',
+        gates=gate([sys.executable, flaky]) + f"retries = {retries}\n",
+    )
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("flake")]})
+        want = "merged" if retries else "failed"
+        wait_for(lambda: states(daemon.socket)["flake"] == want, f"the handoff {want}")
+        record = control(daemon.socket, "handoff.get", {"name": "flake"})
+        text = _scrape(port)
+        if retries:
+            assert [g["exitStatus"] for g in record["gates"]] == [1, 0]
+            assert record["gates"][0]["candidate"] == record["gates"][1]["candidate"]
+            assert 'orchestrator_gate_retries_total{gate="tests"} 1.0' in text
+            assert [e["retry"] for e in daemon.logs() if e["event"] == "gate_retry"] == [1]
+        else:
+            assert [g["exitStatus"] for g in record["gates"]] == [1]
+            assert 'orchestrator_gate_retries_total{gate="tests"}' not in text
+            assert len(first_parents(repo)) == 1
+    finally:
+        kill_group(worker)
+        daemon.stop()
+
+
+def test_gate_retries_are_checked(tmp_path: Path, repo: Path) -> None:
+    from orchestrator.config import ConfigError, load
+
+    ok = write_config(tmp_path, repo, gates=gate(["true"]) + "retries = 2\n")
+    assert load(ok).gates[0].retries == 2
+    for bad in ("-1", "11", "true", "1.5"):
+        config = write_config(tmp_path, repo, gates=gate(["true"]) + f"retries = {bad}\n")
+        with pytest.raises(ConfigError, match="retries must be a whole number from 0 to 10"):
+            load(config)

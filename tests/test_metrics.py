@@ -78,6 +78,7 @@ OPERATOR_METRICS = {
     "orchestrator_merge_queue_wait_seconds": "histogram",
     "orchestrator_gate_runs": "counter",
     "orchestrator_gate_cache_hits": "counter",
+    "orchestrator_gate_retries": "counter",
     "orchestrator_handoff_attempts": "histogram",
     "orchestrator_handoff_state_duration_seconds": "histogram",
     "orchestrator_requests": "counter",
@@ -141,6 +142,7 @@ def exercised_metrics(version: str = "1.2.3-test") -> Metrics:
     m.gate_finished("tests", 12.5, exit_status=1)
     m.gate_finished("lint", 0.3)
     m.gate_cache_hit("lint")
+    m.gate_retried("tests")
     m.handoff_merged(3600.0, 2)
     m.start_state_clock(10, [("h", "queued", 100.0)])
     m.state_changes([(11, 130.0, "h", "leased"), (12, 190.0, "h", "reported")])

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 
 from orchestrator.blocking import Offload
-from orchestrator.config import Config
+from orchestrator.config import Config, GateConfig
 from orchestrator.git.workspace import (
     GIT_TIMEOUT_S,
     GitError,
@@ -81,7 +82,8 @@ class MergeQueue:
         if self._busy_since is None:
             return None
         elapsed = now - self._busy_since
-        bound = sum(g.timeout_s for g in self.config.gates) + 2 * GIT_TIMEOUT_S
+        bound = sum(g.timeout_s * (1 + g.retries) for g in self.config.gates)
+        bound += 2 * GIT_TIMEOUT_S * (1 + sum(g.retries for g in self.config.gates))
         return elapsed if elapsed > bound else None
 
     async def run(self) -> None:
@@ -381,50 +383,84 @@ class MergeQueue:
                         passed_for=hit.handoff,
                     )
                     continue
-            if checkout is None:
-                checkout = await self.offload.git(
-                    self.workspace.gate_checkout, candidate, slot=slot
+            for run in range(gate.retries + 1):
+                if run > 0:
+                    # A flaky gate gets another go on a fresh checkout (forced to the
+                    # candidate, untracked and ignored files removed): nothing the failed
+                    # run left behind may decide the next.
+                    self.metrics.gate_retried(gate.name)
+                    bound.warning(
+                        "gate_retry",
+                        metric="orchestrator_gate_retries_total",
+                        gate=gate.name,
+                        candidate=candidate,
+                        retry=run,
+                        retries=gate.retries,
+                    )
+                if checkout is None or run > 0:
+                    checkout = await self.offload.git(
+                        self.workspace.gate_checkout, candidate, slot=slot
+                    )
+                cache_key = None if tree is None else (tree, key)
+                result = await self._run_one_gate(
+                    job, gate, candidate, checkout, env, bound, cache_key=cache_key
                 )
-            bound.info("gate_started", gate=gate.name, candidate=candidate)
-            result = await run_gate(
-                gate,
-                checkout,
-                tail_bytes=self.config.gate_output_tail_bytes,
-                env=env,
-                sandbox=self.config.gate_sandbox,
-            )
-            await self.offload.db(
-                self.store.record_gate,
-                job.name,
-                attempt=job.attempt,
-                candidate=candidate,
-                gate=gate.name,
-                exit_status=result.exit_status,
-                timed_out=result.timed_out,
-                duration_s=result.duration_s,
-                output_tail=result.output_tail,
-                started_at=result.started_at,
-                cache_key=None if tree is None else (tree, key),
-            )
-            outcome = self.metrics.gate_finished(
-                gate.name,
-                result.duration_s,
-                exit_status=result.exit_status,
-                timed_out=result.timed_out,
-            )
-            bound.info(
-                "gate_finished",
-                metric="orchestrator_gate_runs_total",
-                outcome=outcome,
-                gate=gate.name,
-                passed=result.passed,
-                exit_status=result.exit_status,
-                timed_out=result.timed_out,
-                duration_s=round(result.duration_s, 3),
-            )
+                if result.passed:
+                    break
             if not result.passed:
                 return result
         return None
+
+    async def _run_one_gate(
+        self,
+        job: MergeJob,
+        gate: GateConfig,
+        candidate: str,
+        checkout: Path,
+        env: dict[str, str],
+        bound: Any,
+        *,
+        cache_key: tuple[str, str] | None,
+    ) -> GateResult:
+        """Run one gate once on the checked-out candidate; record, count and log it."""
+        bound.info("gate_started", gate=gate.name, candidate=candidate)
+        result = await run_gate(
+            gate,
+            checkout,
+            tail_bytes=self.config.gate_output_tail_bytes,
+            env=env,
+            sandbox=self.config.gate_sandbox,
+        )
+        await self.offload.db(
+            self.store.record_gate,
+            job.name,
+            attempt=job.attempt,
+            candidate=candidate,
+            gate=gate.name,
+            exit_status=result.exit_status,
+            timed_out=result.timed_out,
+            duration_s=result.duration_s,
+            output_tail=result.output_tail,
+            started_at=result.started_at,
+            cache_key=cache_key,
+        )
+        outcome = self.metrics.gate_finished(
+            gate.name,
+            result.duration_s,
+            exit_status=result.exit_status,
+            timed_out=result.timed_out,
+        )
+        bound.info(
+            "gate_finished",
+            metric="orchestrator_gate_runs_total",
+            outcome=outcome,
+            gate=gate.name,
+            passed=result.passed,
+            exit_status=result.exit_status,
+            timed_out=result.timed_out,
+            duration_s=round(result.duration_s, 3),
+        )
+        return result
 
     async def _advance(self, base: str, candidate: str, job: MergeJob, bound: Any) -> bool | None:
         """Compare-and-swap the branch; waits (and says so) while a checkout is dirty.

@@ -361,6 +361,12 @@ class Metrics:
             ["gate", "outcome"],
             registry=r,
         )
+        self._gate_retries = Counter(
+            "orchestrator_gate_retries",
+            "Failed gate runs tried again on a fresh checkout ([[gates]] retries), by gate.",
+            ["gate"],
+            registry=r,
+        )
         self._gate_cache_hits = Counter(
             "orchestrator_gate_cache_hits",
             "Gate runs skipped because the same gate (argv, environment, timeout) already "
@@ -580,6 +586,10 @@ class Metrics:
         self._gate_duration.labels(gate=gate).observe(duration_s)
         self._gate_runs.labels(gate=gate, outcome=outcome).inc()
         return outcome
+
+    def gate_retried(self, gate: str) -> None:
+        """Count a failed gate run tried again (``orchestrator_gate_retries_total``)."""
+        self._gate_retries.labels(gate=gate).inc()
 
     def gate_cache_hit(self, gate: str) -> None:
         """Count a gate pass reused from the cache (``orchestrator_gate_cache_hits_total``)."""
