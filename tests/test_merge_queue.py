@@ -587,3 +587,97 @@ def test_gate_retries_are_checked(tmp_path: Path, repo: Path) -> None:
         config = write_config(tmp_path, repo, gates=gate(["true"]) + f"retries = {bad}\n")
         with pytest.raises(ConfigError, match="retries must be a whole number from 0 to 10"):
             load(config)
+
+
+def test_the_rolling_window_starts_the_next_candidate_when_the_head_lands(
+    tmp_path: Path, repo: Path
+) -> None:
+    # Window 2, three handoffs: roll-2's gate passes only once roll-3's gate has started,
+    # which happens only if roll-3 joins the train as soon as roll-1 has landed. A train
+    # that waited to empty would gate roll-3 after roll-2, and roll-2 would fail.
+    started = tmp_path / "started"
+    started.mkdir()
+    gate_script = script(tmp_path, "rolling.py", f"""
+import os, sys, time
+from pathlib import Path
+here = Path({str(started)!r})
+name = os.environ["ORCHESTRATOR_HANDOFF"]
+(here / name).write_text(os.environ["ORCHESTRATOR_CANDIDATE"])
+if name == "roll-2":
+    deadline = time.monotonic() + 30
+    while not (here / "roll-3").exists():
+        if time.monotonic() > deadline:
+            sys.exit("roll-3 was not gated while roll-2 was")
+        time.sleep(0.05)
+""")
+    docs = [handoff_doc("roll-1", priority="HIGH", labels="good"),
+            handoff_doc("roll-2", priority="MEDIUM", labels="good"),
+            handoff_doc("roll-3", priority="LOW", labels="good")]
+    daemon = _report_all_then_merge(
+        tmp_path, repo, docs, {"good": "good.py"},
+        gates=gate([sys.executable, gate_script]),
+        merge='speculative_window = 2\non_gate_failure = "hold"',
+    )
+    try:
+        wait_for(lambda: set(states(daemon.socket).values()) - {"gating", "reported"},
+                 "the train to decide")
+        wait_for(lambda: set(states(daemon.socket).values()) == {"merged"}, "all three merged")
+        subjects = git(repo, "log", "--first-parent", "--format=%s", "main").splitlines()
+        assert [s.split(":")[0] for s in subjects[:3]] == [
+            "Merge handoff roll-3", "Merge handoff roll-2", "Merge handoff roll-1"]
+        for name in ("roll-1", "roll-2", "roll-3"):
+            record = control(daemon.socket, "handoff.get", {"name": name})
+            assert (started / name).read_text() == record["mergeCommit"]
+            assert len(record["gates"]) == 1
+    finally:
+        daemon.stop()
+
+
+def test_the_rolling_window_with_failures_interleaved_lands_only_what_passed(
+    tmp_path: Path, repo: Path
+) -> None:
+    # Failures at positions 1, 4 and 6 of 8, gates of uneven length so that candidates
+    # finish out of order: the failed ones never land, the others land once each, in order.
+    slow_check = script(tmp_path, "check.py", f"""
+import os, time
+name = os.environ["ORCHESTRATOR_HANDOFF"]
+time.sleep((sum(map(ord, name)) % 4) * 0.15)
+exec({CHECK!r})
+""")
+    order = ["b1", "g1", "g2", "b2", "g3", "b3", "g4", "g5"]
+    priority = {"b1": "HIGH", "g1": "HIGH", "g2": "HIGH", "b2": "MEDIUM", "g3": "MEDIUM",
+                "b3": "LOW", "g4": "LOW", "g5": "LOW"}
+    docs = [handoff_doc(n, priority=priority[n], labels="breaks" if n[0] == "b" else "good")
+            for n in order]
+    # The breakers report first, so within each priority they are ahead of the good ones.
+    daemon = _report_all_then_merge(
+        tmp_path, repo, docs, {"breaks": "breaks_tests.py", "good": "good.py"},
+        gates=gate([sys.executable, slow_check]),
+        merge='speculative_window = 4\non_gate_failure = "hold"',
+    )
+    try:
+        want = {n: "failed" if n[0] == "b" else "merged" for n in order}
+        wait_for(lambda: states(daemon.socket) == want, "the good ones merged, the others held")
+        goods = [n for n in order if n[0] == "g"]
+        records = {n: control(daemon.socket, "handoff.get", {"name": n}) for n in order}
+        history = first_parents(repo)
+        # One first-parent commit per merged handoff, in queue order, each the one gated.
+        assert history[: len(goods)][::-1] == [records[n]["mergeCommit"] for n in goods]
+        assert len(history) == len(goods) + 1
+        for name in goods:
+            assert records[name]["attempt"] == 1
+            assert [m["result"] for m in records[name]["merges"]] == ["merged"]
+            gated = [g["candidate"] for g in records[name]["gates"] if g["exitStatus"] == 0]
+            assert records[name]["mergeCommit"] in gated
+        for commit in history:
+            assert passes_gate(repo, commit, tmp_path), commit
+        for name in order:
+            if name[0] == "b":
+                head = records[name]["reports"][-1]["head"]
+                assert subprocess.run(["git", "merge-base", "--is-ancestor", head, "main"],
+                                      cwd=repo).returncode == 1, f"{name} reached main"
+                assert [m["result"] for m in records[name]["merges"]][-1] == "gate_failed"
+        events = [e["event"] for e in daemon.logs()]
+        assert "speculation_discarded" in events  # the window really ran ahead of failures
+    finally:
+        daemon.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,32 @@ log = logs.get("merge")
 # How often a merge held back by a dirty integration checkout is tried again.
 BLOCKED_RETRY_S = 2.0
 PAUSED = "merging is paused (merge.paused = true in the config)"
-# A speculative candidate whose gates were stopped because one ahead of it failed.
-_SKIPPED = object()
+# A candidate that could not be built on a speculative base: it waits for the train.
+_STOPPED = object()
 # How much of a gate log goes into an agent's feedback.
 FEEDBACK_LOG_BYTES = 8 * 1024
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One candidate of the rolling train, from built to decided."""
+
+    job: MergeJob
+    result: MergeResult
+    candidate: str
+    bound: Any
+    slot: int = 0
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    done: bool = False
+    """Its gates finished (``outcome`` is then the verdict)."""
+    outcome: GateResult | Exception | None = None
+    """None when every gate passed; the failed run, or the error of its gating."""
+    settled: bool = False
+    """Those built on it were discarded after it failed."""
+
+    @property
+    def failed(self) -> bool:
+        return self.done and self.outcome is not None
 
 
 class MergeQueue:
@@ -65,12 +88,17 @@ class MergeQueue:
         self.current: set[str] = set()
         self._focus: MergeJob | None = None
         self._wakeup = anyio.Event()
+        # Set when a gate run ends or a report arrives: the rolling train looks again.
+        self._progress = anyio.Event()
+        # The train's current length bound (Zuul's window), 1..merge.speculative_window.
+        self._window = config.speculative_window
         # When the step in progress began (monotonic), for the systemd watchdog.
         self._busy_since: float | None = None
 
     def wake(self) -> None:
         """A report arrived or a handoff was retried: look at the queue again."""
         self._wakeup.set()
+        self._progress.set()
 
     def stuck_for(self, now: float) -> float | None:
         """Seconds the merge step in progress has run beyond every bound it has, or None.
@@ -123,32 +151,28 @@ class MergeQueue:
                 continue
             if self.blocked_reason == PAUSED:
                 self.blocked_reason = None
-            jobs = await self.offload.db(
-                self.store.next_merge_jobs,
-                limit=self.config.speculative_window,
-                now=time.time(),
-            )
-            if not jobs:
-                with anyio.move_on_after(5.0):  # also a safety net against a missed wake-up
-                    await self._wakeup.wait()
-                continue
-            self.current = {job.name for job in jobs}
             self._focus = None
             self._busy_since = time.monotonic()
             try:
-                await self.integrate(jobs)
+                took = await self.integrate()
             except StoreFull:
                 raise  # not the job's fault: run() waits for the disk and settles the train
             except Exception as exc:
                 # One broken job (a deleted branch, a corrupt object) must not take the
                 # daemon down, nor crash-loop it after a restart: hold it for a person.
-                culprit = self._focus or jobs[0]
-                log.exception("merge_error", handoff=culprit.name, attempt=culprit.attempt)
+                culprit = self._focus
+                log.exception(
+                    "merge_error",
+                    handoff=culprit.name if culprit else None,
+                    attempt=culprit.attempt if culprit else None,
+                )
                 # If the error came after the branch moved, the candidate did land: record
                 # it as merged, never hold a merged handoff for a person to retry.
                 await self.reconcile_landings(landed_only=True)
-                row = await self.offload.db(self.store.handoff_row, culprit.name)
-                if row["state"] == "gating":
+                row = (
+                    await self.offload.db(self.store.handoff_row, culprit.name) if culprit else None
+                )
+                if culprit and row and row["state"] == "gating":
                     await self.offload.db(
                         self.store.merge_error,
                         culprit.name,
@@ -157,15 +181,19 @@ class MergeQueue:
                         now=time.time(),
                     )
                 await anyio.sleep(1.0)
+                took = True
             finally:
-                self.current = set()
+                owned, self.current = sorted(self.current), set()
                 self._busy_since = None
                 # Whatever is still ``gating`` (speculation discarded, or shutdown) goes
                 # back to the queue in its place, at no cost to its attempts.
                 with anyio.CancelScope(shield=True):
-                    for job in jobs:
-                        await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
+                    for name in owned:
+                        await self.offload.db(self.store.return_to_queue, name, now=time.time())
                     self.on_change()
+            if not took:
+                with anyio.move_on_after(5.0):  # also a safety net against a missed wake-up
+                    await self._wakeup.wait()
 
     async def reconcile_landings(self, *, landed_only: bool = False) -> None:
         """Settle landings a crash left open (intent recorded, outcome not): a candidate
@@ -223,123 +251,223 @@ class MergeQueue:
                     detail="it will be gated again",
                 )
 
-    async def integrate(self, jobs: list[MergeJob]) -> None:
-        """Take the handoffs of one train from ``gating`` to ``merged``, ``conflict`` or
-        ``failed``, in order; whatever this train could not decide goes back to the queue.
+    async def integrate(self) -> bool:
+        """Take reported handoffs from ``gating`` to ``merged``, ``conflict`` or ``failed``,
+        in order, as a rolling train; False when there was nothing to take.
 
-        With one job this is the plain merge queue. With more (speculative gating), the
-        candidate of job *i* is built on the candidate of job *i-1*, all are gated at once,
-        and they land in order while their gates passed; a failure ends the train there.
+        Candidate *i* is built on candidate *i-1* (the first on the integration tip) and
+        gated as soon as it is built, each in its own gate worktree. The head of the train
+        lands as soon as its gates pass, and the next candidate starts at once, built on
+        the last one of the train: the train never waits to empty. When a candidate fails,
+        those built on it are stopped and rebuilt without it (at no cost to their
+        attempts); it is refused once everything ahead of it has landed (a failure ahead
+        of it would mean it is rebuilt too). The train's length adapts as Zuul's window
+        does: one longer after each landing, halved after each refusal, between 1 and
+        ``merge.speculative_window``. Whatever is undecided when the train stops goes back
+        to the queue (``run`` puts it there).
         """
-        for job in jobs:
-            self.metrics.merge_started(job.name)
-        tip = await self.offload.git(self.workspace.integration_tip)
-        train: list[tuple[MergeJob, MergeResult]] = []
-        base = tip
-        for job in jobs:
-            self._focus = job
-            bound = log.bind(handoff=job.name, attempt=job.attempt)
-            result = await self.offload.git(
-                self.workspace.merge_candidate,
-                handoff_model.branch_name(job.name),
-                strategy=self.config.merge_strategy,
-                message=self._message(job),
-                head=job.head,
-                onto=base,
-            )
-            if result.candidate is None:
-                if train:
-                    # It may only clash with a candidate ahead of it, which might still
-                    # fail: decide once the ones ahead have landed.
-                    bound.info("speculation_stopped", reason=result.detail or "conflict")
-                elif result.detail == "already merged":
-                    bound.info("already_merged", base=result.base)
-                    await self._merged(job, result.base, result.base, bound)
-                else:
-                    await self._conflict(
-                        job, result.base, list(result.conflicts), result.detail, bound
-                    )
-                break
-            bound.info("candidate_built", candidate=result.candidate, base=result.base)
-            train.append((job, result))
-            base = result.candidate
-        if not train:
-            return
-        outcomes = await self._gate_train(train)
-        expected = tip
-        for (job, result), outcome in zip(train, outcomes, strict=True):
-            self._focus = job
-            bound = log.bind(handoff=job.name, attempt=job.attempt)
-            if outcome is _SKIPPED:
-                return  # built on a candidate that failed: rebuilt in a later train
-            if isinstance(outcome, Exception):
-                raise outcome  # held for a person by run(), charged to this job only
-            if isinstance(outcome, GateResult):
-                await self._gate_failed(job, result.base, result.candidate or "", outcome, bound)
-                return
-            assert result.candidate is not None and result.base == expected
+        train: list[_Entry] = []
+        busy_slots: set[int] = set()
+
+        async def gate_one(entry: _Entry) -> None:
             try:
-                await self.offload.db(
-                    self.store.record_landing_intent,
-                    job.name,
-                    attempt=job.attempt,
-                    base=expected,
-                    candidate=result.candidate,
-                    now=time.time(),
-                )
-            except InvalidTransition as exc:
-                bound.warning("merge_abandoned", reason=str(exc))
-                return
-            moved = await self._advance(expected, result.candidate, job, bound)
-            if moved is None:
-                await self.offload.db(
-                    self.store.landing_superseded,
-                    job.name,
-                    detail="no longer gating when it could land (cancelled?)",
-                    now=time.time(),
-                )
-                bound.warning("merge_abandoned", reason="the handoff left gating")
-                return
-            if not moved:
-                detail = "the integration branch moved while gating; rebuilding the candidate"
-                await self.offload.db(
-                    self.store.landing_superseded, job.name, detail=detail, now=time.time()
-                )
-                bound.warning("integration_moved", expected=expected, detail=detail)
-                return
-            await self._merged(job, expected, result.candidate, bound)
-            expected = result.candidate
+                with entry.scope:
+                    try:
+                        entry.outcome = await self._run_gates(
+                            entry.job, entry.candidate, entry.bound, slot=entry.slot
+                        )
+                    except Exception as exc:  # e.g. its gate checkout failed: its own error
+                        entry.outcome = exc
+                    entry.done = True
+            finally:
+                busy_slots.discard(entry.slot)
+                self._progress.set()
 
-    async def _gate_train(
-        self, train: list[tuple[MergeJob, MergeResult]]
-    ) -> list[GateResult | object | None]:
-        """Gate every candidate of the train at once, each in its own gate worktree.
-
-        Per candidate: None when every gate passed, the failed :class:`GateResult`, or
-        ``_SKIPPED`` when a candidate it was built on failed first (its run is stopped)."""
-        outcomes: list[GateResult | object | None] = [_SKIPPED] * len(train)
-        scopes = [anyio.CancelScope() for _ in train]
-
-        async def gate_one(index: int) -> None:
-            job, result = train[index]
-            assert result.candidate is not None
-            bound = log.bind(handoff=job.name, attempt=job.attempt)
-            with scopes[index]:
-                try:
-                    failed: GateResult | Exception | None = await self._run_gates(
-                        job, result.candidate, bound, slot=index
-                    )
-                except Exception as exc:  # e.g. its gate checkout failed: its own error
-                    failed = exc
-                outcomes[index] = failed
-                if failed is not None:
-                    for later in scopes[index + 1 :]:
-                        later.cancel()
-
+        # The gate runs are the task group's children and never raise; the train itself
+        # runs in the host, whose errors leave here as they are (not in an ExceptionGroup),
+        # for run() to tell a full store from one job's fault.
+        failure: Exception | None = None
+        took = False
         async with anyio.create_task_group() as tg:
-            for index in range(len(train)):
-                tg.start_soon(gate_one, index)
-        return outcomes
+            try:
+                took = await self._roll(train, busy_slots, lambda e: tg.start_soon(gate_one, e))
+            except Exception as exc:
+                failure = exc
+            finally:
+                tg.cancel_scope.cancel()  # only discarded candidates' gates are left
+        if failure is not None:
+            raise failure
+        return took
+
+    async def _roll(
+        self,
+        train: list[_Entry],
+        busy_slots: set[int],
+        start_gating: Callable[[_Entry], object],
+    ) -> bool:
+        """The rolling train's loop (see :meth:`integrate`); returns once it is empty and
+        no reported handoff is left to take. True when it took any."""
+        expected = await self.offload.git(self.workspace.integration_tip)
+        took = False
+        # Set after a candidate could not be built on the speculative base: nothing more
+        # joins until the train has emptied, so it is next, built on the real tip.
+        hold_fill = False
+        while True:
+            self._progress = anyio.Event()
+            self._busy_since = time.monotonic()
+            while True:
+                await self._settle_failures(train)
+                if not (train and train[0].done):
+                    break
+                # The head is done: land it, or refuse it.
+                head = train.pop(0)
+                self._focus = head.job
+                if head.failed:
+                    if isinstance(head.outcome, Exception):
+                        raise head.outcome  # held by run(), charged to this job only
+                    assert isinstance(head.outcome, GateResult)
+                    await self._gate_failed(
+                        head.job, head.result.base, head.candidate, head.outcome, head.bound
+                    )
+                    self.current.discard(head.job.name)
+                    self._window = max(1, self._window // 2)
+                    continue
+                landed = await self._land(head, expected)
+                self.current.discard(head.job.name)
+                if not landed:
+                    # Everything behind is built on a candidate that did not land.
+                    behind, train[:] = train[:], []
+                    await self._discard(behind, f"{head.job.name} did not land")
+                    break
+                expected = head.candidate
+                self._window = min(self._window + 1, self.config.speculative_window)
+            if not train:
+                hold_fill = False
+            # Fill the train up to the window, each candidate on the last one.
+            self._window = max(1, min(self._window, self.config.speculative_window))
+            while (
+                not hold_fill
+                and not self.config.merge_paused
+                and sum(not e.failed for e in train) < self._window
+                and len(busy_slots) < self.config.speculative_window
+            ):
+                jobs = await self.offload.db(self.store.next_merge_jobs, limit=1, now=time.time())
+                if not jobs:
+                    break
+                took = True
+                job = jobs[0]
+                self.current.add(job.name)
+                self.metrics.merge_started(job.name)
+                self._focus = job
+                ahead = [e for e in train if not e.failed]
+                if not train:
+                    # An empty train builds on the tip as it is now (a person may have
+                    # moved it since the last landing).
+                    expected = await self.offload.git(self.workspace.integration_tip)
+                base = ahead[-1].candidate if ahead else expected
+                built = await self._build(job, base, speculative=base != expected)
+                if not isinstance(built, _Entry):
+                    if built is _STOPPED:
+                        await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
+                        hold_fill = True
+                    self.current.discard(job.name)
+                    continue
+                built.slot = min(set(range(len(busy_slots) + 1)) - busy_slots)
+                busy_slots.add(built.slot)
+                train.append(built)
+                start_gating(built)
+            self._focus = None
+            if not train:
+                return took
+            await self._progress.wait()
+
+    async def _settle_failures(self, train: list[_Entry]) -> None:
+        """Stop the candidates built on a failed one and put them back in the queue: they
+        are rebuilt without it, at once, while it waits to be refused."""
+        while True:
+            for index, entry in enumerate(train):
+                if entry.failed and not entry.settled:
+                    entry.settled = True
+                    behind, train[index + 1 :] = train[index + 1 :], []
+                    await self._discard(behind, f"built on {entry.job.name}, which failed")
+                    break
+            else:
+                return
+
+    async def _discard(self, entries: list[_Entry], reason: str) -> None:
+        for entry in entries:
+            entry.scope.cancel()
+            entry.bound.info("speculation_discarded", reason=reason)
+            await self.offload.db(self.store.return_to_queue, entry.job.name, now=time.time())
+            self.current.discard(entry.job.name)
+
+    async def _build(
+        self, job: MergeJob, base: str, *, speculative: bool
+    ) -> _Entry | object | None:
+        """Build ``job``'s candidate on ``base``: an entry for the train; None when the
+        job was decided here (a conflict, or nothing left to merge); ``_STOPPED`` when it
+        could not be built on a speculative base (it waits for the train to land)."""
+        bound = log.bind(handoff=job.name, attempt=job.attempt)
+        result = await self.offload.git(
+            self.workspace.merge_candidate,
+            handoff_model.branch_name(job.name),
+            strategy=self.config.merge_strategy,
+            message=self._message(job),
+            head=job.head,
+            onto=base,
+        )
+        if result.candidate is None:
+            if speculative:
+                # It may only clash with a candidate ahead of it, which might still
+                # fail: decide once the ones ahead have landed.
+                bound.info("speculation_stopped", reason=result.detail or "conflict")
+                return _STOPPED
+            elif result.detail == "already merged":
+                bound.info("already_merged", base=result.base)
+                await self._merged(job, result.base, result.base, bound)
+            else:
+                await self._conflict(job, result.base, list(result.conflicts), result.detail, bound)
+            return None
+        bound.info("candidate_built", candidate=result.candidate, base=result.base)
+        return _Entry(job=job, result=result, candidate=result.candidate, bound=bound)
+
+    async def _land(self, entry: _Entry, expected: str) -> bool:
+        """Move the branch to the head's gated candidate; False when it did not land
+        (cancelled meanwhile, or the branch moved: it is rebuilt in its place)."""
+        job, result, bound = entry.job, entry.result, entry.bound
+        assert result.base == expected, (result.base, expected)
+        try:
+            await self.offload.db(
+                self.store.record_landing_intent,
+                job.name,
+                attempt=job.attempt,
+                base=expected,
+                candidate=entry.candidate,
+                now=time.time(),
+            )
+        except InvalidTransition as exc:
+            bound.warning("merge_abandoned", reason=str(exc))
+            return False
+        moved = await self._advance(expected, entry.candidate, job, bound)
+        if moved is None:
+            await self.offload.db(
+                self.store.landing_superseded,
+                job.name,
+                detail="no longer gating when it could land (cancelled?)",
+                now=time.time(),
+            )
+            bound.warning("merge_abandoned", reason="the handoff left gating")
+            return False
+        if not moved:
+            detail = "the integration branch moved while gating; rebuilding the candidate"
+            await self.offload.db(
+                self.store.landing_superseded, job.name, detail=detail, now=time.time()
+            )
+            bound.warning("integration_moved", expected=expected, detail=detail)
+            await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
+            return False
+        await self._merged(job, expected, entry.candidate, bound)
+        return True
 
     def _message(self, job: MergeJob) -> str:
         gates = ", ".join(g.name for g in self.config.gates) or "none configured"
