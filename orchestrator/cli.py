@@ -313,7 +313,7 @@ def format_status(status: dict[str, Any], handoffs: list[dict[str, Any]]) -> str
         f"integration: {status['integrationBranch']} at {status['integrationTip'][:12]}",
         "counts: " + (", ".join(f"{k} {v}" for k, v in status["counts"].items() if v) or "none"),
         f"workers: {len(status['workers'])} connected, leases: {len(status['leases'])} active",
-        "merge queue: " + (", ".join(status["mergeQueue"]) or "empty"),
+        "merge queue: " + (", ".join(_with_eta(status)) or "empty"),
     ]
     if status.get("mergeBlocked"):
         lines.append(f"MERGE BLOCKED: {status['mergeBlocked']}")
@@ -332,6 +332,19 @@ def format_status(status: dict[str, Any], handoffs: list[dict[str, Any]]) -> str
                 f"attempt {h['attempt']}{extra}"
             )
     return "\n".join(lines)
+
+
+def _with_eta(status: dict[str, Any]) -> list[str]:
+    """The merge queue's names, each with its expected landing time when there is one."""
+    etas = status.get("mergeQueueEtaS") or {}
+    return [
+        f"{name} (~{_eta(etas[name])})" if etas.get(name) is not None else name
+        for name in status["mergeQueue"]
+    ]
+
+
+def _eta(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def format_record(record: dict[str, Any], states: dict[str, str] | None = None) -> str:
@@ -358,9 +371,11 @@ def format_record(record: dict[str, Any], states: dict[str, str] | None = None) 
         lines.append("  conflicts: " + ", ".join(record["conflicts"]))
     if record.get("mergeCommit"):
         lines.append(f"  merged as {record['mergeCommit']}")
+    if record.get("etaS") is not None:
+        lines.append(f"  expected to land in ~{_eta(record['etaS'])}")
     for lease in record.get("leases", []):
         lines.append(
-            f"  lease {lease['id']} token {lease['token']} by {lease['worker']} "
+            f"  lease {lease['id']} by {lease['worker']} "
             f"(attempt {lease['attempt']}): {lease['endReason'] or 'active'}"
         )
     for gate in record.get("gates", []):

@@ -681,3 +681,85 @@ exec({CHECK!r})
         assert "speculation_discarded" in events  # the window really ran ahead of failures
     finally:
         daemon.stop()
+
+
+def test_landing_etas_follow_the_position_the_window_and_refusals() -> None:
+    from orchestrator.merge.eta import GatingHistory, landing_etas
+
+    history = GatingHistory(candidate_s=(10.0, 30.0, 10.0), refused=0, decided=4)
+    queue = ["a", "b", "c", "d", "e"]
+    assert landing_etas(queue, history, window=1) == {
+        "a": 10.0, "b": 20.0, "c": 30.0, "d": 40.0, "e": 50.0}
+    # Window 2: two land per gate time; the head's elapsed time counts down.
+    assert landing_etas(queue, history, window=2, head_elapsed_s=4.0) == {
+        "a": 6.0, "b": 6.0, "c": 16.0, "d": 16.0, "e": 26.0}
+    # One refusal in four decisions: each handoff ahead costs a quarter of a rebuild.
+    flaky = GatingHistory(candidate_s=(10.0,), refused=1, decided=4)
+    assert landing_etas(["a", "b", "c"], flaky, window=1) == {"a": 10.0, "b": 22.5, "c": 35.0}
+    assert landing_etas(queue, GatingHistory((), 0, 0), window=1) == {}
+    assert landing_etas(["a"], GatingHistory((), 0, 0), window=1, gated=False) == {"a": 0.0}
+
+
+def test_queued_handoffs_carry_an_eta_in_get_status_and_metrics(tmp_path: Path,
+                                                               repo: Path) -> None:
+    import socket
+
+    from orchestrator.store.sqlite import Store
+
+    release = tmp_path / "release"
+    hold = script(tmp_path, "hold.py", f"""
+import time
+from pathlib import Path
+deadline = time.monotonic() + 120
+while not Path({str(release)!r}).exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+""")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_config(tmp_path, repo, gates=gate([sys.executable, hold]),
+                          metrics=f"127.0.0.1:{port}")
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    worker = None
+    try:
+        # History to estimate from: three candidates that each took 600 s to gate (a
+        # slow gate is faked through the store; waiting for one would take too long).
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("old")]})
+        control(daemon.socket, "handoff.cancel", {"name": "old"})
+        store = Store.open(tmp_path / "state" / "orchestrator.sqlite3")
+        try:
+            for i in range(3):
+                store.record_gate("old", attempt=1, candidate=f"{i:040x}", gate="tests",
+                                  exit_status=0, timed_out=False, duration_s=600.0,
+                                  output_tail="", started_at=1.0)
+        finally:
+            store.close()
+        names = ["q1", "q2", "q3"]
+        priorities = ["HIGH", "MEDIUM", "LOW"]
+        control(daemon.socket, "handoff.submit", {"markdown": [
+            handoff_doc(n, priority=p) for n, p in zip(names, priorities, strict=True)]})
+        worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+        wait_for(lambda: [states(daemon.socket)[n] for n in names]
+                 == ["gating", "reported", "reported"], "q1 gating, the others waiting")
+        etas = [control(daemon.socket, "handoff.get", {"name": n})["etaS"] for n in names]
+        assert 0 < etas[0] <= 600
+        assert etas[1] - etas[0] == pytest.approx(600, abs=1)
+        assert etas[2] - etas[1] == pytest.approx(600, abs=1)
+        status = control(daemon.socket, "status")
+        assert list(status["mergeQueueEtaS"]) == names
+        assert status["mergeQueueEtaS"]["q3"] == pytest.approx(etas[2], abs=60)
+        gauge = [line for line in _scrape(port).splitlines()
+                 if line.startswith("orchestrator_merge_queue_eta_seconds ")]
+        assert len(gauge) == 1 and float(gauge[0].split()[1]) == pytest.approx(etas[2], abs=60)
+        shown = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "--socket", str(daemon.socket), "show", "q2"],
+            capture_output=True, text=True, timeout=60)
+        assert "expected to land in ~" in shown.stdout
+        release.write_text("go")
+        wait_for(lambda: all(states(daemon.socket)[n] == "merged" for n in names), "merged")
+        assert control(daemon.socket, "handoff.get", {"name": "q3"})["etaS"] is None
+        assert control(daemon.socket, "status")["mergeQueueEtaS"] == {}
+    finally:
+        if worker is not None:
+            kill_group(worker)
+        daemon.stop()

@@ -72,6 +72,7 @@ DESIGN_METRICS = {
 OPERATOR_METRICS = {
     "orchestrator_handoff_oldest_age_seconds": "gauge",
     "orchestrator_merge_blocked": "gauge",
+    "orchestrator_merge_queue_eta_seconds": "gauge",
     "orchestrator_metrics_refresh_failures": "counter",
     "orchestrator_lease_duration_seconds": "histogram",
     "orchestrator_heartbeat_lag_seconds": "histogram",
@@ -129,6 +130,7 @@ def exercised_metrics(version: str = "1.2.3-test") -> Metrics:
     )
     m.set_workers_connected(2)
     m.set_merge_blocked(False)
+    m.set_merge_queue_eta(42.0)
     m.refresh_failed()
     m.lease_started("L1")
     m.heartbeat("L1")

@@ -296,6 +296,10 @@ class Handlers:
         record = await self.offload.db(self.store.detail, name)
         if name in self.merges.current and self.merges.blocked_reason:
             record["detail"] = self.merges.blocked_reason
+        record["etaS"] = None
+        if record["state"] in ("reported", "gating"):
+            queue = await self.offload.db(self.store.merge_queue)
+            record["etaS"] = (await self.merges.landing_etas(queue)).get(name)
         return record
 
     async def handoff_cancel(self, session: Session, params: dict[str, Any]) -> Any:
@@ -325,6 +329,7 @@ class Handlers:
 
         counts, leases, queue = await self.offload.db(read)
         tip = await self.offload.git(self.workspace.integration_tip)
+        etas = await self.merges.landing_etas(queue) if queue else {}
         workers = [
             {
                 "sessionId": s.id,
@@ -350,6 +355,7 @@ class Handlers:
                 for lease in leases
             ],
             "mergeQueue": queue,
+            "mergeQueueEtaS": etas,
             "mergeBlocked": self.merges.blocked_reason,
             "integrationBranch": self.config.integration_branch,
             "integrationTip": tip,

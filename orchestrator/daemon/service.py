@@ -296,6 +296,9 @@ class Daemon:
         self.metrics.set_store_snapshot(StoreSnapshot(**snapshot))
         self.metrics.state_changes(changes)
         self.metrics.set_merge_blocked(self.merges.blocked_reason is not None)
+        queue = await self.offload.db(self.store.merge_queue)
+        etas = await self.merges.landing_etas(queue) if queue else {}
+        self.metrics.set_merge_queue_eta(max(etas.values(), default=0.0))
 
     def _readiness(self) -> dict[str, bool]:
         """``/readyz``: started and not stopping, store open, socket listening, merge

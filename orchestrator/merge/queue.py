@@ -27,6 +27,7 @@ from orchestrator.git.workspace import (
     Workspace,
 )
 from orchestrator.handoff import template as handoff_model
+from orchestrator.merge.eta import GatingHistory, landing_etas
 from orchestrator.merge.gates import GateResult, gate_fingerprint, run_gate
 from orchestrator.observe import logs
 from orchestrator.observe.metrics import Metrics
@@ -59,6 +60,7 @@ class _Entry:
     """None when every gate passed; the failed run, or the error of its gating."""
     settled: bool = False
     """Those built on it were discarded after it failed."""
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def failed(self) -> bool:
@@ -92,6 +94,7 @@ class MergeQueue:
         self._progress = anyio.Event()
         # The train's current length bound (Zuul's window), 1..merge.speculative_window.
         self._window = config.speculative_window
+        self._train: list[_Entry] = []  # the train in flight, head first (for ETAs)
         # When the step in progress began (monotonic), for the systemd watchdog.
         self._busy_since: float | None = None
 
@@ -195,6 +198,24 @@ class MergeQueue:
                 with anyio.move_on_after(5.0):  # also a safety net against a missed wake-up
                     await self._wakeup.wait()
 
+    async def landing_etas(self, queue: list[str]) -> dict[str, float]:
+        """Expected seconds until each handoff of ``queue`` (``Store.merge_queue`` order)
+        lands, from recent gate times and refusals, the train in flight and the window;
+        empty until a gate has run."""
+        history = GatingHistory(**await self.offload.db(self.store.gating_history))
+        wanted = set(queue)
+        train = [e for e in self._train if e.job.name in wanted]
+        in_train = {e.job.name for e in train}
+        order = [e.job.name for e in train] + [n for n in queue if n not in in_train]
+        head_elapsed = time.monotonic() - train[0].started if train else 0.0
+        return landing_etas(
+            order,
+            history,
+            window=self._window,
+            head_elapsed_s=head_elapsed,
+            gated=bool(self.config.gates),
+        )
+
     async def reconcile_landings(self, *, landed_only: bool = False) -> None:
         """Settle landings a crash left open (intent recorded, outcome not): a candidate
         the branch contains was merged; any other never landed and is gated again (left
@@ -267,6 +288,7 @@ class MergeQueue:
         to the queue (``run`` puts it there).
         """
         train: list[_Entry] = []
+        self._train = train
         busy_slots: set[int] = set()
 
         async def gate_one(entry: _Entry) -> None:

@@ -297,6 +297,13 @@ class Metrics:
             "(read from the store at scrape time).",
             registry=r,
         )
+        self._merge_queue_eta = Gauge(
+            "orchestrator_merge_queue_eta_seconds",
+            "Expected seconds until the last handoff now in the merge queue lands, from "
+            "recent gate times, refusals and the speculative window; 0 when the queue is "
+            "empty or nothing has been gated yet (per handoff: etaS in handoff.get).",
+            registry=r,
+        )
         self._merge_blocked = Gauge(
             "orchestrator_merge_blocked",
             "1 while merging is held back (merge.paused, a dirty or locked checkout of the "
@@ -470,6 +477,10 @@ class Metrics:
             self._oldest.labels(state=state).set(max(0.0, snapshot.oldest_s.get(state, 0.0)))
         self._leases_active.set(snapshot.leases_active)
         self._merge_queue_depth.set(snapshot.merge_queue_depth)
+
+    def set_merge_queue_eta(self, seconds: float) -> None:
+        """Set ``orchestrator_merge_queue_eta_seconds`` (the queue's last handoff)."""
+        self._merge_queue_eta.set(seconds)
 
     def set_workers_connected(self, n: int) -> None:
         """Set ``orchestrator_workers_connected``."""

@@ -1092,6 +1092,38 @@ class Store:
         ).fetchall()
         return [dict(r) for r in rows]
 
+    def gating_history(self, *, candidates: int = 20, decisions: int = 50) -> dict[str, Any]:
+        """For the merge queue's ETAs: the total gate time of each of the last
+        ``candidates`` candidates gated (newest first), and of the last ``decisions``
+        decisions how many were gate failures (``refused``) out of ``decided``."""
+        c = self._conn
+        c.execute("BEGIN")  # deferred: one read snapshot, no write lock
+        try:
+            durations = [
+                float(r[0])
+                for r in c.execute(
+                    "SELECT SUM(duration_s) FROM gate_runs"
+                    " WHERE id > (SELECT COALESCE(MAX(id), 0) - ? FROM gate_runs)"
+                    " GROUP BY candidate, attempt ORDER BY MAX(id) DESC LIMIT ?",
+                    (candidates * 10, candidates),
+                )
+            ]
+            results = [
+                r[0]
+                for r in c.execute(
+                    "SELECT result FROM merges WHERE result IN ('merged', 'conflict',"
+                    " 'gate_failed') ORDER BY id DESC LIMIT ?",
+                    (decisions,),
+                )
+            ]
+        finally:
+            c.execute("COMMIT")
+        return {
+            "candidate_s": tuple(durations),
+            "refused": results.count("gate_failed"),
+            "decided": len(results),
+        }
+
     def merge_queue(self) -> list[str]:
         rows = self._conn.execute(
             "SELECT name FROM handoffs WHERE state IN ('reported', 'gating')"
