@@ -373,6 +373,8 @@ class MergeQueue:
                 and sum(not e.failed for e in train) < self._window
                 and len(busy_slots) < self.config.speculative_window
             ):
+                if any(e.failed and not e.settled for e in train):
+                    break  # settle it first: building on a failed candidate is wasted
                 jobs = await self.offload.db(self.store.next_merge_jobs, limit=1, now=time.time())
                 if not jobs:
                     break

@@ -1,0 +1,187 @@
+"""The rolling merge train with failures: issue 14's scenario, scaled down.
+
+A real ``orchestrator serve`` on a generated repository (``min(--files, 500)`` files), set
+up as in ``bench_merge_queue`` (untimed, once): with merging paused, a real ``orchestrator
+worker`` reports **20 handoffs**, of which **2 (a tenth: the 6th and the 15th) break the
+gate**; a warm-up train has already created the gate worktrees. Each timed run restores
+that template, starts the daemon with merging on and ``on_gate_failure = "hold"``, and
+times from starting the process until ``handoff.list`` shows every handoff decided
+(``merged`` or ``failed``). The gate sleeps T (no CPU, like a remote CI runner), then
+fails if the candidate holds a ``broken/`` directory, which only the breaking agents
+write: a candidate built on a breaking one fails too, as it would in real life.
+
+- baseline: ``speculative_window = 1``, one candidate gated at a time;
+- ours: ``speculative_window = 8``, the rolling train (the head lands and the next one
+  joins at once; a failure rebuilds only those built on it; adaptive length).
+
+Both run in the same process on copies of the same template, interleaved. Each run
+checks that every decision was right (the two breaking ones refused, the 18 others
+merged, once each, in queue order on the first-parent history) and counts gate runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from . import BenchConfig, BenchResult, generate_repo, git
+from .bench_daemon import _Conn
+from .bench_merge_queue import FILES, POLL_S, WAIT_S, QueueResult, _Setup, _wait_merged
+
+HANDOFFS = 20
+BREAKING = ("rw-06", "rw-15")
+"""A tenth of them break the gate."""
+WINDOW = 8
+"""``speculative_window`` of ours, the issue's 8 gate slots (the baseline is 1)."""
+
+AGENT = """\
+import os, sys
+from pathlib import Path
+sys.stdin.read()
+name = os.environ["ORCHESTRATOR_HANDOFF"]
+root = Path(os.environ["ORCHESTRATOR_WORKTREE"])
+path = root / "work" / f"{name}.txt"
+path.parent.mkdir(exist_ok=True)
+path.write_text(f"done for {name}\\n")
+if name in BREAKING:
+    (root / "broken").mkdir(exist_ok=True)
+    (root / "broken" / f"{name}.txt").write_text("this breaks the gate\\n")
+""".replace("BREAKING", repr(BREAKING))
+"""The agent: adds ``work/<handoff>.txt``; a breaking one also adds ``broken/``."""
+
+
+def _gate(seconds: float) -> str:
+    return (
+        f"import os, sys, time; time.sleep({seconds}); "
+        "sys.exit('broken/ is in the tree' if os.path.isdir('broken') else 0)"
+    )
+
+
+@dataclass
+class _Run:
+    seconds: float
+    gate_runs: int
+    gate_s: float
+    """Median wall time of one gate run as recorded (the sleep plus Python's start-up)."""
+
+
+def _decided(conn: _Conn, names: list[str]) -> None:
+    deadline = time.monotonic() + WAIT_S * 2
+    while True:
+        found = {h["name"]: h["state"] for h in conn.call("handoff.list", {})["handoffs"]}
+        if all(found.get(n) in ("merged", "failed") for n in names):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not all decided in time: {found}")
+        time.sleep(POLL_S)
+
+
+def _timed_run(setup: _Setup, config: Path, names: list[str]) -> _Run:
+    t0 = time.perf_counter()
+    daemon = setup.daemon(config)
+    try:
+        conn = _Conn(setup.sock, "control", "bench")
+        try:
+            _decided(conn, names)
+            elapsed = time.perf_counter() - t0
+            records = {n: conn.call("handoff.get", {"name": n}) for n in names}
+        finally:
+            conn.close()
+    finally:
+        daemon.stop()
+    wrong = {
+        n: r["state"]
+        for n, r in records.items()
+        if r["state"] != ("failed" if n in BREAKING else "merged")
+    }
+    if wrong:
+        raise RuntimeError(f"wrong decisions: {wrong}")
+    goods = [n for n in names if n not in BREAKING]
+    subjects = git(setup.repo, "log", "--first-parent", "--format=%s", "main").splitlines()
+    landed = [s.split(":")[0].removeprefix("Merge handoff ") for s in subjects[: len(goods)]]
+    if landed != goods[::-1]:
+        raise RuntimeError(f"landed as {landed[::-1]}, not once each in order {goods}")
+    if any(
+        records[n]["mergeCommit"] != git(setup.repo, "rev-parse", f"main~{len(goods) - 1 - i}")
+        for i, n in enumerate(goods)
+    ):
+        raise RuntimeError("a first-parent commit is not the candidate that was gated")
+    durations = [g["durationS"] for r in records.values() for g in r["gates"]]
+    return _Run(elapsed, len(durations), statistics.median(durations))
+
+
+def run(config: BenchConfig) -> list[BenchResult]:
+    gate_s = 0.3 if config.quick else 0.5
+    runs = config.runs(2)
+    files = min(config.files, FILES)
+    root = config.scratch / "rolling_window"
+    root.mkdir()
+    sock_dir = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
+    setup = _Setup(root, sock_dir / "d.sock")
+    setup.agent.write_text(AGENT)
+    names = [f"rw-{i:02d}" for i in range(1, HANDOFFS + 1)]
+    try:
+        generate_repo(setup.repo, files)
+        warmups = [f"warmup-{i}" for i in range(1, WINDOW + 1)]
+        setup.report(warmups)
+        warm = setup.config("warm", f"speculative_window = {WINDOW}", "pass")
+        daemon = setup.daemon(warm)
+        try:
+            conn = _Conn(setup.sock, "control", "bench")
+            try:
+                _wait_merged(conn, warmups)
+            finally:
+                conn.close()
+        finally:
+            daemon.stop()
+        setup.report(names)
+        subprocess.run(["cp", "-a", str(setup.live), str(setup.template)], check=True)
+        merge = 'on_gate_failure = "hold"\nspeculative_window = {}'
+        configs = {
+            w: setup.config(f"w{w}", merge.format(w), _gate(gate_s)) for w in (1, WINDOW)
+        }
+        results: dict[int, list[_Run]] = {1: [], WINDOW: []}
+        for rep in range(runs):
+            for window in (1, WINDOW) if rep % 2 == 0 else (WINDOW, 1):
+                setup.restore()
+                os.sync()
+                time.sleep(0.3)
+                results[window].append(_timed_run(setup, configs[window], names))
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    shutil.rmtree(root)
+    base, ours = results[1], results[WINDOW]
+    base_s = statistics.median(r.seconds for r in base)
+    ours_s = statistics.median(r.seconds for r in ours)
+    gate_run_s = statistics.median(r.gate_s for r in base + ours)
+
+    def side(window: int, rs: list[_Run]) -> str:
+        median_s = statistics.median(r.seconds for r in rs)
+        return (
+            f"window {window} took {median_s / gate_run_s:.1f} T "
+            f"({', '.join(f'{r.seconds:.2f}' for r in rs)} s) with "
+            f"{'/'.join(str(r.gate_runs) for r in rs)} gate runs"
+        )
+
+    note = (
+        f"Rolling train, {HANDOFFS} handoffs of which {len(BREAKING)} break the gate, a "
+        f"{gate_s:g} s sleep gate whose runs took T = {gate_run_s:.2f} s as recorded (median; "
+        f"the sleep plus the gate process's start-up), {runs} runs each, every decision right "
+        f"in every run: {side(1, base)}; {side(WINDOW, ours)}. The time runs from starting "
+        "the daemon to the last decision."
+    )
+    row = QueueResult(
+        f"decide {HANDOFFS} handoffs, a tenth failing, {gate_s:g} s sleep gate ({files} files)",
+        f"rolling `speculative_window = {WINDOW}`",
+        ours_s,
+        "`speculative_window = 1`",
+        base_s,
+        runs,
+    )
+    return [replace(row, note=note)]
