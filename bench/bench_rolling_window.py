@@ -6,9 +6,10 @@ worker`` reports **20 handoffs**, of which **2 (a tenth: the 6th and the 15th) b
 gate**; a warm-up train has already created the gate worktrees. Each timed run restores
 that template, starts the daemon with merging on and ``on_gate_failure = "hold"``, and
 times from starting the process until ``handoff.list`` shows every handoff decided
-(``merged`` or ``failed``). The gate sleeps T (no CPU, like a remote CI runner), then
-fails if the candidate holds a ``broken/`` directory, which only the breaking agents
-write: a candidate built on a breaking one fails too, as it would in real life.
+(``merged`` or ``failed``). The gate (``sh -c "sleep T; test ! -d broken"``) sleeps T
+using no CPU, like a remote CI runner, then fails if the candidate holds a ``broken/``
+directory, which only the breaking agents write: a candidate built on a breaking one fails
+too, as it would in real life.
 
 - baseline: ``speculative_window = 1``, one candidate gated at a time;
 - ours: ``speculative_window = 8``, the rolling train (the head lands and the next one
@@ -57,9 +58,11 @@ if name in BREAKING:
 
 
 def _gate(seconds: float) -> str:
+    """A ``[[gates]]`` table: ``sleep`` (a process that costs no CPU, as issue 14's
+    ``sleep 2``), then a failure if the candidate holds ``broken/``."""
     return (
-        f"import os, sys, time; time.sleep({seconds}); "
-        "sys.exit('broken/ is in the tree' if os.path.isdir('broken') else 0)"
+        '\n[[gates]]\nname = "check"\n'
+        f'run = ["sh", "-c", "sleep {seconds}; test ! -d broken"]\n'
     )
 
 
@@ -143,9 +146,9 @@ def run(config: BenchConfig) -> list[BenchResult]:
         setup.report(names)
         subprocess.run(["cp", "-a", str(setup.live), str(setup.template)], check=True)
         merge = 'on_gate_failure = "hold"\nspeculative_window = {}'
-        configs = {
-            w: setup.config(f"w{w}", merge.format(w), _gate(gate_s)) for w in (1, WINDOW)
-        }
+        configs = {w: setup.config(f"w{w}", merge.format(w)) for w in (1, WINDOW)}
+        for path in configs.values():
+            path.write_text(path.read_text() + _gate(gate_s))
         results: dict[int, list[_Run]] = {1: [], WINDOW: []}
         for rep in range(runs):
             for window in (1, WINDOW) if rep % 2 == 0 else (WINDOW, 1):
@@ -172,7 +175,7 @@ def run(config: BenchConfig) -> list[BenchResult]:
     note = (
         f"Rolling train, {HANDOFFS} handoffs of which {len(BREAKING)} break the gate, a "
         f"{gate_s:g} s sleep gate whose runs took T = {gate_run_s:.2f} s as recorded (median; "
-        f"the sleep plus the gate process's start-up), {runs} runs each, every decision right "
+        f"the sleep plus starting the gate), {runs} runs each, every decision right "
         f"in every run: {side(1, base)}; {side(WINDOW, ours)}. The time runs from starting "
         "the daemon to the last decision."
     )

@@ -14,6 +14,7 @@ from orchestrator.daemon.leases import LeaseManager
 from orchestrator.daemon.server import Session
 from orchestrator.git.workspace import Workspace
 from orchestrator.handoff import template as handoff_model
+from orchestrator.merge.conflict_warnings import HEAD_PATTERN, ConflictWarning, EarlyWarnings
 from orchestrator.merge.queue import MergeQueue
 from orchestrator.observe import logs
 from orchestrator.protocol.jsonrpc import (
@@ -31,6 +32,7 @@ from orchestrator.protocol.jsonrpc import (
     param_str,
     rfc3339,
 )
+from orchestrator.protocol.warnings import LEASE_WARNING, lease_warning
 from orchestrator.store.sqlite import (
     STATES,
     DuplicateHandoff,
@@ -62,6 +64,7 @@ class Handlers:
         merges: MergeQueue,
         sessions: Callable[[], list[Session]],
         on_change: Callable[[], None],
+        warnings: EarlyWarnings | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -71,6 +74,7 @@ class Handlers:
         self.merges = merges
         self.sessions = sessions
         self.on_change = on_change
+        self.warnings = warnings
         self.table: dict[str, Handler] = {
             "lease.acquire": self.lease_acquire,
             "lease.heartbeat": self.lease_heartbeat,
@@ -115,6 +119,11 @@ class Handlers:
         progress = params.get("progress")
         if progress is not None:
             progress = _progress(progress)
+        head = params.get("head")
+        if head is not None and not (isinstance(head, str) and HEAD_PATTERN.fullmatch(head)):
+            raise RpcError(
+                INVALID_PARAMS, 'invalid params: "head" must be the branch tip\'s full sha'
+            )
         expires = await self.offload.db(
             self.store.renew,
             lease_id,
@@ -127,6 +136,14 @@ class Handlers:
         # A worker that reconnected (e.g. after a daemon restart) is now the one to notify.
         self.leases.track(lease_id, session)
         self.leases.metrics.heartbeat(lease_id)
+        if head is not None and self.warnings is not None:
+
+            async def send(warning: ConflictWarning) -> None:
+                await session.notify(
+                    LEASE_WARNING, lease_warning(warning.lease_id, warning.paths, warning.against)
+                )
+
+            self.warnings.note(lease_id, token, head, send)
         return {"expiresAt": rfc3339(expires)}
 
     async def lease_release(self, session: Session, params: dict[str, Any]) -> Any:

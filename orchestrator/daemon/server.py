@@ -48,6 +48,7 @@ from orchestrator.protocol.jsonrpc import (
     parse_request,
     response,
 )
+from orchestrator.protocol.warnings import WARNINGS_CAPABILITY
 
 log = logs.get("server")
 
@@ -423,6 +424,7 @@ class SocketServer:
             "sessionId": session.id,
             "leaseTtlS": self.config.lease_ttl_s,
             "heartbeatIntervalS": self.config.heartbeat_interval_s,
+            "capabilities": [WARNINGS_CAPABILITY],
         }
 
     async def _call(self, session: Session, request: Request, bound: Any) -> None:

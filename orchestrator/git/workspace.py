@@ -645,6 +645,21 @@ class Workspace:
 
     # ------------------------------------------------------------------ gate worktree
 
+    def conflicting_paths(self, ours: str, theirs: str) -> tuple[str, ...]:
+        """The paths a three-way merge of ``theirs`` into ``ours`` would conflict in, by
+        an in-memory merge that writes nothing; empty when it merges cleanly or the two
+        share no history. :class:`GitError` when either commit is missing."""
+        ours_id, theirs_id = self._commit(ours).id, self._commit(theirs).id
+        if self._repo.merge_base(ours_id, theirs_id) is None:
+            return ()
+        conflicts = self._repo.merge_commits(ours_id, theirs_id).conflicts
+        if conflicts is None:
+            return ()
+        paths: set[str] = set()
+        for entries in conflicts:
+            paths.update(e.path for e in entries if e is not None)
+        return tuple(sorted(paths))
+
     def tree_of(self, commit: str) -> str:
         """The id of ``commit``'s tree: what a gate sees, whatever the commit's message."""
         return str(self._commit(commit).tree_id)

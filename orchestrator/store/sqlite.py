@@ -1124,6 +1124,16 @@ class Store:
             "decided": len(results),
         }
 
+    def merge_queue_heads(self) -> list[tuple[str, str]]:
+        """(handoff, reported head) of the merge queue, in :meth:`merge_queue` order."""
+        rows = self._conn.execute(
+            "SELECT h.name, r.head FROM handoffs h JOIN reports r"
+            " ON r.id = (SELECT MAX(id) FROM reports WHERE handoff = h.name)"
+            " WHERE h.state IN ('reported', 'gating')"
+            " ORDER BY h.state = 'gating' DESC, h.priority_rank, h.report_seq"
+        )
+        return [(str(r[0]), str(r[1])) for r in rows]
+
     def merge_queue(self) -> list[str]:
         rows = self._conn.execute(
             "SELECT name FROM handoffs WHERE state IN ('reported', 'gating')"
