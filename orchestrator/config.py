@@ -17,6 +17,7 @@ SYSTEM_CONFIG = Path("/etc/orchestrator/orchestrator.toml")
 MERGE_STRATEGIES = ("merge", "squash", "ff-only")
 FAILURE_POLICIES = ("requeue", "hold")
 MAX_SPECULATIVE_WINDOW = 16
+MAX_BATCH = 100
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,8 @@ class Config:
     speculative_window: int = 1
     # Reuse a gate's pass on a tree it already passed on (same argv, env and timeout).
     gate_cache: bool = True
+    # Up to this many reported handoffs merged into one candidate and gated once (1: off).
+    max_batch: int = 1
     workers: WorkerPoolConfig | None = None
 
     @property
@@ -295,6 +298,11 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
             f"merge.speculative_window must be from 1 to {MAX_SPECULATIVE_WINDOW}, got {window}"
         )
     gate_cache = r.get("merge", "gate_cache", bool, True)
+    max_batch = r.get("merge", "max_batch", int, 1)
+    if not 1 <= max_batch <= MAX_BATCH:
+        problems.append(
+            f"merge.max_batch must be from 1 (no batches) to {MAX_BATCH}, got {max_batch}"
+        )
     tail = r.get("merge", "gate_output_tail_bytes", int, 64 * 1024)
     if tail < 256:
         problems.append(f"merge.gate_output_tail_bytes must be at least 256, got {tail}")
@@ -346,6 +354,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         merge_paused=paused,
         speculative_window=window,
         gate_cache=gate_cache,
+        max_batch=max_batch,
         workers=workers,
     )
 

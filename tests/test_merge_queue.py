@@ -763,3 +763,81 @@ while not Path({str(release)!r}).exists() and time.monotonic() < deadline:
         if worker is not None:
             kill_group(worker)
         daemon.stop()
+
+
+def _counting_check(tmp_path: Path, counter: Path) -> str:
+    """The CHECK gate, also appending the candidate and its batch to ``counter``."""
+    return script(tmp_path, "counting.py", f"""
+import os
+with open({str(counter)!r}, "a") as f:
+    f.write(os.environ["ORCHESTRATOR_CANDIDATE"] + " "
+            + os.environ.get("ORCHESTRATOR_BATCH", os.environ["ORCHESTRATOR_HANDOFF"]) + "\\n")
+exec({CHECK!r})
+""")
+
+
+def test_a_batch_is_gated_once_and_lands_one_commit_per_handoff(tmp_path: Path,
+                                                                 repo: Path) -> None:
+    counter = tmp_path / "gate-runs"
+    names = [f"batch-{i}" for i in range(1, 5)]
+    docs = [handoff_doc(n, labels="good") for n in names]
+    daemon = _report_all_then_merge(
+        tmp_path, repo, docs, {"good": "good.py"},
+        gates=gate([sys.executable, _counting_check(tmp_path, counter)]),
+        merge="max_batch = 4",
+    )
+    try:
+        wait_for(lambda: set(states(daemon.socket).values()) == {"merged"}, "the batch")
+        runs = counter.read_text().splitlines()
+        assert runs == [f"{git(repo, 'rev-parse', 'main')} {' '.join(names)}"]
+        history = first_parents(repo)
+        assert len(history) == 5
+        records = [control(daemon.socket, "handoff.get", {"name": n}) for n in names]
+        assert [r["mergeCommit"] for r in records] == history[:4][::-1]
+        for record in records:
+            message = git(repo, "log", "-1", "--format=%B", record["mergeCommit"])
+            assert f"Gated: in a batch of 4: {', '.join(names)}" in message
+            assert [g["candidate"] for g in record["gates"]] == [history[0]]
+    finally:
+        daemon.stop()
+
+
+def test_a_failed_batch_is_bisected_the_culprit_refused_the_rest_landed(
+    tmp_path: Path, repo: Path
+) -> None:
+    counter = tmp_path / "gate-runs"
+    order = ["p1", "p2", "p3", "bad", "p4", "p5"]
+    docs = [handoff_doc(n, priority="HIGH" if n in ("p1", "p2", "p3") else "LOW",
+                        labels="breaks" if n == "bad" else "good") for n in order]
+    # Breakers report first within a priority: HIGH p1 p2 p3, then LOW bad p4 p5.
+    daemon = _report_all_then_merge(
+        tmp_path, repo, docs, {"breaks": "breaks_tests.py", "good": "good.py"},
+        gates=gate([sys.executable, _counting_check(tmp_path, counter)]),
+        merge='max_batch = 8\nspeculative_window = 2\non_gate_failure = "hold"',
+    )
+    try:
+        want = {n: "failed" if n == "bad" else "merged" for n in order}
+        wait_for(lambda: states(daemon.socket) == want, "the culprit found and refused")
+        bad = control(daemon.socket, "handoff.get", {"name": "bad"})
+        assert bad["attempt"] == 1 and [m["result"] for m in bad["merges"]] == ["gate_failed"]
+        assert "answer() is not 42" in bad["feedback"]["log"]
+        assert subprocess.run(["git", "merge-base", "--is-ancestor", bad["reports"][-1]["head"],
+                               "main"], cwd=repo).returncode == 1
+        goods = [n for n in order if n != "bad"]
+        records = {n: control(daemon.socket, "handoff.get", {"name": n}) for n in goods}
+        history = first_parents(repo)
+        assert len(history) == len(goods) + 1
+        assert history[: len(goods)][::-1] == [records[n]["mergeCommit"] for n in goods]
+        # Every commit on the first-parent line passes, and each landing's tip was gated.
+        gated = {line.split()[0]: line.split()[1:] for line in counter.read_text().splitlines()}
+        for commit in history:
+            assert passes_gate(repo, commit, tmp_path), commit
+        landed_tips = {records[n]["mergeCommit"] for n in goods
+                       if "Gated: alone" in git(repo, "log", "-1", "--format=%B",
+                                                 records[n]["mergeCommit"])}
+        assert landed_tips <= set(gated)
+        assert history[0] in gated
+        assert gated[next(c for c, b in gated.items() if b == ["bad"])] == ["bad"]
+        assert any(e["event"] == "batch_failed" for e in daemon.logs())
+    finally:
+        daemon.stop()

@@ -61,10 +61,21 @@ class _Entry:
     settled: bool = False
     """Those built on it were discarded after it failed."""
     started: float = field(default_factory=time.monotonic)
+    members: list[tuple[MergeJob, MergeResult]] = field(default_factory=list)
+    """A batch's handoffs ahead of ``job``, each merged on the one before; ``job``'s
+    candidate (the batch's tip) is the one gated. Empty for a handoff gated alone."""
 
     @property
     def failed(self) -> bool:
         return self.done and self.outcome is not None
+
+    @property
+    def jobs(self) -> list[MergeJob]:
+        return [job for job, _ in self.members] + [self.job]
+
+    @property
+    def base(self) -> str:
+        return self.members[0][1].base if self.members else self.result.base
 
 
 class MergeQueue:
@@ -95,6 +106,8 @@ class MergeQueue:
         # The train's current length bound (Zuul's window), 1..merge.speculative_window.
         self._window = config.speculative_window
         self._train: list[_Entry] = []  # the train in flight, head first (for ETAs)
+        # handoff -> the batch size to take it in next (bisection after a batch failed).
+        self._batch_hint: dict[str, int] = {}
         # When the step in progress began (monotonic), for the systemd watchdog.
         self._busy_since: float | None = None
 
@@ -205,8 +218,8 @@ class MergeQueue:
         history = GatingHistory(**await self.offload.db(self.store.gating_history))
         wanted = set(queue)
         train = [e for e in self._train if e.job.name in wanted]
-        in_train = {e.job.name for e in train}
-        order = [e.job.name for e in train] + [n for n in queue if n not in in_train]
+        in_train = [j.name for e in train for j in e.jobs]
+        order = in_train + [n for n in queue if n not in set(in_train)]
         head_elapsed = time.monotonic() - train[0].started if train else 0.0
         return landing_etas(
             order,
@@ -296,7 +309,11 @@ class MergeQueue:
                 with entry.scope:
                     try:
                         entry.outcome = await self._run_gates(
-                            entry.job, entry.candidate, entry.bound, slot=entry.slot
+                            entry.job,
+                            entry.candidate,
+                            entry.bound,
+                            slot=entry.slot,
+                            batch=entry.jobs,
                         )
                     except Exception as exc:  # e.g. its gate checkout failed: its own error
                         entry.outcome = exc
@@ -348,14 +365,18 @@ class MergeQueue:
                     if isinstance(head.outcome, Exception):
                         raise head.outcome  # held by run(), charged to this job only
                     assert isinstance(head.outcome, GateResult)
-                    await self._gate_failed(
-                        head.job, head.result.base, head.candidate, head.outcome, head.bound
-                    )
+                    if head.members:
+                        await self._bisect(head, head.outcome)
+                    else:
+                        await self._gate_failed(
+                            head.job, head.result.base, head.candidate, head.outcome, head.bound
+                        )
                     self.current.discard(head.job.name)
                     self._window = max(1, self._window // 2)
                     continue
                 landed = await self._land(head, expected)
-                self.current.discard(head.job.name)
+                for job in head.jobs:
+                    self.current.discard(job.name)
                 if not landed:
                     # Everything behind is built on a candidate that did not land.
                     behind, train[:] = train[:], []
@@ -389,7 +410,20 @@ class MergeQueue:
                     # moved it since the last landing).
                     expected = await self.offload.git(self.workspace.integration_tip)
                 base = ahead[-1].candidate if ahead else expected
-                built = await self._build(job, base, speculative=base != expected)
+                size = min(self.config.max_batch, self._batch_hint.pop(job.name, 1 << 30))
+                batch = [job]
+                if size > 1:
+                    batch += await self.offload.db(
+                        self.store.next_merge_jobs, limit=size - 1, now=time.time()
+                    )
+                    for other in batch[1:]:
+                        self._batch_hint.pop(other.name, None)
+                        self.current.add(other.name)
+                        self.metrics.merge_started(other.name)
+                built, leftover = await self._build_batch(batch, base, speculative=base != expected)
+                for other in leftover:  # clashed within the batch: it joins a later one
+                    await self.offload.db(self.store.return_to_queue, other.name, now=time.time())
+                    self.current.discard(other.name)
                 if not isinstance(built, _Entry):
                     if built is _STOPPED:
                         await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
@@ -422,11 +456,41 @@ class MergeQueue:
         for entry in entries:
             entry.scope.cancel()
             entry.bound.info("speculation_discarded", reason=reason)
-            await self.offload.db(self.store.return_to_queue, entry.job.name, now=time.time())
-            self.current.discard(entry.job.name)
+            for job in entry.jobs:
+                if entry.members:
+                    self._batch_hint[job.name] = len(entry.members) + 1  # same grouping
+                await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
+                self.current.discard(job.name)
+
+    async def _build_batch(
+        self, jobs: list[MergeJob], base: str, *, speculative: bool
+    ) -> tuple[_Entry | object | None, list[MergeJob]]:
+        """Build ``jobs`` as one batch on ``base``, each on the one before: what
+        :meth:`_build` gives for the first (an entry whose ``members`` are the others,
+        ahead of its ``job``), and the jobs left out because they did not merge onto the
+        batch (they go back to the queue). The commits' trailers name the batch, so a
+        batch cut short is built again with the right names."""
+        left: list[MergeJob] = []
+        while True:
+            names = [j.name for j in jobs]
+            first = await self._build(jobs[0], base, speculative=speculative, batch=names)
+            if not isinstance(first, _Entry) or len(jobs) == 1:
+                return first, jobs[1:] + left
+            entry, members = first, []
+            for index, job in enumerate(jobs[1:], start=1):
+                built = await self._build(job, entry.candidate, speculative=True, batch=names)
+                if not isinstance(built, _Entry):
+                    left = jobs[index:] + left
+                    jobs = jobs[:index]
+                    break
+                members.append((entry.job, entry.result))
+                entry = built
+            else:
+                entry.members = members
+                return entry, left
 
     async def _build(
-        self, job: MergeJob, base: str, *, speculative: bool
+        self, job: MergeJob, base: str, *, speculative: bool, batch: list[str] | None = None
     ) -> _Entry | object | None:
         """Build ``job``'s candidate on ``base``: an entry for the train; None when the
         job was decided here (a conflict, or nothing left to merge); ``_STOPPED`` when it
@@ -436,7 +500,7 @@ class MergeQueue:
             self.workspace.merge_candidate,
             handoff_model.branch_name(job.name),
             strategy=self.config.merge_strategy,
-            message=self._message(job),
+            message=self._message(job) + _gated_trailer(batch or [job.name]),
             head=job.head,
             onto=base,
         )
@@ -456,42 +520,73 @@ class MergeQueue:
         return _Entry(job=job, result=result, candidate=result.candidate, bound=bound)
 
     async def _land(self, entry: _Entry, expected: str) -> bool:
-        """Move the branch to the head's gated candidate; False when it did not land
-        (cancelled meanwhile, or the branch moved: it is rebuilt in its place)."""
-        job, result, bound = entry.job, entry.result, entry.bound
-        assert result.base == expected, (result.base, expected)
+        """Move the branch to the head's gated candidate (a batch's tip: one commit per
+        handoff on the first-parent line); False when it did not land (cancelled
+        meanwhile, or the branch moved: it is rebuilt in its place)."""
+        chain = [*entry.members, (entry.job, entry.result)]
+        assert entry.base == expected, (entry.base, expected)
+        job, bound = entry.job, entry.bound
+        recorded: list[MergeJob] = []
         try:
-            await self.offload.db(
-                self.store.record_landing_intent,
-                job.name,
-                attempt=job.attempt,
-                base=expected,
-                candidate=entry.candidate,
-                now=time.time(),
-            )
+            for member, result in chain:
+                assert result.candidate is not None
+                await self.offload.db(
+                    self.store.record_landing_intent,
+                    member.name,
+                    attempt=member.attempt,
+                    base=result.base,
+                    candidate=result.candidate,
+                    now=time.time(),
+                )
+                recorded.append(member)
         except InvalidTransition as exc:
             bound.warning("merge_abandoned", reason=str(exc))
+            await self._supersede(recorded, "a handoff of its batch left gating")
             return False
         moved = await self._advance(expected, entry.candidate, job, bound)
         if moved is None:
-            await self.offload.db(
-                self.store.landing_superseded,
-                job.name,
-                detail="no longer gating when it could land (cancelled?)",
-                now=time.time(),
-            )
+            await self._supersede(recorded, "no longer gating when it could land (cancelled?)")
             bound.warning("merge_abandoned", reason="the handoff left gating")
             return False
         if not moved:
             detail = "the integration branch moved while gating; rebuilding the candidate"
+            await self._supersede(recorded, detail)
+            bound.warning("integration_moved", expected=expected, detail=detail)
+            for member in recorded:
+                await self.offload.db(self.store.return_to_queue, member.name, now=time.time())
+            return False
+        for member, result in chain:
+            assert result.candidate is not None
+            member_bound = (
+                bound if member is job else log.bind(handoff=member.name, attempt=member.attempt)
+            )
+            await self._merged(member, result.base, result.candidate, member_bound)
+        return True
+
+    async def _supersede(self, jobs: list[MergeJob], detail: str) -> None:
+        for job in jobs:
             await self.offload.db(
                 self.store.landing_superseded, job.name, detail=detail, now=time.time()
             )
-            bound.warning("integration_moved", expected=expected, detail=detail)
+
+    async def _bisect(self, entry: _Entry, result: GateResult) -> None:
+        """A batch failed its gate: send it back to the queue split in halves, each to be
+        gated as a batch of its own (the halves in the same rolling train), until the
+        handoff that breaks the gate is gated alone and refused with its log; the others
+        land. Nobody is charged an attempt for a batch's failure."""
+        jobs = entry.jobs
+        half = max(1, len(jobs) // 2)
+        entry.bound.warning(
+            "batch_failed",
+            batch=[j.name for j in jobs],
+            gate=result.name,
+            candidate=entry.candidate,
+            detail=f"bisecting: batches of {half} next",
+        )
+        for job in jobs:
+            self._batch_hint[job.name] = half
             await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
-            return False
-        await self._merged(job, expected, entry.candidate, bound)
-        return True
+            self.current.discard(job.name)
 
     def _message(self, job: MergeJob) -> str:
         gates = ", ".join(g.name for g in self.config.gates) or "none configured"
@@ -502,7 +597,13 @@ class MergeQueue:
         )
 
     async def _run_gates(
-        self, job: MergeJob, candidate: str, bound: Any, *, slot: int = 0
+        self,
+        job: MergeJob,
+        candidate: str,
+        bound: Any,
+        *,
+        slot: int = 0,
+        batch: list[MergeJob] | None = None,
     ) -> GateResult | None:
         """Run every gate on the candidate; the first failure, or None when all passed.
 
@@ -519,6 +620,9 @@ class MergeQueue:
         )
         checkout = None  # checked out only when a gate has to run
         env = {"ORCHESTRATOR_HANDOFF": job.name, "ORCHESTRATOR_CANDIDATE": candidate}
+        batch = batch or [job]
+        if len(batch) > 1:
+            env["ORCHESTRATOR_BATCH"] = " ".join(j.name for j in batch)
         for gate in self.config.gates:
             key = gate_fingerprint(gate, self.config.gate_sandbox)
             if tree is not None:
@@ -555,7 +659,7 @@ class MergeQueue:
                     )
                 cache_key = None if tree is None else (tree, key)
                 result = await self._run_one_gate(
-                    job, gate, candidate, checkout, env, bound, cache_key=cache_key
+                    batch, gate, candidate, checkout, env, bound, cache_key=cache_key
                 )
                 if result.passed:
                     break
@@ -565,7 +669,7 @@ class MergeQueue:
 
     async def _run_one_gate(
         self,
-        job: MergeJob,
+        jobs: list[MergeJob],
         gate: GateConfig,
         candidate: str,
         checkout: Path,
@@ -574,7 +678,8 @@ class MergeQueue:
         *,
         cache_key: tuple[str, str] | None,
     ) -> GateResult:
-        """Run one gate once on the checked-out candidate; record, count and log it."""
+        """Run one gate once on the checked-out candidate; record it for each handoff of
+        the batch (``jobs``: one when gated alone), count and log it."""
         bound.info("gate_started", gate=gate.name, candidate=candidate)
         result = await run_gate(
             gate,
@@ -583,19 +688,20 @@ class MergeQueue:
             env=env,
             sandbox=self.config.gate_sandbox,
         )
-        await self.offload.db(
-            self.store.record_gate,
-            job.name,
-            attempt=job.attempt,
-            candidate=candidate,
-            gate=gate.name,
-            exit_status=result.exit_status,
-            timed_out=result.timed_out,
-            duration_s=result.duration_s,
-            output_tail=result.output_tail,
-            started_at=result.started_at,
-            cache_key=cache_key,
-        )
+        for job in jobs:
+            await self.offload.db(
+                self.store.record_gate,
+                job.name,
+                attempt=job.attempt,
+                candidate=candidate,
+                gate=gate.name,
+                exit_status=result.exit_status,
+                timed_out=result.timed_out,
+                duration_s=result.duration_s,
+                output_tail=result.output_tail,
+                started_at=result.started_at,
+                cache_key=cache_key,
+            )
         outcome = self.metrics.gate_finished(
             gate.name,
             result.duration_s,
@@ -767,3 +873,11 @@ class MergeQueue:
         self.metrics.merge_finished(result)
         self.on_change()
         return state
+
+
+def _gated_trailer(batch: list[str]) -> str:
+    """The trailer that says how a commit was gated: alone, or as part of which batch
+    (a batch is gated once, on its last commit)."""
+    if len(batch) == 1:
+        return "Gated: alone\n"
+    return f"Gated: in a batch of {len(batch)}: {', '.join(batch)}\n"
