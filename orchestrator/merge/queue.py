@@ -366,13 +366,15 @@ class MergeQueue:
                         raise head.outcome  # held by run(), charged to this job only
                     assert isinstance(head.outcome, GateResult)
                     if head.members:
+                        # Bisection is expected to meet failures: the window is kept, so
+                        # the halves are gated side by side.
                         await self._bisect(head, head.outcome)
                     else:
                         await self._gate_failed(
                             head.job, head.result.base, head.candidate, head.outcome, head.bound
                         )
+                        self._window = max(1, self._window // 2)
                     self.current.discard(head.job.name)
-                    self._window = max(1, self._window // 2)
                     continue
                 landed = await self._land(head, expected)
                 for job in head.jobs:
