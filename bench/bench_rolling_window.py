@@ -16,7 +16,10 @@ too, as it would in real life.
   joins at once; a failure rebuilds only those built on it; adaptive length);
 - ours with batches: the same and ``max_batch = 20`` (one batch, bisected on failure).
 
-Both run in the same process on copies of the same template, interleaved. Each run
+A second template, the same but with **none** of the 20 breaking the gate, is run with
+the baseline and with batches (issue 14's "none failing, ``max_batch`` on" case).
+
+All sides run in the same process on copies of the same template, interleaved. Each run
 checks that every decision was right (the two breaking ones refused, the 18 others
 merged, once each, in queue order on the first-parent history) and counts gate runs.
 """
@@ -63,10 +66,7 @@ if name in BREAKING:
 def _gate(seconds: float) -> str:
     """A ``[[gates]]`` table: ``sleep`` (a process that costs no CPU, as issue 14's
     ``sleep 2``), then a failure if the candidate holds ``broken/``."""
-    return (
-        '\n[[gates]]\nname = "check"\n'
-        f'run = ["sh", "-c", "sleep {seconds}; test ! -d broken"]\n'
-    )
+    return f'\n[[gates]]\nname = "check"\nrun = ["sh", "-c", "sleep {seconds}; test ! -d broken"]\n'
 
 
 @dataclass
@@ -119,88 +119,107 @@ def _timed_run(setup: _Setup, config: Path, names: list[str]) -> _Run:
     ):
         raise RuntimeError("a first-parent commit is not the candidate that was gated")
     # A batch's gate run is recorded for each of its handoffs: count each run once.
-    runs = {(g["candidate"], g["startedAt"]): g["durationS"]
-            for r in records.values() for g in r["gates"]}
+    runs = {
+        (g["candidate"], g["startedAt"]): g["durationS"]
+        for r in records.values()
+        for g in r["gates"]
+    }
     return _Run(elapsed, len(runs), statistics.median(runs.values()))
+
+
+def _prepare(setup: _Setup, files: int, names: list[str]) -> None:
+    """The template: a repository, warm gate worktrees, ``names`` reported."""
+    setup.agent.write_text(AGENT)
+    generate_repo(setup.repo, files)
+    warmups = [f"warmup-{i}" for i in range(1, WINDOW + 1)]
+    setup.report(warmups)
+    daemon = setup.daemon(setup.config("warm", f"speculative_window = {WINDOW}", "pass"))
+    try:
+        conn = _Conn(setup.sock, "control", "bench")
+        try:
+            _wait_merged(conn, warmups)
+        finally:
+            conn.close()
+    finally:
+        daemon.stop()
+    setup.report(names)
+    subprocess.run(["cp", "-a", str(setup.live), str(setup.template)], check=True)
+
+
+CASES = {
+    "w1": "speculative_window = 1",
+    "w8": f"speculative_window = {WINDOW}",
+    "w8b": f"speculative_window = {WINDOW}\nmax_batch = {BATCH}",
+}
 
 
 def run(config: BenchConfig) -> list[BenchResult]:
     gate_s = 0.3 if config.quick else 0.5
     runs = config.runs(2)
     files = min(config.files, FILES)
-    root = config.scratch / "rolling_window"
-    root.mkdir()
     sock_dir = Path(tempfile.mkdtemp(prefix="orchestrator-bench-"))
-    setup = _Setup(root, sock_dir / "d.sock")
-    setup.agent.write_text(AGENT)
-    names = [f"rw-{i:02d}" for i in range(1, HANDOFFS + 1)]
+    # Two scenarios, each its own template: a tenth failing, and none failing.
+    scenarios = {
+        "failing": ([f"rw-{i:02d}" for i in range(1, HANDOFFS + 1)], ["w1", "w8", "w8b"]),
+        "passing": ([f"ok-{i:02d}" for i in range(1, HANDOFFS + 1)], ["w1", "w8b"]),
+    }
+    results: dict[tuple[str, str], list[_Run]] = {}
     try:
-        generate_repo(setup.repo, files)
-        warmups = [f"warmup-{i}" for i in range(1, WINDOW + 1)]
-        setup.report(warmups)
-        warm = setup.config("warm", f"speculative_window = {WINDOW}", "pass")
-        daemon = setup.daemon(warm)
-        try:
-            conn = _Conn(setup.sock, "control", "bench")
-            try:
-                _wait_merged(conn, warmups)
-            finally:
-                conn.close()
-        finally:
-            daemon.stop()
-        setup.report(names)
-        subprocess.run(["cp", "-a", str(setup.live), str(setup.template)], check=True)
-        cases = {
-            "w1": "speculative_window = 1",
-            "w8": f"speculative_window = {WINDOW}",
-            "w8b": f"speculative_window = {WINDOW}\nmax_batch = {BATCH}",
-        }
-        configs = {
-            case: setup.config(case, f'on_gate_failure = "hold"\n{merge}')
-            for case, merge in cases.items()
-        }
-        for path in configs.values():
-            path.write_text(path.read_text() + _gate(gate_s))
-        results: dict[str, list[_Run]] = {case: [] for case in cases}
-        for rep in range(runs):
-            for case in list(cases) if rep % 2 == 0 else list(cases)[::-1]:
-                setup.restore()
-                os.sync()
-                time.sleep(0.3)
-                results[case].append(_timed_run(setup, configs[case], names))
+        for scenario, (names, cases) in scenarios.items():
+            root = config.scratch / f"rolling_window_{scenario}"
+            root.mkdir()
+            setup = _Setup(root, sock_dir / "d.sock")
+            _prepare(setup, files, names)
+            configs = {
+                case: setup.config(case, f'on_gate_failure = "hold"\n{CASES[case]}')
+                for case in cases
+            }
+            for path in configs.values():
+                path.write_text(path.read_text() + _gate(gate_s))
+            for case in cases:
+                results[(scenario, case)] = []
+            for rep in range(runs):
+                for case in cases if rep % 2 == 0 else cases[::-1]:
+                    setup.restore()
+                    os.sync()
+                    time.sleep(0.3)
+                    results[(scenario, case)].append(_timed_run(setup, configs[case], names))
+            shutil.rmtree(root)
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
-    shutil.rmtree(root)
-    base = results["w1"]
-    base_s = statistics.median(r.seconds for r in base)
     gate_run_s = statistics.median(r.gate_s for rs in results.values() for r in rs)
 
-    def side(case: str) -> str:
-        rs = results[case]
-        median_s = statistics.median(r.seconds for r in rs)
+    def median(key: tuple[str, str]) -> float:
+        return statistics.median(r.seconds for r in results[key])
+
+    def side(key: tuple[str, str]) -> str:
+        rs = results[key]
         return (
-            f"`{cases[case].replace(chr(10), ', ')}` took {median_s / gate_run_s:.1f} T "
+            f"`{CASES[key[1]].replace(chr(10), ', ')}` took {median(key) / gate_run_s:.1f} T "
             f"({', '.join(f'{r.seconds:.2f}' for r in rs)} s) with "
             f"{'/'.join(str(r.gate_runs) for r in rs)} gate runs"
         )
 
     note = (
-        f"Rolling train, {HANDOFFS} handoffs of which {len(BREAKING)} break the gate, a "
-        f"{gate_s:g} s sleep gate whose runs took T = {gate_run_s:.2f} s as recorded (median; "
-        f"the sleep plus starting the gate), {runs} runs each, every decision right "
-        f"in every run: " + "; ".join(side(case) for case in cases) + ". The time runs from "
-        "starting the daemon to the last decision."
+        f"{HANDOFFS} handoffs, a {gate_s:g} s sleep gate whose runs took T = {gate_run_s:.2f} s "
+        f"as recorded (median; the sleep plus starting the gate), {runs} runs each, every "
+        "decision right in every run. With 2 of them breaking the gate: "
+        + "; ".join(side(("failing", c)) for c in scenarios["failing"][1])
+        + ". With none breaking it: "
+        + "; ".join(side(("passing", c)) for c in scenarios["passing"][1])
+        + ". The time runs from starting the daemon to the last decision."
     )
     rows = [
         QueueResult(
-            f"decide {HANDOFFS} handoffs, a tenth failing, {gate_s:g} s sleep gate "
-            f"({files} files)",
-            f"`{cases[case].replace(chr(10), ', ')}`",
-            statistics.median(r.seconds for r in results[case]),
+            f"decide {HANDOFFS} handoffs, {what}, {gate_s:g} s sleep gate ({files} files)",
+            f"`{CASES[case].replace(chr(10), ', ')}`",
+            median((scenario, case)),
             "`speculative_window = 1`",
-            base_s,
+            median((scenario, "w1")),
             runs,
         )
-        for case in ("w8", "w8b")
+        for scenario, what in (("failing", "a tenth failing"), ("passing", "none failing"))
+        for case in scenarios[scenario][1]
+        if case != "w1"
     ]
-    return [replace(rows[0], note=note), rows[1]]
+    return [replace(rows[0], note=note), *rows[1:]]
