@@ -434,7 +434,7 @@ def format_status(status: dict[str, Any], handoffs: list[dict[str, Any]]) -> str
         f"integration: {v(status['integrationBranch'])} at {v(status['integrationTip'])[:12]}",
         "counts: " + (", ".join(f"{k} {v}" for k, v in status["counts"].items() if v) or "none"),
         f"workers: {len(status['workers'])} connected, leases: {len(status['leases'])} active",
-        "merge queue: " + (", ".join(map(v, status["mergeQueue"])) or "empty"),
+        "merge queue: " + (", ".join(_with_eta(status)) or "empty"),
     ]
     if status.get("mergeBlocked"):
         lines.append(f"MERGE BLOCKED: {v(status['mergeBlocked'])}")
@@ -481,6 +481,19 @@ def _question_text(needs_input: dict[str, Any]) -> str:
     return text
 
 
+def _with_eta(status: dict[str, Any]) -> list[str]:
+    """The merge queue's names, each with its expected landing time when there is one."""
+    etas = status.get("mergeQueueEtaS") or {}
+    return [
+        f"{name} (~{_eta(etas[name])})" if etas.get(name) is not None else name
+        for name in status["mergeQueue"]
+    ]
+
+
+def _eta(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
 def format_record(record: dict[str, Any], states: dict[str, str] | None = None) -> str:
     """The human view of ``handoff.get``; ``states`` (name to state) explains a wait.
     Every string from the daemon has its control characters made visible."""
@@ -516,6 +529,8 @@ def format_record(record: dict[str, Any], states: dict[str, str] | None = None) 
         lines.append("  conflicts: " + ", ".join(map(v, record["conflicts"])))
     if record.get("mergeCommit"):
         lines.append(f"  merged as {v(record['mergeCommit'])}")
+    if record.get("etaS") is not None:
+        lines.append(f"  expected to land in ~{_eta(record['etaS'])}")
     for lease in record.get("leases", []):
         # No token: handoff.get never carries one (only the lease's holder sees it).
         lines.append(

@@ -22,6 +22,8 @@ MAX_SPECULATIVE_WINDOW = 16
 # gate without them; "processes" only ends the gate's whole process tree.
 GATE_ISOLATION_MODES = ("auto", "bwrap", "processes")
 
+MAX_BATCH = 100
+
 
 class ConfigError(ValueError):
     """The configuration cannot be used; ``problems`` lists each thing to fix."""
@@ -43,6 +45,8 @@ class GateConfig:
     run: tuple[str, ...]
     timeout_s: float = 900.0
     env: Mapping[str, str] = field(default_factory=dict)
+    # A failed run is tried again this many times, each on a fresh checkout (flaky gates).
+    retries: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,10 @@ class Config:
     metrics_listen: str = "127.0.0.1:9464"
     merge_paused: bool = False
     speculative_window: int = 1
+    # Reuse a gate's pass on a tree it already passed on (same argv, env and timeout).
+    gate_cache: bool = True
+    # Up to this many reported handoffs merged into one candidate and gated once (1: off).
+    max_batch: int = 1
     workers: WorkerPoolConfig | None = None
     workspace: WorkspaceConfig = field(default_factory=WorkspaceConfig)
 
@@ -338,6 +346,12 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         problems.append(
             f"merge.speculative_window must be from 1 to {MAX_SPECULATIVE_WINDOW}, got {window}"
         )
+    gate_cache = r.get("merge", "gate_cache", bool, True)
+    max_batch = r.get("merge", "max_batch", int, 1)
+    if not 1 <= max_batch <= MAX_BATCH:
+        problems.append(
+            f"merge.max_batch must be from 1 (no batches) to {MAX_BATCH}, got {max_batch}"
+        )
     tail = r.get("merge", "gate_output_tail_bytes", int, 64 * 1024)
     if tail < 256:
         problems.append(f"merge.gate_output_tail_bytes must be at least 256, got {tail}")
@@ -399,6 +413,8 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         metrics_listen=listen,
         merge_paused=paused,
         speculative_window=window,
+        gate_cache=gate_cache,
+        max_batch=max_batch,
         workers=workers,
         workspace=workspace,
     )
@@ -496,9 +512,11 @@ def _gates(raw: Any, problems: list[str]) -> tuple[GateConfig, ...]:
         if not isinstance(item, Mapping):
             problems.append(f"{where} must be a table")
             continue
-        unknown = set(item) - {"name", "run", "timeout_s", "env"}
+        unknown = set(item) - {"name", "run", "timeout_s", "env", "retries"}
         for key in sorted(unknown):
-            problems.append(f"{where}: unknown key {key!r} (known: name, run, timeout_s, env)")
+            problems.append(
+                f"{where}: unknown key {key!r} (known: name, run, timeout_s, env, retries)"
+            )
         name = item.get("name")
         if not isinstance(name, str) or not name.strip():
             problems.append(f'{where}: name is required, e.g. name = "tests"')
@@ -524,8 +542,18 @@ def _gates(raw: Any, problems: list[str]) -> tuple[GateConfig, ...]:
         if not (isinstance(env, Mapping) and all(isinstance(v, str) for v in env.values())):
             problems.append(f"{where} ({name}): env must be a table of strings")
             env = {}
+        retries = item.get("retries", 0)
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 10:
+            problems.append(f"{where} ({name}): retries must be a whole number from 0 to 10")
+            retries = 0
         if run is not None:
             gates.append(
-                GateConfig(name=name, run=tuple(run), timeout_s=float(timeout), env=dict(env))
+                GateConfig(
+                    name=name,
+                    run=tuple(run),
+                    timeout_s=float(timeout),
+                    env=dict(env),
+                    retries=retries,
+                )
             )
     return tuple(gates)

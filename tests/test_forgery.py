@@ -62,7 +62,9 @@ def test_a_summary_cannot_forge_the_merge_commits_trailers(
             lambda: (r := control(daemon.socket, "handoff.get", {"name": name}))["state"]
             == "merged" and r, "the merge")
         commit = record["mergeCommit"]
-        assert _trailers(repo, commit) == f"Handoff: {name}\nAttempt: 1\nGates: none configured\n"
+        assert _trailers(repo, commit) == (
+            f"Handoff: {name}\nAttempt: 1\nGates: none configured\nGated: alone\n"
+        )
         message = git(repo, "log", "-1", "--format=%B", commit)
         assert "all done" in message or "done" in message
         assert not any(c in message for c in "\x00\x1b\x07\r\u2028")

@@ -463,3 +463,397 @@ def test_speculation_after_a_failure_is_rebuilt_without_penalty(tmp_path: Path,
             assert passes_gate(repo, commit, tmp_path), commit
     finally:
         daemon.stop()
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_the_same_tree_is_gated_once(tmp_path: Path, repo: Path, cache: bool) -> None:
+    # While the first gate runs, a person lands an empty commit on main (a gate itself
+    # cannot: the repository is read-only in its sandbox): the branch moved, so the
+    # candidate is rebuilt, a new commit with the very same tree. The counter, outside
+    # the checkout, says how often the gate really ran.
+    counter = tmp_path / "gate-runs"
+    started, go = tmp_path / "first-gate-started", tmp_path / "go"
+    gate_script = script(tmp_path, "count.py", f"""
+import os, time
+from pathlib import Path
+counter = Path({str(counter)!r})
+with counter.open("a") as f:
+    f.write(os.environ["ORCHESTRATOR_CANDIDATE"] + "\\n")
+if len(counter.read_text().splitlines()) == 1:
+    Path({str(started)!r}).touch()
+    deadline = time.monotonic() + 60
+    while not Path({str(go)!r}).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+""")
+    config = write_config(tmp_path, repo, gates=gate([sys.executable, gate_script]),
+                          merge=f"gate_cache = {'true' if cache else 'false'}")
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("twice")]})
+        wait_for(started.exists, "the first gate run")
+        git(repo, "-c", "user.name=p", "-c", "user.email=p@x", "commit", "-q",
+            "--allow-empty", "-m", "an empty commit")
+        go.touch()
+        wait_for(lambda: states(daemon.socket)["twice"] == "merged", "the rebuilt candidate")
+        record = control(daemon.socket, "handoff.get", {"name": "twice"})
+        gated = counter.read_text().split()
+        first = gated[0]
+        assert record["mergeCommit"] != first
+        assert git(repo, "rev-parse", f"{first}^{{tree}}") == git(
+            repo, "rev-parse", f"{record['mergeCommit']}^{{tree}}")
+        cached = [e for e in daemon.logs() if e["event"] == "gate_cached"]
+        if cache:
+            assert gated == [first], "the same tree was gated twice"
+            assert len(record["gates"]) == 1
+            assert [e["passed_on"] for e in cached] == [first]
+            assert cached[0]["candidate"] == record["mergeCommit"]
+        else:
+            assert gated == [first, record["mergeCommit"]]
+            assert cached == []
+        subjects = git(repo, "log", "--first-parent", "--format=%s", "main").splitlines()
+        assert subjects[:2] == [subjects[0], "an empty commit"]
+        assert subjects[0].startswith("Merge handoff twice")
+    finally:
+        kill_group(worker)
+        daemon.stop()
+
+
+def test_a_store_from_before_the_gate_cache_gains_it(tmp_path: Path) -> None:
+    import sqlite3
+
+    from orchestrator.store.sqlite import Store
+
+    path = tmp_path / "old.sqlite3"
+    Store.open(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE gate_cache")  # as a store written before the table existed
+    conn.commit()
+    conn.close()
+    store = Store.open(path)
+    try:
+        assert store.cached_gate_pass("t" * 40, "k") is None
+        store.submit([], max_attempts=1, now=1.0)
+    finally:
+        store.close()
+
+
+def _scrape(port: int) -> str:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return str(reply.read().decode())
+
+
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_flaky_gate_is_retried_on_a_fresh_checkout(tmp_path: Path, repo: Path,
+                                                       retries: int) -> None:
+    import socket
+
+    counter = tmp_path / "gate-runs"
+    flaky = script(tmp_path, "flaky.py", f"""
+import sys
+from pathlib import Path
+counter = Path({str(counter)!r})
+runs = len(counter.read_text().splitlines()) if counter.exists() else 0
+with counter.open("a") as f:
+    f.write("run\\n")
+if Path("leftover.txt").exists():
+    sys.exit("the retry ran on the failed run's leftovers")
+if runs == 0:
+    Path("leftover.txt").write_text("left behind by a failed run\\n")
+    sys.exit("flaky: fails the first time only")
+""")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_config(
+        tmp_path, repo, metrics=f"127.0.0.1:{port}", merge='on_gate_failure = "hold"',
+        gates=gate([sys.executable, flaky]) + f"retries = {retries}\n",
+    )
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+    try:
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("flake")]})
+        want = "merged" if retries else "failed"
+        wait_for(lambda: states(daemon.socket)["flake"] == want, f"the handoff {want}")
+        record = control(daemon.socket, "handoff.get", {"name": "flake"})
+        text = _scrape(port)
+        if retries:
+            assert [g["exitStatus"] for g in record["gates"]] == [1, 0]
+            assert record["gates"][0]["candidate"] == record["gates"][1]["candidate"]
+            assert 'orchestrator_gate_retries_total{gate="tests"} 1.0' in text
+            assert [e["retry"] for e in daemon.logs() if e["event"] == "gate_retry"] == [1]
+        else:
+            assert [g["exitStatus"] for g in record["gates"]] == [1]
+            assert 'orchestrator_gate_retries_total{gate="tests"}' not in text
+            assert len(first_parents(repo)) == 1
+    finally:
+        kill_group(worker)
+        daemon.stop()
+
+
+def test_gate_retries_are_checked(tmp_path: Path, repo: Path) -> None:
+    from orchestrator.config import ConfigError, load
+
+    ok = write_config(tmp_path, repo, gates=gate(["true"]) + "retries = 2\n")
+    assert load(ok).gates[0].retries == 2
+    for bad in ("-1", "11", "true", "1.5"):
+        config = write_config(tmp_path, repo, gates=gate(["true"]) + f"retries = {bad}\n")
+        with pytest.raises(ConfigError, match="retries must be a whole number from 0 to 10"):
+            load(config)
+
+
+def test_the_rolling_window_starts_the_next_candidate_when_the_head_lands(
+    tmp_path: Path, repo: Path
+) -> None:
+    # Window 2, three handoffs: roll-2's gate passes only once roll-3's gate has started,
+    # which happens only if roll-3 joins the train as soon as roll-1 has landed. A train
+    # that waited to empty would gate roll-3 after roll-2, and roll-2 would fail.
+    started = tmp_path / "started"
+    started.mkdir()
+    gate_script = script(tmp_path, "rolling.py", f"""
+import os, sys, time
+from pathlib import Path
+here = Path({str(started)!r})
+name = os.environ["ORCHESTRATOR_HANDOFF"]
+(here / name).write_text(os.environ["ORCHESTRATOR_CANDIDATE"])
+if name == "roll-2":
+    deadline = time.monotonic() + 30
+    while not (here / "roll-3").exists():
+        if time.monotonic() > deadline:
+            sys.exit("roll-3 was not gated while roll-2 was")
+        time.sleep(0.05)
+""")
+    docs = [handoff_doc("roll-1", priority="HIGH", labels="good"),
+            handoff_doc("roll-2", priority="MEDIUM", labels="good"),
+            handoff_doc("roll-3", priority="LOW", labels="good")]
+    daemon = _report_all_then_merge(
+        tmp_path, repo, docs, {"good": "good.py"},
+        gates=gate([sys.executable, gate_script]),
+        merge='speculative_window = 2\non_gate_failure = "hold"',
+    )
+    try:
+        wait_for(lambda: set(states(daemon.socket).values()) - {"gating", "reported"},
+                 "the train to decide")
+        wait_for(lambda: set(states(daemon.socket).values()) == {"merged"}, "all three merged")
+        subjects = git(repo, "log", "--first-parent", "--format=%s", "main").splitlines()
+        assert [s.split(":")[0] for s in subjects[:3]] == [
+            "Merge handoff roll-3", "Merge handoff roll-2", "Merge handoff roll-1"]
+        for name in ("roll-1", "roll-2", "roll-3"):
+            record = control(daemon.socket, "handoff.get", {"name": name})
+            assert (started / name).read_text() == record["mergeCommit"]
+            assert len(record["gates"]) == 1
+    finally:
+        daemon.stop()
+
+
+def test_the_rolling_window_with_failures_interleaved_lands_only_what_passed(
+    tmp_path: Path, repo: Path
+) -> None:
+    # Failures at positions 1, 4 and 6 of 8, gates of uneven length so that candidates
+    # finish out of order: the failed ones never land, the others land once each, in order.
+    slow_check = script(tmp_path, "check.py", f"""
+import os, time
+name = os.environ["ORCHESTRATOR_HANDOFF"]
+time.sleep((sum(map(ord, name)) % 4) * 0.15)
+exec({CHECK!r})
+""")
+    order = ["b1", "g1", "g2", "b2", "g3", "b3", "g4", "g5"]
+    priority = {"b1": "HIGH", "g1": "HIGH", "g2": "HIGH", "b2": "MEDIUM", "g3": "MEDIUM",
+                "b3": "LOW", "g4": "LOW", "g5": "LOW"}
+    docs = [handoff_doc(n, priority=priority[n], labels="breaks" if n[0] == "b" else "good")
+            for n in order]
+    # The breakers report first, so within each priority they are ahead of the good ones.
+    daemon = _report_all_then_merge(
+        tmp_path, repo, docs, {"breaks": "breaks_tests.py", "good": "good.py"},
+        gates=gate([sys.executable, slow_check]),
+        merge='speculative_window = 4\non_gate_failure = "hold"',
+    )
+    try:
+        want = {n: "failed" if n[0] == "b" else "merged" for n in order}
+        wait_for(lambda: states(daemon.socket) == want, "the good ones merged, the others held")
+        goods = [n for n in order if n[0] == "g"]
+        records = {n: control(daemon.socket, "handoff.get", {"name": n}) for n in order}
+        history = first_parents(repo)
+        # One first-parent commit per merged handoff, in queue order, each the one gated.
+        assert history[: len(goods)][::-1] == [records[n]["mergeCommit"] for n in goods]
+        assert len(history) == len(goods) + 1
+        for name in goods:
+            assert records[name]["attempt"] == 1
+            assert [m["result"] for m in records[name]["merges"]] == ["merged"]
+            gated = [g["candidate"] for g in records[name]["gates"] if g["exitStatus"] == 0]
+            assert records[name]["mergeCommit"] in gated
+        for commit in history:
+            assert passes_gate(repo, commit, tmp_path), commit
+        for name in order:
+            if name[0] == "b":
+                head = records[name]["reports"][-1]["head"]
+                assert subprocess.run(["git", "merge-base", "--is-ancestor", head, "main"],
+                                      cwd=repo).returncode == 1, f"{name} reached main"
+                assert [m["result"] for m in records[name]["merges"]][-1] == "gate_failed"
+        events = [e["event"] for e in daemon.logs()]
+        assert "speculation_discarded" in events  # the window really ran ahead of failures
+    finally:
+        daemon.stop()
+
+
+def test_landing_etas_follow_the_position_the_window_and_refusals() -> None:
+    from orchestrator.merge.eta import GatingHistory, landing_etas
+
+    history = GatingHistory(candidate_s=(10.0, 30.0, 10.0), refused=0, decided=4)
+    queue = ["a", "b", "c", "d", "e"]
+    assert landing_etas(queue, history, window=1) == {
+        "a": 10.0, "b": 20.0, "c": 30.0, "d": 40.0, "e": 50.0}
+    # Window 2: two land per gate time; the head's elapsed time counts down.
+    assert landing_etas(queue, history, window=2, head_elapsed_s=4.0) == {
+        "a": 6.0, "b": 6.0, "c": 16.0, "d": 16.0, "e": 26.0}
+    # One refusal in four decisions: each handoff ahead costs a quarter of a rebuild.
+    flaky = GatingHistory(candidate_s=(10.0,), refused=1, decided=4)
+    assert landing_etas(["a", "b", "c"], flaky, window=1) == {"a": 10.0, "b": 22.5, "c": 35.0}
+    assert landing_etas(queue, GatingHistory((), 0, 0), window=1) == {}
+    assert landing_etas(["a"], GatingHistory((), 0, 0), window=1, gated=False) == {"a": 0.0}
+
+
+def test_queued_handoffs_carry_an_eta_in_get_status_and_metrics(tmp_path: Path,
+                                                               repo: Path) -> None:
+    import socket
+
+    from orchestrator.store.sqlite import Store
+
+    release = tmp_path / "release"
+    hold = script(tmp_path, "hold.py", f"""
+import time
+from pathlib import Path
+deadline = time.monotonic() + 120
+while not Path({str(release)!r}).exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+""")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_config(tmp_path, repo, gates=gate([sys.executable, hold]),
+                          metrics=f"127.0.0.1:{port}")
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    worker = None
+    try:
+        # History to estimate from: three candidates that each took 600 s to gate (a
+        # slow gate is faked through the store; waiting for one would take too long).
+        control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("old")]})
+        control(daemon.socket, "handoff.cancel", {"name": "old"})
+        store = Store.open(tmp_path / "state" / "orchestrator.sqlite3")
+        try:
+            for i in range(3):
+                store.record_gate("old", attempt=1, candidate=f"{i:040x}", gate="tests",
+                                  exit_status=0, timed_out=False, duration_s=600.0,
+                                  output_tail="", started_at=1.0)
+        finally:
+            store.close()
+        names = ["q1", "q2", "q3"]
+        priorities = ["HIGH", "MEDIUM", "LOW"]
+        control(daemon.socket, "handoff.submit", {"markdown": [
+            handoff_doc(n, priority=p) for n, p in zip(names, priorities, strict=True)]})
+        worker = start_worker(daemon.socket, "good.py", tmp_path / "w.log")
+        wait_for(lambda: [states(daemon.socket)[n] for n in names]
+                 == ["gating", "reported", "reported"], "q1 gating, the others waiting")
+        etas = [control(daemon.socket, "handoff.get", {"name": n})["etaS"] for n in names]
+        assert 0 < etas[0] <= 600
+        assert etas[1] - etas[0] == pytest.approx(600, abs=1)
+        assert etas[2] - etas[1] == pytest.approx(600, abs=1)
+        status = control(daemon.socket, "status")
+        assert list(status["mergeQueueEtaS"]) == names
+        assert status["mergeQueueEtaS"]["q3"] == pytest.approx(etas[2], abs=60)
+        gauge = [line for line in _scrape(port).splitlines()
+                 if line.startswith("orchestrator_merge_queue_eta_seconds ")]
+        assert len(gauge) == 1 and float(gauge[0].split()[1]) == pytest.approx(etas[2], abs=60)
+        shown = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "--socket", str(daemon.socket), "show", "q2"],
+            capture_output=True, text=True, timeout=60)
+        assert "expected to land in ~" in shown.stdout
+        release.write_text("go")
+        wait_for(lambda: all(states(daemon.socket)[n] == "merged" for n in names), "merged")
+        assert control(daemon.socket, "handoff.get", {"name": "q3"})["etaS"] is None
+        assert control(daemon.socket, "status")["mergeQueueEtaS"] == {}
+    finally:
+        if worker is not None:
+            kill_group(worker)
+        daemon.stop()
+
+
+def _counting_check(tmp_path: Path, counter: Path) -> str:
+    """The CHECK gate, also appending the candidate and its batch to ``counter``."""
+    return script(tmp_path, "counting.py", f"""
+import os
+with open({str(counter)!r}, "a") as f:
+    f.write(os.environ["ORCHESTRATOR_CANDIDATE"] + " "
+            + os.environ.get("ORCHESTRATOR_BATCH", os.environ["ORCHESTRATOR_HANDOFF"]) + "\\n")
+exec({CHECK!r})
+""")
+
+
+def test_a_batch_is_gated_once_and_lands_one_commit_per_handoff(tmp_path: Path,
+                                                                 repo: Path) -> None:
+    counter = tmp_path / "gate-runs"
+    names = [f"batch-{i}" for i in range(1, 5)]
+    docs = [handoff_doc(n, labels="good") for n in names]
+    daemon = _report_all_then_merge(
+        tmp_path, repo, docs, {"good": "good.py"},
+        gates=gate([sys.executable, _counting_check(tmp_path, counter)]),
+        merge="max_batch = 4",
+    )
+    try:
+        wait_for(lambda: set(states(daemon.socket).values()) == {"merged"}, "the batch")
+        runs = counter.read_text().splitlines()
+        assert runs == [f"{git(repo, 'rev-parse', 'main')} {' '.join(names)}"]
+        history = first_parents(repo)
+        assert len(history) == 5
+        records = [control(daemon.socket, "handoff.get", {"name": n}) for n in names]
+        assert [r["mergeCommit"] for r in records] == history[:4][::-1]
+        for record in records:
+            message = git(repo, "log", "-1", "--format=%B", record["mergeCommit"])
+            assert f"Gated: in a batch of 4: {', '.join(names)}" in message
+            assert [g["candidate"] for g in record["gates"]] == [history[0]]
+    finally:
+        daemon.stop()
+
+
+def test_a_failed_batch_is_bisected_the_culprit_refused_the_rest_landed(
+    tmp_path: Path, repo: Path
+) -> None:
+    counter = tmp_path / "gate-runs"
+    order = ["p1", "p2", "p3", "bad", "p4", "p5"]
+    docs = [handoff_doc(n, priority="HIGH" if n in ("p1", "p2", "p3") else "LOW",
+                        labels="breaks" if n == "bad" else "good") for n in order]
+    # Breakers report first within a priority: HIGH p1 p2 p3, then LOW bad p4 p5.
+    daemon = _report_all_then_merge(
+        tmp_path, repo, docs, {"breaks": "breaks_tests.py", "good": "good.py"},
+        gates=gate([sys.executable, _counting_check(tmp_path, counter)]),
+        merge='max_batch = 8\nspeculative_window = 2\non_gate_failure = "hold"',
+    )
+    try:
+        want = {n: "failed" if n == "bad" else "merged" for n in order}
+        wait_for(lambda: states(daemon.socket) == want, "the culprit found and refused")
+        bad = control(daemon.socket, "handoff.get", {"name": "bad"})
+        assert bad["attempt"] == 1 and [m["result"] for m in bad["merges"]] == ["gate_failed"]
+        assert "answer() is not 42" in bad["feedback"]["log"]
+        assert subprocess.run(["git", "merge-base", "--is-ancestor", bad["reports"][-1]["head"],
+                               "main"], cwd=repo).returncode == 1
+        goods = [n for n in order if n != "bad"]
+        records = {n: control(daemon.socket, "handoff.get", {"name": n}) for n in goods}
+        history = first_parents(repo)
+        assert len(history) == len(goods) + 1
+        assert history[: len(goods)][::-1] == [records[n]["mergeCommit"] for n in goods]
+        # Every commit on the first-parent line passes, and each landing's tip was gated.
+        gated = {line.split()[0]: line.split()[1:] for line in counter.read_text().splitlines()}
+        for commit in history:
+            assert passes_gate(repo, commit, tmp_path), commit
+        landed_tips = {records[n]["mergeCommit"] for n in goods
+                       if "Gated: alone" in git(repo, "log", "-1", "--format=%B",
+                                                 records[n]["mergeCommit"])}
+        assert landed_tips <= set(gated)
+        assert history[0] in gated
+        assert gated[next(c for c, b in gated.items() if b == ["bad"])] == ["bad"]
+        assert any(e["event"] == "batch_failed" for e in daemon.logs())
+    finally:
+        daemon.stop()

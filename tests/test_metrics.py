@@ -73,11 +73,14 @@ DESIGN_METRICS = {
 OPERATOR_METRICS = {
     "orchestrator_handoff_oldest_age_seconds": "gauge",
     "orchestrator_merge_blocked": "gauge",
+    "orchestrator_merge_queue_eta_seconds": "gauge",
     "orchestrator_metrics_refresh_failures": "counter",
     "orchestrator_lease_duration_seconds": "histogram",
     "orchestrator_heartbeat_lag_seconds": "histogram",
     "orchestrator_merge_queue_wait_seconds": "histogram",
     "orchestrator_gate_runs": "counter",
+    "orchestrator_gate_cache_hits": "counter",
+    "orchestrator_gate_retries": "counter",
     "orchestrator_handoff_attempts": "histogram",
     "orchestrator_handoff_state_duration_seconds": "histogram",
     "orchestrator_requests": "counter",
@@ -130,6 +133,7 @@ def exercised_metrics(version: str = "1.2.3-test") -> Metrics:
     )
     m.set_workers_connected(2)
     m.set_merge_blocked(False)
+    m.set_merge_queue_eta(42.0)
     m.refresh_failed()
     m.integration_moved_outside()
     m.lease_started("L1")
@@ -143,6 +147,8 @@ def exercised_metrics(version: str = "1.2.3-test") -> Metrics:
     m.merge_started("h")
     m.gate_finished("tests", 12.5, exit_status=1)
     m.gate_finished("lint", 0.3)
+    m.gate_cache_hit("lint")
+    m.gate_retried("tests")
     m.handoff_merged(3600.0, 2)
     m.start_state_clock(10, [("h", "queued", 100.0)])
     m.state_changes([(11, 130.0, "h", "leased"), (12, 190.0, "h", "reported")])

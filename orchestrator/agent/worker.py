@@ -510,6 +510,11 @@ async def _heartbeat(link: Link, run: _Run, interval: float, bound: Any) -> None
         progress = _current_progress(run)
         if progress is not None:
             params["progress"] = progress
+        if "warnings" in link.server_info.get("capabilities", ()):
+            # The branch's tip, for early conflict warnings (PROTOCOL.md).
+            head = await anyio.to_thread.run_sync(_branch_tip, Path(lease["worktree"]))
+            if head is not None:
+                params["head"] = head
         try:
             result = await link.call("lease.heartbeat", params)
             if isinstance(result, dict) and isinstance(result.get("answer"), str):
@@ -542,6 +547,16 @@ async def _stop_agent(process: Process) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     await process.wait()
+
+
+def _branch_tip(worktree: Path) -> str | None:
+    """The commit the lease repository's HEAD is at, or None (no commit yet, a broken
+    repository: the heartbeat goes without it)."""
+    try:
+        repo = pygit2.Repository(str(worktree), pygit2.enums.RepositoryOpenFlag.NO_SEARCH)
+        return str(repo.head.target)
+    except (pygit2.GitError, KeyError, ValueError):
+        return None
 
 
 def _current_progress(run: _Run) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ from orchestrator.daemon.leases import LeaseManager
 from orchestrator.daemon.server import Session
 from orchestrator.git.workspace import Workspace
 from orchestrator.handoff import template as handoff_model
+from orchestrator.merge.conflict_warnings import HEAD_PATTERN, ConflictWarning, EarlyWarnings
 from orchestrator.merge.queue import MergeQueue
 from orchestrator.observe import logs
 from orchestrator.protocol.asking import (
@@ -36,6 +37,7 @@ from orchestrator.protocol.jsonrpc import (
     param_str,
     rfc3339,
 )
+from orchestrator.protocol.warnings import LEASE_WARNING, lease_warning
 from orchestrator.store.sqlite import (
     STATES,
     DuplicateHandoff,
@@ -68,6 +70,7 @@ class Handlers:
         merges: MergeQueue,
         sessions: Callable[[], list[Session]],
         on_change: Callable[[], None],
+        warnings: EarlyWarnings | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -77,6 +80,7 @@ class Handlers:
         self.merges = merges
         self.sessions = sessions
         self.on_change = on_change
+        self.warnings = warnings
         self.table: dict[str, Handler] = {
             "lease.acquire": self.lease_acquire,
             "lease.heartbeat": self.lease_heartbeat,
@@ -126,6 +130,11 @@ class Handlers:
         progress = params.get("progress")
         if progress is not None:
             progress = _progress(progress)
+        head = params.get("head")
+        if head is not None and not (isinstance(head, str) and HEAD_PATTERN.fullmatch(head)):
+            raise RpcError(
+                INVALID_PARAMS, 'invalid params: "head" must be the branch tip\'s full sha'
+            )
         expires = await self.offload.db(
             self.store.renew,
             lease_id,
@@ -139,6 +148,14 @@ class Handlers:
         # A worker that reconnected (e.g. after a daemon restart) is now the one to notify.
         self.leases.track(lease_id, session)
         self.leases.metrics.heartbeat(lease_id)
+        if head is not None and self.warnings is not None:
+
+            async def send(warning: ConflictWarning) -> None:
+                await session.notify(
+                    LEASE_WARNING, lease_warning(warning.lease_id, warning.paths, warning.against)
+                )
+
+            self.warnings.note(lease_id, token, head, send)
         result: dict[str, Any] = {"expiresAt": rfc3339(expires)}
         # An answer given while this worker was disconnected reaches it here.
         answer = await self.offload.db(self.store.take_answer, lease_id, now=time.time())
@@ -331,6 +348,10 @@ class Handlers:
         record = await self.offload.db(self.store.detail, name)
         if name in self.merges.current and self.merges.blocked_reason:
             record["detail"] = self.merges.blocked_reason
+        record["etaS"] = None
+        if record["state"] in ("reported", "gating"):
+            queue = await self.offload.db(self.store.merge_queue)
+            record["etaS"] = (await self.merges.landing_etas(queue)).get(name)
         return record
 
     async def handoff_cancel(self, session: Session, params: dict[str, Any]) -> Any:
@@ -380,6 +401,7 @@ class Handlers:
         counts, leases, queue, asked = await self.offload.db(read)
         by_lease = {q.lease_id: q for q in asked.values()}
         tip = await self.offload.git(self.workspace.integration_tip)
+        etas = await self.merges.landing_etas(queue) if queue else {}
         workers = [
             {
                 "sessionId": s.id,
@@ -408,6 +430,7 @@ class Handlers:
             ],
             "needsInput": len(asked),
             "mergeQueue": queue,
+            "mergeQueueEtaS": etas,
             "mergeBlocked": self.merges.blocked_reason,
             # How gates are confined (null until the merge queue has probed, at start-up).
             "gateIsolation": None

@@ -28,6 +28,7 @@ from orchestrator.daemon.reconcile import reconcile
 from orchestrator.daemon.server import Session, SocketServer
 from orchestrator.daemon.worker_pool import WorkerPool
 from orchestrator.git.workspace import Workspace
+from orchestrator.merge.conflict_warnings import EarlyWarnings
 from orchestrator.merge.queue import MergeQueue
 from orchestrator.observe import logs
 from orchestrator.observe.board import (
@@ -119,6 +120,7 @@ class Daemon:
             merges,
             sessions=lambda: list(self.server.sessions.values()),
             on_change=self._changed,
+            warnings=EarlyWarnings(store, workspace, self.offload, config.integration_branch),
         )
         self._refresh_needed = anyio.Event()
         await merges.reconcile_landings()
@@ -132,6 +134,8 @@ class Daemon:
                 self.metrics_port = await self._start_metrics(tg)
             tg.start_soon(leases.expire_forever)
             tg.start_soon(merges.run)
+            if self.handlers.warnings is not None:
+                tg.start_soon(self.handlers.warnings.run)
             tg.start_soon(self._refresh_status)
             tg.start_soon(self._watchdog)
             tg.start_soon(self.pool.run)
@@ -308,6 +312,9 @@ class Daemon:
         self.metrics.set_store_snapshot(StoreSnapshot(**snapshot))
         self.metrics.state_changes(changes)
         self.metrics.set_merge_blocked(self.merges.blocked_reason is not None)
+        queue = await self.offload.db(self.store.merge_queue)
+        etas = await self.merges.landing_etas(queue) if queue else {}
+        self.metrics.set_merge_queue_eta(max(etas.values(), default=0.0))
 
     async def _board(self) -> Board:
         """The live page's board: the ``status``, ``handoff.list`` and ``handoff.get``

@@ -89,6 +89,8 @@ BUILD_DIR = ".build"
 TRASH_DIR = ".trash"
 # Where the daemon imports each lease's reported branch (fetched from its repository).
 LEASE_REF_PREFIX = "refs/orchestrator/leases/"
+# Where a lease's branch is brought, unreported, for an early conflict warning.
+PEEK_REF_PREFIX = "refs/orchestrator/peek/"
 # The push URL of a lease repository's origin: no repository, so `git push` fails at once.
 PUSH_REFUSED_URL = "/dev/null/orchestrator-lease-repositories-cannot-push"
 # A git index bigger than this is no index an agent's checkout needs; it is not copied.
@@ -516,6 +518,28 @@ class Workspace:
         )
         self._last_fetch_error = result.stderr.strip()
         return result.returncode == 0
+
+    def peek_lease_head(self, name: str, branch: str, head: str) -> bool:
+        """Make ``head``, a lease's current tip it has not reported, mergeable here for an
+        early conflict warning: fetched from the lease repository (as a report's head is,
+        running nothing it configures) into ``refs/orchestrator/peek/<name>``. True when
+        our repository then has ``head``."""
+        if self._has_commit(head):
+            return True
+        _check_branch_name(branch)
+        path = self._lease_path(name)
+        if not self._intact(path):
+            return False
+        if not self._fetch_lease_branch(path, branch, f"{PEEK_REF_PREFIX}{name}"):
+            return False
+        return self._has_commit(head)
+
+    def _has_commit(self, rev: str) -> bool:
+        try:
+            self._commit(rev)
+        except GitError:
+            return False
+        return True
 
     def import_lease_head(self, name: str, branch: str, head: str) -> str:
         """Take the reported ``head`` from the lease repository ``name`` into ours.
@@ -1046,6 +1070,25 @@ class Workspace:
         return fixed
 
     # ------------------------------------------------------------------ gate worktree
+
+    def conflicting_paths(self, ours: str, theirs: str) -> tuple[str, ...]:
+        """The paths a three-way merge of ``theirs`` into ``ours`` would conflict in, by
+        an in-memory merge that writes nothing; empty when it merges cleanly or the two
+        share no history. :class:`GitError` when either commit is missing."""
+        ours_id, theirs_id = self._commit(ours).id, self._commit(theirs).id
+        if self._repo.merge_base(ours_id, theirs_id) is None:
+            return ()
+        conflicts = self._repo.merge_commits(ours_id, theirs_id).conflicts
+        if conflicts is None:
+            return ()
+        paths: set[str] = set()
+        for entries in conflicts:
+            paths.update(e.path for e in entries if e is not None)
+        return tuple(sorted(paths))
+
+    def tree_of(self, commit: str) -> str:
+        """The id of ``commit``'s tree: what a gate sees, whatever the commit's message."""
+        return str(self._commit(commit).tree_id)
 
     @property
     def common_dir(self) -> Path:

@@ -16,6 +16,8 @@ A gate runs code an agent wrote, so it is confined (docs/security.md):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -221,6 +223,21 @@ class _Tail:
         if self.dropped:
             return f"[... {self.dropped} earlier bytes dropped ...]\n{body}"
         return body
+
+
+def gate_fingerprint(gate: GateConfig, sandbox: Sequence[str] = ()) -> str:
+    """What makes two runs of a gate on the same tree the same run: the argv (with the
+    sandbox prefix), the gate's own environment and its timeout, hashed.
+
+    The name is left out (renaming a gate does not change what it checks), and so are
+    ``ORCHESTRATOR_HANDOFF`` and ``ORCHESTRATOR_CANDIDATE``, which say which candidate
+    is gated rather than how."""
+    spec = {
+        "argv": [*sandbox, *gate.run],
+        "env": sorted(gate.env.items()),
+        "timeoutS": gate.timeout_s,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def _kill_group(process: Process, sig: int) -> None:

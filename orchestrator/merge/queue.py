@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,11 +29,13 @@ from orchestrator.git.workspace import (
 )
 from orchestrator.handoff import template as handoff_model
 from orchestrator.merge import commit_message
+from orchestrator.merge.eta import GatingHistory, landing_etas
 from orchestrator.merge.gates import (
     GateFences,
     GateIsolation,
     GateResult,
     detect_isolation,
+    gate_fingerprint,
     run_gate,
 )
 from orchestrator.observe import logs
@@ -44,8 +47,8 @@ log = logs.get("merge")
 # How often a merge held back by a dirty integration checkout is tried again.
 BLOCKED_RETRY_S = 2.0
 PAUSED = "merging is paused (merge.paused = true in the config)"
-# A speculative candidate whose gates were stopped because one ahead of it failed.
-_SKIPPED = object()
+# A candidate that could not be built on a speculative base: it waits for the train.
+_STOPPED = object()
 # How much of a gate log goes into an agent's feedback.
 FEEDBACK_LOG_BYTES = 8 * 1024
 
@@ -58,6 +61,40 @@ class OutsideMove:
     old: str
     new: str
     at: float
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One candidate of the rolling train, from built to decided."""
+
+    job: MergeJob
+    result: MergeResult
+    candidate: str
+    bound: Any
+    slot: int = 0
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    done: bool = False
+    """Its gates finished (``outcome`` is then the verdict)."""
+    outcome: GateResult | Exception | None = None
+    """None when every gate passed; the failed run, or the error of its gating."""
+    settled: bool = False
+    """Those built on it were discarded after it failed."""
+    started: float = field(default_factory=time.monotonic)
+    members: list[tuple[MergeJob, MergeResult]] = field(default_factory=list)
+    """A batch's handoffs ahead of ``job``, each merged on the one before; ``job``'s
+    candidate (the batch's tip) is the one gated. Empty for a handoff gated alone."""
+
+    @property
+    def failed(self) -> bool:
+        return self.done and self.outcome is not None
+
+    @property
+    def jobs(self) -> list[MergeJob]:
+        return [job for job, _ in self.members] + [self.job]
+
+    @property
+    def base(self) -> str:
+        return self.members[0][1].base if self.members else self.result.base
 
 
 class MergeQueue:
@@ -83,6 +120,13 @@ class MergeQueue:
         self.current: set[str] = set()
         self._focus: MergeJob | None = None
         self._wakeup = anyio.Event()
+        # Set when a gate run ends or a report arrives: the rolling train looks again.
+        self._progress = anyio.Event()
+        # The train's current length bound (Zuul's window), 1..merge.speculative_window.
+        self._window = config.speculative_window
+        self._train: list[_Entry] = []  # the train in flight, head first (for ETAs)
+        # handoff -> the batch size to take it in next (bisection after a batch failed).
+        self._batch_hint: dict[str, int] = {}
         # When the step in progress began (monotonic), for the systemd watchdog.
         self._busy_since: float | None = None
         # How gates are confined here; decided by the first run() (a probe of bwrap).
@@ -95,6 +139,7 @@ class MergeQueue:
     def wake(self) -> None:
         """A report arrived or a handoff was retried: look at the queue again."""
         self._wakeup.set()
+        self._progress.set()
 
     def stuck_for(self, now: float) -> float | None:
         """Seconds the merge step in progress has run beyond every bound it has, or None.
@@ -106,7 +151,8 @@ class MergeQueue:
         if self._busy_since is None:
             return None
         elapsed = now - self._busy_since
-        bound = sum(g.timeout_s for g in self.config.gates) + 2 * GIT_TIMEOUT_S
+        bound = sum(g.timeout_s * (1 + g.retries) for g in self.config.gates)
+        bound += 2 * GIT_TIMEOUT_S * (1 + sum(g.retries for g in self.config.gates))
         return elapsed if elapsed > bound else None
 
     async def run(self) -> None:
@@ -175,32 +221,28 @@ class MergeQueue:
                 continue
             if self.blocked_reason == PAUSED:
                 self.blocked_reason = None
-            jobs = await self.offload.db(
-                self.store.next_merge_jobs,
-                limit=self.config.speculative_window,
-                now=time.time(),
-            )
-            if not jobs:
-                with anyio.move_on_after(5.0):  # also a safety net against a missed wake-up
-                    await self._wakeup.wait()
-                continue
-            self.current = {job.name for job in jobs}
             self._focus = None
             self._busy_since = time.monotonic()
             try:
-                await self.integrate(jobs)
+                took = await self.integrate()
             except StoreFull:
                 raise  # not the job's fault: run() waits for the disk and settles the train
             except Exception as exc:
                 # One broken job (a deleted branch, a corrupt object) must not take the
                 # daemon down, nor crash-loop it after a restart: hold it for a person.
-                culprit = self._focus or jobs[0]
-                log.exception("merge_error", handoff=culprit.name, attempt=culprit.attempt)
+                culprit = self._focus
+                log.exception(
+                    "merge_error",
+                    handoff=culprit.name if culprit else None,
+                    attempt=culprit.attempt if culprit else None,
+                )
                 # If the error came after the branch moved, the candidate did land: record
                 # it as merged, never hold a merged handoff for a person to retry.
                 await self.reconcile_landings(landed_only=True)
-                row = await self.offload.db(self.store.handoff_row, culprit.name)
-                if row["state"] == "gating":
+                row = (
+                    await self.offload.db(self.store.handoff_row, culprit.name) if culprit else None
+                )
+                if culprit and row and row["state"] == "gating":
                     await self.offload.db(
                         self.store.merge_error,
                         culprit.name,
@@ -209,15 +251,37 @@ class MergeQueue:
                         now=time.time(),
                     )
                 await anyio.sleep(1.0)
+                took = True
             finally:
-                self.current = set()
+                owned, self.current = sorted(self.current), set()
                 self._busy_since = None
                 # Whatever is still ``gating`` (speculation discarded, or shutdown) goes
                 # back to the queue in its place, at no cost to its attempts.
                 with anyio.CancelScope(shield=True):
-                    for job in jobs:
-                        await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
+                    for name in owned:
+                        await self.offload.db(self.store.return_to_queue, name, now=time.time())
                     self.on_change()
+            if not took:
+                with anyio.move_on_after(5.0):  # also a safety net against a missed wake-up
+                    await self._wakeup.wait()
+
+    async def landing_etas(self, queue: list[str]) -> dict[str, float]:
+        """Expected seconds until each handoff of ``queue`` (``Store.merge_queue`` order)
+        lands, from recent gate times and refusals, the train in flight and the window;
+        empty until a gate has run."""
+        history = GatingHistory(**await self.offload.db(self.store.gating_history))
+        wanted = set(queue)
+        train = [e for e in self._train if e.job.name in wanted]
+        in_train = [j.name for e in train for j in e.jobs]
+        order = in_train + [n for n in queue if n not in set(in_train)]
+        head_elapsed = time.monotonic() - train[0].started if train else 0.0
+        return landing_etas(
+            order,
+            history,
+            window=self._window,
+            head_elapsed_s=head_elapsed,
+            gated=bool(self.config.gates),
+        )
 
     async def reconcile_landings(self, *, landed_only: bool = False) -> None:
         """Settle landings a crash left open (intent recorded, outcome not): a candidate
@@ -276,101 +340,296 @@ class MergeQueue:
                     detail="it will be gated again",
                 )
 
-    async def integrate(self, jobs: list[MergeJob]) -> None:
-        """Take the handoffs of one train from ``gating`` to ``merged``, ``conflict`` or
-        ``failed``, in order; whatever this train could not decide goes back to the queue.
+    async def integrate(self) -> bool:
+        """Take reported handoffs from ``gating`` to ``merged``, ``conflict`` or ``failed``,
+        in order, as a rolling train; False when there was nothing to take.
 
-        With one job this is the plain merge queue. With more (speculative gating), the
-        candidate of job *i* is built on the candidate of job *i-1*, all are gated at once,
-        and they land in order while their gates passed; a failure ends the train there.
+        Candidate *i* is built on candidate *i-1* (the first on the integration tip) and
+        gated as soon as it is built, each in its own gate worktree. The head of the train
+        lands as soon as its gates pass, and the next candidate starts at once, built on
+        the last one of the train: the train never waits to empty. When a candidate fails,
+        those built on it are stopped and rebuilt without it (at no cost to their
+        attempts); it is refused once everything ahead of it has landed (a failure ahead
+        of it would mean it is rebuilt too). The train's length adapts as Zuul's window
+        does: one longer after each landing, halved after each refusal, between 1 and
+        ``merge.speculative_window``. Whatever is undecided when the train stops goes back
+        to the queue (``run`` puts it there).
         """
-        for job in jobs:
-            self.metrics.merge_started(job.name)
-        tip = await self.offload.git(self.workspace.integration_tip)
-        self._note_tip(tip)
-        train: list[tuple[MergeJob, MergeResult]] = []
-        base = tip
-        for job in jobs:
-            self._focus = job
-            bound = log.bind(handoff=job.name, attempt=job.attempt)
-            result = await self.offload.git(
-                self.workspace.merge_candidate,
-                handoff_model.branch_name(job.name),
-                strategy=self.config.merge_strategy,
-                message=self._message(job),
-                head=job.head,
-                onto=base,
-            )
-            if result.candidate is None and not train and result.detail == "already merged":
-                # Its commit reached the branch by someone else's move (an agent's
-                # update-ref, a person's push), never through a gate: it is not merged on
-                # that alone. The tip holding it is its candidate, gated like any other.
-                bound.warning(
-                    "already_on_integration_branch",
-                    tip=result.base,
-                    detail="gating the integration tip that holds it",
-                )
-                result = MergeResult(result.base, (), result.base)
-            if result.candidate is None:
-                if train:
-                    # It may only clash with a candidate ahead of it, which might still
-                    # fail: decide once the ones ahead have landed.
-                    bound.info("speculation_stopped", reason=result.detail or "conflict")
-                else:
-                    await self._conflict(
-                        job, result.base, list(result.conflicts), result.detail, bound
-                    )
-                break
-            bound.info("candidate_built", candidate=result.candidate, base=result.base)
-            train.append((job, result))
-            base = result.candidate
-        if not train:
-            return
-        outcomes = await self._gate_train(train)
-        expected = tip
-        for (job, result), outcome in zip(train, outcomes, strict=True):
-            self._focus = job
-            bound = log.bind(handoff=job.name, attempt=job.attempt)
-            if outcome is _SKIPPED:
-                return  # built on a candidate that failed: rebuilt in a later train
-            if isinstance(outcome, Exception):
-                raise outcome  # held for a person by run(), charged to this job only
-            if isinstance(outcome, GateResult):
-                await self._gate_failed(job, result.base, result.candidate or "", outcome, bound)
-                return
-            assert result.candidate is not None and result.base == expected
+        train: list[_Entry] = []
+        self._train = train
+        busy_slots: set[int] = set()
+
+        async def gate_one(entry: _Entry) -> None:
             try:
+                with entry.scope:
+                    try:
+                        entry.outcome = await self._run_gates(
+                            entry.job,
+                            entry.candidate,
+                            entry.bound,
+                            slot=entry.slot,
+                            batch=entry.jobs,
+                        )
+                    except Exception as exc:  # e.g. its gate checkout failed: its own error
+                        entry.outcome = exc
+                    entry.done = True
+            finally:
+                busy_slots.discard(entry.slot)
+                self._progress.set()
+
+        # The gate runs are the task group's children and never raise; the train itself
+        # runs in the host, whose errors leave here as they are (not in an ExceptionGroup),
+        # for run() to tell a full store from one job's fault.
+        failure: Exception | None = None
+        took = False
+        async with anyio.create_task_group() as tg:
+            try:
+                took = await self._roll(train, busy_slots, lambda e: tg.start_soon(gate_one, e))
+            except Exception as exc:
+                failure = exc
+            finally:
+                tg.cancel_scope.cancel()  # only discarded candidates' gates are left
+        if failure is not None:
+            raise failure
+        return took
+
+    async def _roll(
+        self,
+        train: list[_Entry],
+        busy_slots: set[int],
+        start_gating: Callable[[_Entry], object],
+    ) -> bool:
+        """The rolling train's loop (see :meth:`integrate`); returns once it is empty and
+        no reported handoff is left to take. True when it took any."""
+        expected = await self.offload.git(self.workspace.integration_tip)
+        self._note_tip(expected)
+        took = False
+        # Set after a candidate could not be built on the speculative base: nothing more
+        # joins until the train has emptied, so it is next, built on the real tip.
+        hold_fill = False
+        while True:
+            self._progress = anyio.Event()
+            self._busy_since = time.monotonic()
+            while True:
+                await self._settle_failures(train)
+                if not (train and train[0].done):
+                    break
+                # The head is done: land it, or refuse it.
+                head = train.pop(0)
+                self._focus = head.job
+                if head.failed:
+                    if isinstance(head.outcome, Exception):
+                        raise head.outcome  # held by run(), charged to this job only
+                    assert isinstance(head.outcome, GateResult)
+                    if head.members:
+                        # Bisection is expected to meet failures: the window is kept, so
+                        # the halves are gated side by side.
+                        await self._bisect(head, head.outcome)
+                    else:
+                        await self._gate_failed(
+                            head.job, head.result.base, head.candidate, head.outcome, head.bound
+                        )
+                        self._window = max(1, self._window // 2)
+                    self.current.discard(head.job.name)
+                    continue
+                landed = await self._land(head, expected)
+                for job in head.jobs:
+                    self.current.discard(job.name)
+                if not landed:
+                    # Everything behind is built on a candidate that did not land.
+                    behind, train[:] = train[:], []
+                    await self._discard(behind, f"{head.job.name} did not land")
+                    break
+                expected = head.candidate
+                self._window = min(self._window + 1, self.config.speculative_window)
+            if not train:
+                hold_fill = False
+            # Fill the train up to the window, each candidate on the last one.
+            self._window = max(1, min(self._window, self.config.speculative_window))
+            while (
+                not hold_fill
+                and not self.config.merge_paused
+                and sum(not e.failed for e in train) < self._window
+                and len(busy_slots) < self.config.speculative_window
+            ):
+                if any(e.failed and not e.settled for e in train):
+                    break  # settle it first: building on a failed candidate is wasted
+                jobs = await self.offload.db(self.store.next_merge_jobs, limit=1, now=time.time())
+                if not jobs:
+                    break
+                took = True
+                job = jobs[0]
+                self.current.add(job.name)
+                self.metrics.merge_started(job.name)
+                self._focus = job
+                ahead = [e for e in train if not e.failed]
+                if not train:
+                    # An empty train builds on the tip as it is now (a person may have
+                    # moved it since the last landing).
+                    expected = await self.offload.git(self.workspace.integration_tip)
+                    self._note_tip(expected)
+                base = ahead[-1].candidate if ahead else expected
+                size = min(self.config.max_batch, self._batch_hint.pop(job.name, 1 << 30))
+                batch = [job]
+                if size > 1:
+                    batch += await self.offload.db(
+                        self.store.next_merge_jobs, limit=size - 1, now=time.time()
+                    )
+                    for other in batch[1:]:
+                        self._batch_hint.pop(other.name, None)
+                        self.current.add(other.name)
+                        self.metrics.merge_started(other.name)
+                built, leftover = await self._build_batch(batch, base, speculative=base != expected)
+                for other in leftover:  # clashed within the batch: it joins a later one
+                    await self.offload.db(self.store.return_to_queue, other.name, now=time.time())
+                    self.current.discard(other.name)
+                if not isinstance(built, _Entry):
+                    if built is _STOPPED:
+                        await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
+                        hold_fill = True
+                    self.current.discard(job.name)
+                    continue
+                built.slot = min(set(range(len(busy_slots) + 1)) - busy_slots)
+                busy_slots.add(built.slot)
+                train.append(built)
+                start_gating(built)
+            self._focus = None
+            if not train:
+                return took
+            await self._progress.wait()
+
+    async def _settle_failures(self, train: list[_Entry]) -> None:
+        """Stop the candidates built on a failed one and put them back in the queue: they
+        are rebuilt without it, at once, while it waits to be refused."""
+        while True:
+            for index, entry in enumerate(train):
+                if entry.failed and not entry.settled:
+                    entry.settled = True
+                    behind, train[index + 1 :] = train[index + 1 :], []
+                    await self._discard(behind, f"built on {entry.job.name}, which failed")
+                    break
+            else:
+                return
+
+    async def _discard(self, entries: list[_Entry], reason: str) -> None:
+        for entry in entries:
+            entry.scope.cancel()
+            entry.bound.info("speculation_discarded", reason=reason)
+            for job in entry.jobs:
+                if entry.members:
+                    self._batch_hint[job.name] = len(entry.members) + 1  # same grouping
+                await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
+                self.current.discard(job.name)
+
+    async def _build_batch(
+        self, jobs: list[MergeJob], base: str, *, speculative: bool
+    ) -> tuple[_Entry | object | None, list[MergeJob]]:
+        """Build ``jobs`` as one batch on ``base``, each on the one before: what
+        :meth:`_build` gives for the first (an entry whose ``members`` are the others,
+        ahead of its ``job``), and the jobs left out because they did not merge onto the
+        batch (they go back to the queue). The commits' trailers name the batch, so a
+        batch cut short is built again with the right names."""
+        left: list[MergeJob] = []
+        while True:
+            names = [j.name for j in jobs]
+            first = await self._build(jobs[0], base, speculative=speculative, batch=names)
+            if not isinstance(first, _Entry) or len(jobs) == 1:
+                return first, jobs[1:] + left
+            entry, members = first, []
+            for index, job in enumerate(jobs[1:], start=1):
+                built = await self._build(job, entry.candidate, speculative=True, batch=names)
+                if not isinstance(built, _Entry):
+                    left = jobs[index:] + left
+                    jobs = jobs[:index]
+                    break
+                members.append((entry.job, entry.result))
+                entry = built
+            else:
+                entry.members = members
+                return entry, left
+
+    async def _build(
+        self, job: MergeJob, base: str, *, speculative: bool, batch: list[str] | None = None
+    ) -> _Entry | object | None:
+        """Build ``job``'s candidate on ``base``: an entry for the train; None when the
+        job was decided here (a conflict, or nothing left to merge); ``_STOPPED`` when it
+        could not be built on a speculative base (it waits for the train to land)."""
+        bound = log.bind(handoff=job.name, attempt=job.attempt)
+        result = await self.offload.git(
+            self.workspace.merge_candidate,
+            handoff_model.branch_name(job.name),
+            strategy=self.config.merge_strategy,
+            message=self._message(job) + _gated_trailer(batch or [job.name]),
+            head=job.head,
+            onto=base,
+        )
+        if result.candidate is None:
+            if speculative:
+                # It may only clash with a candidate ahead of it, which might still
+                # fail: decide once the ones ahead have landed.
+                bound.info("speculation_stopped", reason=result.detail or "conflict")
+                return _STOPPED
+            if result.detail != "already merged":
+                await self._conflict(job, result.base, list(result.conflicts), result.detail, bound)
+                return None
+            # Its commit reached the branch by someone else's move (an agent's update-ref,
+            # a person's push), never through a gate: it is not merged on that alone. The
+            # tip holding it is its candidate, gated like any other.
+            bound.warning(
+                "already_on_integration_branch",
+                tip=result.base,
+                detail="gating the integration tip that holds it",
+            )
+            result = MergeResult(result.base, (), result.base)
+        candidate = result.candidate
+        assert candidate is not None
+        bound.info("candidate_built", candidate=candidate, base=result.base)
+        return _Entry(job=job, result=result, candidate=candidate, bound=bound)
+
+    async def _land(self, entry: _Entry, expected: str) -> bool:
+        """Move the branch to the head's gated candidate (a batch's tip: one commit per
+        handoff on the first-parent line); False when it did not land (cancelled
+        meanwhile, or the branch moved: it is rebuilt in its place)."""
+        chain = [*entry.members, (entry.job, entry.result)]
+        assert entry.base == expected, (entry.base, expected)
+        job, bound = entry.job, entry.bound
+        recorded: list[MergeJob] = []
+        try:
+            for member, result in chain:
+                assert result.candidate is not None
                 await self.offload.db(
                     self.store.record_landing_intent,
-                    job.name,
-                    attempt=job.attempt,
-                    base=expected,
+                    member.name,
+                    attempt=member.attempt,
+                    base=result.base,
                     candidate=result.candidate,
                     now=time.time(),
                 )
-            except InvalidTransition as exc:
-                bound.warning("merge_abandoned", reason=str(exc))
-                return
-            moved = await self._advance(expected, result.candidate, job, bound)
-            if moved is None:
-                await self.offload.db(
-                    self.store.landing_superseded,
-                    job.name,
-                    detail="no longer gating when it could land (cancelled?)",
-                    now=time.time(),
-                )
-                bound.warning("merge_abandoned", reason="the handoff left gating")
-                return
-            if not moved:
-                detail = "the integration branch moved while gating; rebuilding the candidate"
-                await self.offload.db(
-                    self.store.landing_superseded, job.name, detail=detail, now=time.time()
-                )
-                bound.warning("integration_moved", expected=expected, detail=detail)
-                return
-            self._known_tip = result.candidate
-            await self._merged(job, expected, result.candidate, bound)
-            expected = result.candidate
+                recorded.append(member)
+        except InvalidTransition as exc:
+            bound.warning("merge_abandoned", reason=str(exc))
+            await self._supersede(recorded, "a handoff of its batch left gating")
+            return False
+        moved = await self._advance(expected, entry.candidate, job, bound)
+        if moved is None:
+            await self._supersede(recorded, "no longer gating when it could land (cancelled?)")
+            bound.warning("merge_abandoned", reason="the handoff left gating")
+            return False
+        if not moved:
+            detail = "the integration branch moved while gating; rebuilding the candidate"
+            await self._supersede(recorded, detail)
+            bound.warning("integration_moved", expected=expected, detail=detail)
+            for member in recorded:
+                await self.offload.db(self.store.return_to_queue, member.name, now=time.time())
+            return False
+        self._known_tip = entry.candidate
+        for member, result in chain:
+            assert result.candidate is not None
+            member_bound = (
+                bound if member is job else log.bind(handoff=member.name, attempt=member.attempt)
+            )
+            await self._merged(member, result.base, result.candidate, member_bound)
+        return True
 
     def _note_tip(self, tip: str) -> None:
         """Log, count and keep for ``status`` a tip the queue did not put there."""
@@ -390,36 +649,30 @@ class MergeQueue:
             "that no gate saw is gated before any handoff is recorded as merged",
         )
 
-    async def _gate_train(
-        self, train: list[tuple[MergeJob, MergeResult]]
-    ) -> list[GateResult | object | None]:
-        """Gate every candidate of the train at once, each in its own gate worktree.
+    async def _supersede(self, jobs: list[MergeJob], detail: str) -> None:
+        for job in jobs:
+            await self.offload.db(
+                self.store.landing_superseded, job.name, detail=detail, now=time.time()
+            )
 
-        Per candidate: None when every gate passed, the failed :class:`GateResult`, or
-        ``_SKIPPED`` when a candidate it was built on failed first (its run is stopped)."""
-        outcomes: list[GateResult | object | None] = [_SKIPPED] * len(train)
-        scopes = [anyio.CancelScope() for _ in train]
-
-        async def gate_one(index: int) -> None:
-            job, result = train[index]
-            assert result.candidate is not None
-            bound = log.bind(handoff=job.name, attempt=job.attempt)
-            with scopes[index]:
-                try:
-                    failed: GateResult | Exception | None = await self._run_gates(
-                        job, result.candidate, bound, slot=index
-                    )
-                except Exception as exc:  # e.g. its gate checkout failed: its own error
-                    failed = exc
-                outcomes[index] = failed
-                if failed is not None:
-                    for later in scopes[index + 1 :]:
-                        later.cancel()
-
-        async with anyio.create_task_group() as tg:
-            for index in range(len(train)):
-                tg.start_soon(gate_one, index)
-        return outcomes
+    async def _bisect(self, entry: _Entry, result: GateResult) -> None:
+        """A batch failed its gate: send it back to the queue split in halves, each to be
+        gated as a batch of its own (the halves in the same rolling train), until the
+        handoff that breaks the gate is gated alone and refused with its log; the others
+        land. Nobody is charged an attempt for a batch's failure."""
+        jobs = entry.jobs
+        half = max(1, len(jobs) // 2)
+        entry.bound.warning(
+            "batch_failed",
+            batch=[j.name for j in jobs],
+            gate=result.name,
+            candidate=entry.candidate,
+            detail=f"bisecting: batches of {half} next",
+        )
+        for job in jobs:
+            self._batch_hint[job.name] = half
+            await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
+            self.current.discard(job.name)
 
     def _message(self, job: MergeJob) -> str:
         gates = ", ".join(g.name for g in self.config.gates) or "none configured"
@@ -432,40 +685,143 @@ class MergeQueue:
         )
 
     async def _run_gates(
-        self, job: MergeJob, candidate: str, bound: Any, *, slot: int = 0
+        self,
+        job: MergeJob,
+        candidate: str,
+        bound: Any,
+        *,
+        slot: int = 0,
+        batch: list[MergeJob] | None = None,
     ) -> GateResult | None:
-        """Run every gate on the candidate; the first failure, or None when all passed."""
+        """Run every gate on the candidate; the first failure, or None when all passed.
+
+        A gate that already passed on the same tree with the same fingerprint (argv,
+        environment, timeout) is not run again: the tree is all a gate sees, so a
+        requeued handoff or a rebuilt speculative candidate that merges to the same tree
+        reuses the pass. Failures are not reused: a person's retry runs the gate again."""
         if not self.config.gates:
             return None
-        workspace = self.config.workspace
-        key = None
-        if workspace.keep or workspace.setup:
-            key = await self.offload.git(self.workspace.warm_key, candidate, workspace)
-        checkout = await self.offload.git(
-            self.workspace.gate_checkout, candidate, slot=slot, keep=workspace.keep, key=key
+        tree = (
+            await self.offload.git(self.workspace.tree_of, candidate)
+            if self.config.gate_cache
+            else None
         )
+        workspace = self.config.workspace
+        warm_key = None
+        if workspace.keep or workspace.setup:
+            warm_key = await self.offload.git(self.workspace.warm_key, candidate, workspace)
+        checkout: Path | None = None  # checked out only when a gate has to run
         env = {"ORCHESTRATOR_HANDOFF": job.name, "ORCHESTRATOR_CANDIDATE": candidate}
-        gates = self.config.gates
-        setup_gate: GateConfig | None = None
-        if key is not None:
-            if await self.offload.git(self.workspace.gate_warm_key, checkout) == key:
-                bound.info("gate_setup_skipped", reason="kept paths match the cache key")
-            else:
-                # [workspace] setup runs like a gate, sandboxed and recorded, before them;
-                # the key is recorded once it passed (and every gate after it).
-                if workspace.setup:
-                    setup_gate = GateConfig("setup", workspace.setup, workspace.setup_timeout_s)
-                    gates = (setup_gate, *gates)
-        for gate in gates:
-            bound.info("gate_started", gate=gate.name, candidate=candidate)
-            result = await run_gate(
-                gate,
-                checkout,
-                tail_bytes=self.config.gate_output_tail_bytes,
-                env=env,
-                sandbox=self.config.gate_sandbox,
-                isolation=self.isolation,
-            )
+        batch = batch or [job]
+        if len(batch) > 1:
+            env["ORCHESTRATOR_BATCH"] = " ".join(j.name for j in batch)
+        result: GateResult | None = None
+        for gate in self.config.gates:
+            key = gate_fingerprint(gate, self.config.gate_sandbox)
+            if tree is not None:
+                hit = await self.offload.db(self.store.cached_gate_pass, tree, key)
+                if hit is not None:
+                    self.metrics.gate_cache_hit(gate.name)
+                    bound.info(
+                        "gate_cached",
+                        metric="orchestrator_gate_cache_hits_total",
+                        gate=gate.name,
+                        candidate=candidate,
+                        tree=tree,
+                        passed_on=hit.candidate,
+                        passed_for=hit.handoff,
+                    )
+                    continue
+            for run in range(gate.retries + 1):
+                if run > 0:
+                    # A flaky gate gets another go on a fresh checkout (forced to the
+                    # candidate, untracked and ignored files removed): nothing the failed
+                    # run left behind may decide the next.
+                    self.metrics.gate_retried(gate.name)
+                    bound.warning(
+                        "gate_retry",
+                        metric="orchestrator_gate_retries_total",
+                        gate=gate.name,
+                        candidate=candidate,
+                        retry=run,
+                        retries=gate.retries,
+                    )
+                if checkout is None or run > 0:
+                    checkout = await self.offload.git(
+                        self.workspace.gate_checkout,
+                        candidate,
+                        slot=slot,
+                        keep=workspace.keep,
+                        key=warm_key,
+                    )
+                    setup_failed = await self._warm_up(
+                        batch, candidate, checkout, env, bound, warm_key
+                    )
+                    if setup_failed is not None:
+                        return setup_failed
+                cache_key = None if tree is None else (tree, key)
+                result = await self._run_one_gate(
+                    batch, gate, candidate, checkout, env, bound, cache_key=cache_key
+                )
+                if result.passed:
+                    break
+            if result is not None and not result.passed:
+                return result
+        if warm_key is not None and not workspace.setup and checkout is not None:
+            # Nothing to build: what the gates left in the kept paths serves the next run.
+            await self.offload.git(self.workspace.mark_gate_warm, checkout, warm_key)
+        return None
+
+    async def _warm_up(
+        self,
+        batch: list[MergeJob],
+        candidate: str,
+        checkout: Path,
+        env: dict[str, str],
+        bound: Any,
+        warm_key: str | None,
+    ) -> GateResult | None:
+        """``[workspace] setup`` on a checkout whose kept paths were not built for
+        ``warm_key``: run like a gate (sandboxed, recorded) before the gates, the key
+        recorded once it passed. The failed run when it fails, else None."""
+        workspace = self.config.workspace
+        if warm_key is None or not workspace.setup:
+            return None
+        if await self.offload.git(self.workspace.gate_warm_key, checkout) == warm_key:
+            bound.info("gate_setup_skipped", reason="kept paths match the cache key")
+            return None
+        setup = GateConfig("setup", workspace.setup, workspace.setup_timeout_s)
+        result = await self._run_one_gate(
+            batch, setup, candidate, checkout, env, bound, cache_key=None
+        )
+        if not result.passed:
+            return result
+        await self.offload.git(self.workspace.mark_gate_warm, checkout, warm_key)
+        return None
+
+    async def _run_one_gate(
+        self,
+        jobs: list[MergeJob],
+        gate: GateConfig,
+        candidate: str,
+        checkout: Path,
+        env: dict[str, str],
+        bound: Any,
+        *,
+        cache_key: tuple[str, str] | None,
+    ) -> GateResult:
+        """Run one gate once on the checked-out candidate; record it for each handoff of
+        the batch (``jobs``: one when gated alone), count and log it."""
+        bound.info("gate_started", gate=gate.name, candidate=candidate)
+        result = await run_gate(
+            gate,
+            checkout,
+            tail_bytes=self.config.gate_output_tail_bytes,
+            env=env,
+            sandbox=self.config.gate_sandbox,
+            isolation=self.isolation,
+        )
+        for job in jobs:
             await self.offload.db(
                 self.store.record_gate,
                 job.name,
@@ -477,31 +833,25 @@ class MergeQueue:
                 duration_s=result.duration_s,
                 output_tail=result.output_tail,
                 started_at=result.started_at,
+                cache_key=cache_key,
             )
-            outcome = self.metrics.gate_finished(
-                gate.name,
-                result.duration_s,
-                exit_status=result.exit_status,
-                timed_out=result.timed_out,
-            )
-            bound.info(
-                "gate_finished",
-                metric="orchestrator_gate_runs_total",
-                outcome=outcome,
-                gate=gate.name,
-                passed=result.passed,
-                exit_status=result.exit_status,
-                timed_out=result.timed_out,
-                duration_s=round(result.duration_s, 3),
-            )
-            if not result.passed:
-                return result
-            if gate is setup_gate and key is not None:
-                await self.offload.git(self.workspace.mark_gate_warm, checkout, key)
-        if key is not None and not workspace.setup:
-            # Nothing to build: what the gates left in the kept paths serves the next run.
-            await self.offload.git(self.workspace.mark_gate_warm, checkout, key)
-        return None
+        outcome = self.metrics.gate_finished(
+            gate.name,
+            result.duration_s,
+            exit_status=result.exit_status,
+            timed_out=result.timed_out,
+        )
+        bound.info(
+            "gate_finished",
+            metric="orchestrator_gate_runs_total",
+            outcome=outcome,
+            gate=gate.name,
+            passed=result.passed,
+            exit_status=result.exit_status,
+            timed_out=result.timed_out,
+            duration_s=round(result.duration_s, 3),
+        )
+        return result
 
     async def _advance(self, base: str, candidate: str, job: MergeJob, bound: Any) -> bool | None:
         """Compare-and-swap the branch; waits (and says so) while a checkout is dirty.
@@ -654,3 +1004,11 @@ class MergeQueue:
         self.metrics.merge_finished(result)
         self.on_change()
         return state
+
+
+def _gated_trailer(batch: list[str]) -> str:
+    """The trailer that says how a commit was gated: alone, or as part of which batch
+    (a batch is gated once, on its last commit)."""
+    if len(batch) == 1:
+        return "Gated: alone\n"
+    return f"Gated: in a batch of {len(batch)}: {', '.join(batch)}\n"

@@ -311,6 +311,13 @@ class Metrics:
             "(read from the store at scrape time).",
             registry=r,
         )
+        self._merge_queue_eta = Gauge(
+            "orchestrator_merge_queue_eta_seconds",
+            "Expected seconds until the last handoff now in the merge queue lands, from "
+            "recent gate times, refusals and the speculative window; 0 when the queue is "
+            "empty or nothing has been gated yet (per handoff: etaS in handoff.get).",
+            registry=r,
+        )
         self._merge_blocked = Gauge(
             "orchestrator_merge_blocked",
             "1 while merging is held back (merge.paused, a dirty or locked checkout of the "
@@ -379,6 +386,19 @@ class Metrics:
             "Validation gate runs, by gate and outcome (passed, failed, timed_out, or error "
             "when the command could not be run).",
             ["gate", "outcome"],
+            registry=r,
+        )
+        self._gate_retries = Counter(
+            "orchestrator_gate_retries",
+            "Failed gate runs tried again on a fresh checkout ([[gates]] retries), by gate.",
+            ["gate"],
+            registry=r,
+        )
+        self._gate_cache_hits = Counter(
+            "orchestrator_gate_cache_hits",
+            "Gate runs skipped because the same gate (argv, environment, timeout) already "
+            "passed on the same tree, by gate.",
+            ["gate"],
             registry=r,
         )
         self._handoff_cycle = Histogram(
@@ -479,6 +499,10 @@ class Metrics:
         self._merge_queue_depth.set(snapshot.merge_queue_depth)
         self._needing_input.set(snapshot.needing_input)
         self._oldest_question.set(max(0.0, snapshot.oldest_question_s))
+
+    def set_merge_queue_eta(self, seconds: float) -> None:
+        """Set ``orchestrator_merge_queue_eta_seconds`` (the queue's last handoff)."""
+        self._merge_queue_eta.set(seconds)
 
     def set_workers_connected(self, n: int) -> None:
         """Set ``orchestrator_workers_connected``."""
@@ -600,6 +624,14 @@ class Metrics:
         self._gate_duration.labels(gate=gate).observe(duration_s)
         self._gate_runs.labels(gate=gate, outcome=outcome).inc()
         return outcome
+
+    def gate_retried(self, gate: str) -> None:
+        """Count a failed gate run tried again (``orchestrator_gate_retries_total``)."""
+        self._gate_retries.labels(gate=gate).inc()
+
+    def gate_cache_hit(self, gate: str) -> None:
+        """Count a gate pass reused from the cache (``orchestrator_gate_cache_hits_total``)."""
+        self._gate_cache_hits.labels(gate=gate).inc()
 
     def handoff_merged(self, cycle_s: float, attempts: int | None = None) -> None:
         """Observe a merged handoff: its submitted-to-merged time

@@ -3,7 +3,7 @@ result lists them (PROTOCOL.md, "Additions within version 1")."""
 
 from __future__ import annotations
 
-__all__ = ["ASK", "CAPABILITIES", "INTEGRATION_TIP", "ISOLATED_WORKTREE"]
+__all__ = ["ASK", "CAPABILITIES", "INTEGRATION_TIP", "ISOLATED_WORKTREE", "WARNINGS"]
 
 ISOLATED_WORKTREE = "isolated-worktree"
 """A lease's worktree is a repository of its own."""
@@ -13,4 +13,7 @@ INTEGRATION_TIP = "integration-tip"
 ASK = "ask"
 """Asking a person: ``lease.ask``, ``handoff.answer``, ``lease.answered``."""
 
-CAPABILITIES: tuple[str, ...] = (ISOLATED_WORKTREE, INTEGRATION_TIP, ASK)
+WARNINGS = "warnings"
+"""Early conflict warnings: ``lease.heartbeat`` may carry ``head``; ``lease.warning``."""
+
+CAPABILITIES: tuple[str, ...] = (ISOLATED_WORKTREE, INTEGRATION_TIP, ASK, WARNINGS)

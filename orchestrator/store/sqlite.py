@@ -121,6 +121,19 @@ CREATE TABLE IF NOT EXISTS gate_runs (
     output_tail TEXT NOT NULL,
     started_at REAL NOT NULL
 );
+-- Gate passes by the tree gated and the gate's fingerprint (argv, environment, timeout):
+-- the same tree under the same gate passes again, so it is never run twice. Created by
+-- CREATE TABLE IF NOT EXISTS, which is also the migration of a store that predates it.
+CREATE TABLE IF NOT EXISTS gate_cache (
+    tree TEXT NOT NULL,
+    gate_key TEXT NOT NULL,
+    gate TEXT NOT NULL,
+    handoff TEXT NOT NULL,
+    candidate TEXT NOT NULL,
+    duration_s REAL NOT NULL,
+    passed_at REAL NOT NULL,
+    PRIMARY KEY (tree, gate_key)
+);
 CREATE TABLE IF NOT EXISTS merges (
     id INTEGER PRIMARY KEY,
     handoff TEXT NOT NULL REFERENCES handoffs(name),
@@ -260,6 +273,17 @@ class Expired:
     new_state: str
     # "expired" (no heartbeat within the TTL) or "max_duration" (held too long).
     reason: str = "expired"
+
+
+@dataclass(frozen=True)
+class CachedGatePass:
+    """A gate that already passed on the same tree under the same fingerprint."""
+
+    gate: str
+    handoff: str
+    candidate: str
+    duration_s: float
+    passed_at: float
 
 
 @dataclass(frozen=True)
@@ -983,8 +1007,17 @@ class Store:
         duration_s: float,
         output_tail: str,
         started_at: float,
+        cache_key: tuple[str, str] | None = None,
     ) -> None:
+        """Record one gate run; a pass with ``cache_key`` (tree, gate fingerprint) is
+        also remembered for :meth:`cached_gate_pass`, in the same transaction."""
         with self._tx() as c:
+            if cache_key is not None and exit_status == 0 and not timed_out:
+                c.execute(
+                    "INSERT OR REPLACE INTO gate_cache(tree, gate_key, gate, handoff, candidate,"
+                    " duration_s, passed_at) VALUES (?,?,?,?,?,?,?)",
+                    (*cache_key, gate, name, candidate, duration_s, started_at + duration_s),
+                )
             c.execute(
                 "INSERT INTO gate_runs(handoff, attempt, candidate, gate, exit_status, timed_out,"
                 " duration_s, output_tail, started_at) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -1000,6 +1033,23 @@ class Store:
                     started_at,
                 ),
             )
+
+    def cached_gate_pass(self, tree: str, gate_key: str) -> CachedGatePass | None:
+        """The recorded pass of a gate with fingerprint ``gate_key`` on ``tree``, if any."""
+        row = self._conn.execute(
+            "SELECT gate, handoff, candidate, duration_s, passed_at FROM gate_cache"
+            " WHERE tree = ? AND gate_key = ?",
+            (tree, gate_key),
+        ).fetchone()
+        if row is None:
+            return None
+        return CachedGatePass(
+            gate=row["gate"],
+            handoff=row["handoff"],
+            candidate=row["candidate"],
+            duration_s=float(row["duration_s"]),
+            passed_at=float(row["passed_at"]),
+        )
 
     def record_landing_intent(
         self, name: str, *, attempt: int, base: str, candidate: str, now: float
@@ -1386,6 +1436,48 @@ class Store:
             "SELECT * FROM leases WHERE ended_at IS NULL AND expires_at > ? ORDER BY token", (now,)
         ).fetchall()
         return [dict(r) for r in rows]
+
+    def gating_history(self, *, candidates: int = 20, decisions: int = 50) -> dict[str, Any]:
+        """For the merge queue's ETAs: the total gate time of each of the last
+        ``candidates`` candidates gated (newest first), and of the last ``decisions``
+        decisions how many were gate failures (``refused``) out of ``decided``."""
+        c = self._conn
+        c.execute("BEGIN")  # deferred: one read snapshot, no write lock
+        try:
+            durations = [
+                float(r[0])
+                for r in c.execute(
+                    "SELECT SUM(duration_s) FROM gate_runs"
+                    " WHERE id > (SELECT COALESCE(MAX(id), 0) - ? FROM gate_runs)"
+                    " GROUP BY candidate, attempt ORDER BY MAX(id) DESC LIMIT ?",
+                    (candidates * 10, candidates),
+                )
+            ]
+            results = [
+                r[0]
+                for r in c.execute(
+                    "SELECT result FROM merges WHERE result IN ('merged', 'conflict',"
+                    " 'gate_failed') ORDER BY id DESC LIMIT ?",
+                    (decisions,),
+                )
+            ]
+        finally:
+            c.execute("COMMIT")
+        return {
+            "candidate_s": tuple(durations),
+            "refused": results.count("gate_failed"),
+            "decided": len(results),
+        }
+
+    def merge_queue_heads(self) -> list[tuple[str, str]]:
+        """(handoff, reported head) of the merge queue, in :meth:`merge_queue` order."""
+        rows = self._conn.execute(
+            "SELECT h.name, r.head FROM handoffs h JOIN reports r"
+            " ON r.id = (SELECT MAX(id) FROM reports WHERE handoff = h.name)"
+            " WHERE h.state IN ('reported', 'gating')"
+            " ORDER BY h.state = 'gating' DESC, h.priority_rank, h.report_seq"
+        )
+        return [(str(r[0]), str(r[1])) for r in rows]
 
     def merge_queue(self) -> list[str]:
         rows = self._conn.execute(
