@@ -62,6 +62,13 @@ class WorkspaceConfig:
     setup_timeout_s: float = 900.0
     keep: tuple[str, ...] = ()
     cache_key_files: tuple[str, ...] = ()
+    # Untracked files (e.g. ".env") copied from repository.path into each lease directory
+    # and the gate checkout after checkout (orchestrator.git.copy_files).
+    copy_files: tuple[str, ...] = ()
+    # Each live lease and each gate slot gets ports of its own (orchestrator.daemon.ports);
+    # 0 turns it off.
+    ports_per_lease: int = 10
+    port_base: int = 20000
 
 
 @dataclass(frozen=True)
@@ -432,7 +439,7 @@ def _workspace(r: _Reader) -> WorkspaceConfig:
         paths = strings(key, f"paths relative to the repository root, e.g. {example}")
         for path in paths:
             parts = Path(path).parts
-            if Path(path).is_absolute() or ".." in parts or (parts and parts[0] == ".git"):
+            if Path(path).is_absolute() or ".." in parts or not parts or parts[0] == ".git":
                 r.problems.append(
                     f"workspace.{key}: {path!r} must be a path inside the checkout, relative "
                     "to its root (no leading /, no .., not .git)"
@@ -451,8 +458,25 @@ def _workspace(r: _Reader) -> WorkspaceConfig:
             'workspace.keep needs workspace.cache_key_files (e.g. ["uv.lock"]): kept '
             "paths are rebuilt when those files change"
         )
+    copy_files = relative_paths("copy_files", '[".env"]')
+    per = r.get("workspace", "ports_per_lease", int, 10)
+    port_base = r.get("workspace", "port_base", int, 20000)
+    if not 0 <= per <= 1000:
+        r.problems.append(f"workspace.ports_per_lease must be from 0 (off) to 1000, got {per}")
+    elif per and not 1024 <= port_base <= 65535 - (MAX_SPECULATIVE_WINDOW + 1) * per + 1:
+        r.problems.append(
+            f"workspace.port_base must leave room above it for {MAX_SPECULATIVE_WINDOW} gate "
+            f"slots and a lease of {per} ports each (from 1024 to "
+            f"{65535 - (MAX_SPECULATIVE_WINDOW + 1) * per + 1}), got {port_base}"
+        )
     return WorkspaceConfig(
-        setup=setup, setup_timeout_s=float(timeout), keep=keep, cache_key_files=key_files
+        setup=setup,
+        setup_timeout_s=float(timeout),
+        keep=keep,
+        cache_key_files=key_files,
+        copy_files=copy_files,
+        ports_per_lease=per,
+        port_base=port_base,
     )
 
 

@@ -27,15 +27,18 @@ from orchestrator.config import ConfigError, from_mapping
 
 pytestmark = pytest.mark.slow
 
+# Setup runs in lease directories too (by the worker, tests/test_lease_environment.py);
+# only the gate checkout's runs are logged here.
 SETUP = """
-import pathlib, sys
+import os, pathlib, sys
 lock = pathlib.Path("deps.lock").read_text()
 venv = pathlib.Path(".venv")
 assert not venv.exists(), "setup found a .venv kept from another key"
 venv.mkdir()
 (venv / "marker").write_text(lock)
-with open(sys.argv[1], "a") as log:
-    log.write(lock)
+if "ORCHESTRATOR_CANDIDATE" in os.environ:
+    with open(sys.argv[1], "a") as log:
+        log.write(lock)
 """
 GATE = """
 import pathlib, sys

@@ -28,6 +28,7 @@ from orchestrator.agent.asking import Asking, watch_question_file
 from orchestrator.agent.channel import LeaseChannel
 from orchestrator.agent.client import Client, ConnectionLost
 from orchestrator.agent.recipes import Recipe, RecipeContext, progress_of_line
+from orchestrator.agent.setup import SetupSpec, run_setup
 from orchestrator.handoff import template as handoff_model
 from orchestrator.observe import logs
 from orchestrator.protocol.jsonrpc import (
@@ -268,7 +269,12 @@ async def _work_on(link: Link, options: WorkerOptions, lease: dict[str, Any]) ->
                     # e.g. a $TMPDIR too deep for a Unix socket path: the file interface
                     # still works, only `orchestrator mcp` cannot reach this lease.
                     bound.error("agent_channel_unavailable", error=str(exc))
-                exit_status = await _run_agent(options, run, _agent_env(run), bound)
+                env = _agent_env(run)
+                if not await _set_up(link, run, env, bound):
+                    agent_done = True  # the lease was given back already
+                    tg.cancel_scope.cancel()
+                    return
+                exit_status = await _run_agent(options, run, env, bound)
                 agent_done = True
                 if not run.revoked:
                     # The agent's work is done: a SIGTERM now must not throw it away, so
@@ -287,6 +293,27 @@ async def _work_on(link: Link, options: WorkerOptions, lease: dict[str, Any]) ->
                         pass
     if run.revoked:
         bound.warning("agent_stopped", reason="lease revoked")
+
+
+async def _set_up(link: Link, run: _Run, env: dict[str, str], bound: Any) -> bool:
+    """``[workspace] setup`` before the agent, when the lease asks for it; False (the
+    lease released) when it failed."""
+    spec = SetupSpec.from_lease(run.lease)
+    if spec is None:
+        return True
+    if not spec.needed:
+        bound.info("workspace_setup_skipped", reason="kept paths match the cache key")
+        return True
+    bound.info("workspace_setup_started", command=list(spec.command))
+    outcome = await run_setup(spec, Path(run.lease["worktree"]), env)
+    if outcome.status == 0:
+        bound.info("workspace_setup_done")
+        return True
+    why = "timed out" if outcome.timed_out else f"exit status {outcome.status}"
+    bound.error("workspace_setup_failed", status=outcome.status, timed_out=outcome.timed_out)
+    tail = outcome.tail[-400:]
+    await _release(link, run.lease, f"[workspace] setup failed ({why}): {tail}", bound)
+    return False
 
 
 async def _report(link: Link, run: _Run, exit_status: int, bound: Any) -> None:
@@ -348,8 +375,15 @@ def _agent_env(run: _Run) -> dict[str, str]:
     feedback_file = run.files / "feedback.json"
     if handoff.get("feedback"):
         feedback_file.write_text(json.dumps(handoff["feedback"], indent=2), encoding="utf-8")
+    ports: dict[str, str] = {}
+    if isinstance(lease.get("portBase"), int):
+        # Ports of this lease's own (no other live lease or gate has them): for dev
+        # servers and tests that listen.
+        ports["ORCHESTRATOR_PORT_BASE"] = str(lease["portBase"])
+        ports["ORCHESTRATOR_PORT_COUNT"] = str(lease.get("portCount") or 1)
     return {
         **git_env_for_lease(Path(lease["worktree"]), dict(os.environ), run.files),
+        **ports,
         "ORCHESTRATOR_HANDOFF": handoff["name"],
         "ORCHESTRATOR_HANDOFF_FILE": str(handoff_file),
         "ORCHESTRATOR_WORKTREE": lease["worktree"],

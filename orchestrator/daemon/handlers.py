@@ -277,7 +277,10 @@ class Handlers:
         Workspace.import_lease_head): the lease's branch is not ours until then."""
         if not lease["branch"]:
             return "the lease has no branch"
-        return self.workspace.import_lease_head(lease["handoff"], lease["branch"], head)
+        ws = self.config.workspace
+        return self.workspace.import_lease_head(
+            lease["handoff"], lease["branch"], head, untracked_ok=(*ws.keep, *ws.copy_files)
+        )
 
     # ---- control methods --------------------------------------------------------------
 

@@ -15,7 +15,9 @@ import anyio
 
 from orchestrator.blocking import Offload
 from orchestrator.config import Config
+from orchestrator.daemon.ports import PortLedger, PortRange
 from orchestrator.daemon.server import Session
+from orchestrator.git.copy_files import copy_untracked
 from orchestrator.git.workspace import Workspace
 from orchestrator.handoff import template as handoff_model
 from orchestrator.observe import logs
@@ -45,6 +47,7 @@ class LeaseManager:
         self._changed = anyio.Event()
         self._holders: dict[str, Session] = {}
         self.stopping = False
+        self.ports = PortLedger(config.state_dir)
 
     def wake(self) -> None:
         """Something may have become dispatchable: wake every long-polling acquire."""
@@ -106,7 +109,9 @@ class LeaseManager:
     async def _prepare(self, session: Session, grant: Grant) -> dict[str, Any]:
         branch = handoff_model.branch_name(grant.handoff)
 
-        def prepare() -> tuple[str, str, str]:
+        workspace = self.config.workspace
+
+        def prepare() -> tuple[str, str, str, bool]:
             # A branch from an earlier attempt is kept as it is: its commits are the work
             # done so far. A new branch starts at the integration tip, which holds every
             # dependency, since a handoff is dispatched only once they are merged.
@@ -115,12 +120,24 @@ class LeaseManager:
             # The lease's repository gets origin/<integration branch> at this same tip.
             # It is made writable for the worker's uid (SO_PEERCRED), when not the daemon's.
             path = self.workspace.checkout_for_lease(
-                grant.handoff, branch, integration=tip, owner_uid=session.uid
+                grant.handoff, branch, integration=tip, owner_uid=session.uid, warm_up=workspace
+            )
+            copied = copy_untracked(self.workspace.repo_path, path, workspace.copy_files)
+            for rel, why in copied.skipped:
+                log.warning("copy_file_skipped", handoff=grant.handoff, path=rel, reason=why)
+            needed = bool(workspace.setup) and self.workspace.lease_warm_up(
+                grant.handoff, workspace
             )
             # Commits an unreported attempt left in its directory were taken just now.
-            return self.workspace.branch_tip(branch) or base, tip, str(path)
+            return self.workspace.branch_tip(branch) or base, tip, str(path), needed
 
-        base, integration, worktree = await self.offload.git(prepare)
+        base, integration, worktree, setup_needed = await self.offload.git(prepare)
+
+        def assign_ports() -> PortRange | None:
+            live = [row["id"] for row in self.store.open_leases()]
+            return self.ports.assign(grant.lease_id, self.config.workspace, live)
+
+        ports = await self.offload.db(assign_ports)
         expires = time.time() + self.config.lease_ttl_s
         await self.offload.db(
             self.store.set_lease_workspace,
@@ -144,6 +161,20 @@ class LeaseManager:
         )
         handoff = dict(grant.wire)
         handoff["feedback"] = grant.feedback
+        extra: dict[str, Any] = {}
+        if ports is not None:
+            # portBase .. portBase + portCount - 1: ports no other live lease or gate uses.
+            extra["portBase"] = ports.base
+            extra["portCount"] = ports.count
+        if workspace.setup:
+            # Run by the worker, as the agent's uid, in the worktree before the agent: the
+            # daemon never runs a command in a directory an agent writes.
+            extra["setup"] = {
+                "command": list(workspace.setup),
+                "needed": setup_needed,
+                "keep": list(workspace.keep),
+                "timeoutS": workspace.setup_timeout_s,
+            }
         return {
             "id": grant.lease_id,
             "token": grant.token,
@@ -156,6 +187,7 @@ class LeaseManager:
             "integrationCommit": integration,
             "attempt": grant.attempt,
             "expiresAt": rfc3339(expires),
+            **extra,
         }
 
     async def expire_forever(self) -> None:

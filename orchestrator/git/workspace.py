@@ -366,6 +366,7 @@ class Workspace:
         *,
         integration: str | None = None,
         owner_uid: int | None = None,
+        warm_up: WorkspaceConfig | None = None,
     ) -> Path:
         """Return ``worktrees_dir/<name>``: a repository of its own with ``branch`` checked
         out and nothing else in its working tree.
@@ -388,6 +389,10 @@ class Workspace:
         work there, when it is not the daemon's: it gets write access by POSIX ACLs (see
         orchestrator.git.lease_access); a directory an earlier lease of another uid had
         is not reused for it.
+
+        ``warm_up`` (``[workspace]``): its ``keep`` paths survive the clean while the
+        directory's recorded cache key is the one of ``branch``'s tip; see
+        :meth:`lease_warm_up`.
         """
         path = self._lease_path(name)
         if branch == self.integration_branch:
@@ -425,8 +430,16 @@ class Workspace:
                 reused = True
         if not reused:
             path.mkdir(mode=0o700)
+        spare: Sequence[str] = ()
+        # Kept and copied paths are never the agent's work: its `git add -A` skips them.
+        exclude = (*warm_up.keep, *warm_up.copy_files) if warm_up is not None else ()
+        if warm_up is not None and warm_up.keep:
+            if warm.read_stamp(self._state_dir / key) == warm.cache_key(self._repo, tip, warm_up):
+                spare = warm_up.keep
+            else:
+                warm.write_stamp(self._state_dir / key, None)
         try:
-            self._populate(path, key, branch, tip, origin, uid)
+            self._populate(path, key, branch, tip, origin, uid, spare=spare, exclude=exclude)
         except (GitError, OSError) as exc:
             if not reused:
                 raise
@@ -435,8 +448,27 @@ class Workspace:
             log.info("lease_directory_replaced", path=str(path), error=str(exc))
             self._discard(path, key)
             path.mkdir(mode=0o700)
-            self._populate(path, key, branch, tip, origin, uid)
+            self._populate(path, key, branch, tip, origin, uid, exclude=exclude)
         return path
+
+    def lease_warm_up(self, name: str, workspace: WorkspaceConfig) -> bool:
+        """Whether ``[workspace] setup`` must run in the lease directory ``name`` (just
+        checked out): its kept paths were not built for the key of what is checked out
+        there, or one is missing. The key is recorded now: the worker runs setup before
+        the agent (as the agent's uid, never the daemon), and removes the kept paths
+        when setup fails, so the next lease of the directory builds them again."""
+        key = _lease_key(name)
+        at = self._checked_out.get(key)
+        if at is None:
+            raise GitError(f"the lease directory {name!r} was not checked out by this daemon")
+        want = warm.cache_key(self._repo, at[0], workspace)
+        state = self._state_dir / key
+        path = self._lease_path(name)
+        needed = warm.read_stamp(state) != want or not all(
+            os.path.lexists(path / kept) for kept in workspace.keep
+        )
+        warm.write_stamp(state, want)
+        return needed
 
     def release_worktree(self, name: str) -> None:
         """Put the directory of the lease ``name`` back in the pool.
@@ -541,7 +573,9 @@ class Workspace:
             return False
         return True
 
-    def import_lease_head(self, name: str, branch: str, head: str) -> str:
+    def import_lease_head(
+        self, name: str, branch: str, head: str, *, untracked_ok: Sequence[str] = ()
+    ) -> str:
         """Take the reported ``head`` from the lease repository ``name`` into ours.
 
         ``refs/heads/<branch>`` of the lease repository is fetched (by our repository,
@@ -549,7 +583,8 @@ class Workspace:
         ``refs/orchestrator/leases/<name>``; it must be ``head``, and the lease's working
         tree must have no uncommitted changes. Then our ``refs/heads/<branch>`` is moved to
         ``head``: it is where the next attempt starts. Returns why the report does not
-        match, or "" when it does.
+        match, or "" when it does. ``untracked_ok``: paths (``[workspace] keep`` and
+        ``copy_files``) whose files do not count as uncommitted changes.
         """
         path = self._lease_path(name)
         _check_branch_name(branch)
@@ -573,7 +608,7 @@ class Workspace:
                 "commit your work on the branch and report its tip"
             )
         try:
-            dirty = self._lease_dirty(path, head)
+            dirty = self._lease_dirty(path, head, untracked_ok)
         except GitError as exc:
             return f"could not read the lease's working tree: {exc}"
         if dirty:
@@ -650,9 +685,13 @@ class Workspace:
         tip: str,
         integration: str,
         uid: int | None = None,
+        *,
+        spare: Sequence[str] = (),
+        exclude: Sequence[str] = (),
     ) -> None:
         """Check ``tip`` out in ``path`` with a ``.git`` made from scratch; ``uid`` (not
-        the daemon's) gets write access to all of it."""
+        the daemon's) gets write access to all of it; ``spare``: kept paths the clean
+        leaves alone."""
         granted = self._granted.get(key)
         if granted is not None and granted != uid:
             # Files the earlier uid created are its own: only a new directory is clean.
@@ -667,7 +706,7 @@ class Workspace:
             self._granted[key] = uid
         build = Path(tempfile.mkdtemp(prefix="git-", dir=self._build_dir))
         try:
-            self._write_git_dir(build, branch, tip, integration)
+            self._write_git_dir(build, branch, tip, integration, exclude)
             state = self._state_dir / key
             state.mkdir(exist_ok=True)
             index = state / "index"
@@ -689,7 +728,9 @@ class Workspace:
                 "--",
                 index=index,
             )
-            self._lease_git(build, path, "clean", "-ffdxq", index=index)
+            self._lease_git(
+                build, path, "clean", "-ffdxq", *warm.clean_excludes(spare), index=index
+            )
             shutil.copyfile(index, build / "index")
             if uid is not None:
                 lease_access.grant(build, uid)
@@ -707,7 +748,14 @@ class Workspace:
         # The old .git waits in the trash: deleting it (the agent's objects too) is left
         # to release_worktree and recover, off the path of a lease being granted.
 
-    def _write_git_dir(self, build: Path, branch: str | None, tip: str, integration: str) -> None:
+    def _write_git_dir(
+        self,
+        build: Path,
+        branch: str | None,
+        tip: str,
+        integration: str,
+        exclude: Sequence[str] = (),
+    ) -> None:
         integ = self.integration_branch
         objects = self._common_dir / "objects"
         # As few entries as git needs (each costs a syscall now and one when it is
@@ -738,10 +786,13 @@ class Workspace:
             "packed-refs": packed,
             "objects/info/alternates": f"{objects}\n",
         }
+        if exclude:
+            (build / "info").mkdir(exist_ok=True)
+            files["info/exclude"] = "".join(f"/{p}\n" for p in exclude)
         for rel, text in files.items():
             (build / rel).write_text(text, encoding="utf-8")
 
-    def _lease_dirty(self, path: Path, head: str) -> list[str]:
+    def _lease_dirty(self, path: Path, head: str, untracked_ok: Sequence[str] = ()) -> list[str]:
         """Uncommitted changes in the lease at ``path`` against ``head``, read with a
         git dir of ours and a copy of the agent's index (its stat data saves rehashing
         every file); the agent's config, hooks and fsmonitor play no part."""
@@ -772,6 +823,9 @@ class Workspace:
                 "--untracked-files=all",
                 "--no-renames",
                 "--ignore-submodules=all",
+                "--",
+                ":(top)",
+                *(f":(top,exclude){p}" for p in untracked_ok),
             ).stdout
         finally:
             shutil.rmtree(build, ignore_errors=True)

@@ -18,6 +18,8 @@ import anyio
 
 from orchestrator.blocking import Offload
 from orchestrator.config import Config, GateConfig
+from orchestrator.daemon.ports import gate_range
+from orchestrator.git.copy_files import copy_untracked
 from orchestrator.git.workspace import (
     GIT_TIMEOUT_S,
     GitError,
@@ -715,6 +717,11 @@ class MergeQueue:
         batch = batch or [job]
         if len(batch) > 1:
             env["ORCHESTRATOR_BATCH"] = " ".join(j.name for j in batch)
+        ports = gate_range(workspace, slot)
+        if ports is not None:
+            # Gates of parallel slots (and the agents) never share a port.
+            env["ORCHESTRATOR_PORT_BASE"] = str(ports.base)
+            env["ORCHESTRATOR_PORT_COUNT"] = str(ports.count)
         result: GateResult | None = None
         for gate in self.config.gates:
             key = gate_fingerprint(gate, self.config.gate_sandbox)
@@ -754,6 +761,15 @@ class MergeQueue:
                         keep=workspace.keep,
                         key=warm_key,
                     )
+                    if workspace.copy_files:
+                        copied = await self.offload.git(
+                            copy_untracked,
+                            self.workspace.repo_path,
+                            checkout,
+                            workspace.copy_files,
+                        )
+                        for rel, why in copied.skipped:
+                            bound.warning("copy_file_skipped", path=rel, reason=why)
                     setup_failed = await self._warm_up(
                         batch, candidate, checkout, env, bound, warm_key
                     )
