@@ -49,8 +49,9 @@ fuzz: $(STAMP)
 		$(BIN)/python -m pytest -q -s -o timeout=0 tests/test_fuzz_protocol.py tests/test_fuzz_handoff.py \
 		tests/test_hostile.py
 
+# make demo DEMO_ARGS=--mcp: the agents are the claude recipe on a stand-in that talks MCP.
 demo: $(STAMP)
-	$(BIN)/orchestrator demo
+	$(BIN)/orchestrator demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole flow on a sample repository")
     p.add_argument("--dir", default=None, help="where to build it (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the demo directory")
+    p.add_argument(
+        "--mcp",
+        action="store_true",
+        help="agents are the claude recipe on a stand-in CLI that talks MCP",
+    )
     return parser
 
 
@@ -397,7 +402,7 @@ def _run(args: argparse.Namespace) -> int:
     if command == "demo":
         from orchestrator.demo import run_demo
 
-        return run_demo(Path(args.dir) if args.dir else None, keep=args.keep)
+        return run_demo(Path(args.dir) if args.dir else None, keep=args.keep, mcp=args.mcp)
     raise AssertionError(command)
 
 

@@ -40,3 +40,23 @@ def test_demo_merges_all_three_examples(tmp_path: Path) -> None:
         for line in plan.splitlines():
             if line.startswith("- "):
                 assert f"- ✅ {line[2:]}\n" in out or f"- ❌ {line[2:]}\n" in out, line
+
+
+def test_demo_runs_with_the_claude_recipe_on_a_stand_in_that_talks_mcp(tmp_path: Path) -> None:
+    pytest.importorskip("mcp", reason="the MCP SDK is the optional extra orchestrator[mcp]")
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "demo", "--mcp", "--dir", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "orchestrator worker --agent claude" in out
+    # Progress came through the MCP tool (the stand-in writes no progress file) or the
+    # CLI's stream-json output, which the recipe reads (each shown while it lasts).
+    assert "reading the code" in out or "claude started (demo stand-in)" in out
+    assert "gate_failed" in out and out.count("Merge handoff ") == 3
+    # The first two handoffs' completed reports were submitted as fields over MCP.
+    assert "Empty input now raises EmptyExpressionError" in out
+    assert "Traceback" not in result.stderr
+    logs = [log.read_text() for log in (tmp_path / "demo").glob("worker-*.log")]
+    assert any('"agent": "claude"' in text or "agent=claude" in text for text in logs), logs

@@ -3,10 +3,16 @@
 It builds a small calculator project with a real test suite, starts the daemon with that
 suite as its gate, submits the three example handoffs, and attaches three real workers
 whose agents are scripted (one breaks the tests first and repairs from the feedback).
+With ``--mcp`` the workers run the ``claude`` recipe (``orchestrator worker --agent
+claude``) on a stand-in CLI (orchestrator.demo.stand_in) that works only through
+``orchestrator mcp``.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -90,12 +96,19 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def run_demo(directory: Path | None, *, keep: bool = False) -> int:
-    """Run the demo; 0 when every example handoff was merged."""
+def run_demo(directory: Path | None, *, keep: bool = False, mcp: bool = False) -> int:
+    """Run the demo; 0 when every example handoff was merged. ``mcp``: the agents are the
+    claude recipe's stand-in, talking MCP."""
     if not EXAMPLES.is_dir():
         print(
             f"demo: cannot find the example handoffs in {EXAMPLES}; run it from a clone "
             "of the repository (make demo)",
+            file=sys.stderr,
+        )
+        return 2
+    if mcp and importlib.util.find_spec("mcp") is None:
+        print(
+            "demo --mcp: the MCP SDK is not installed; pip install 'orchestrator[mcp]'",
             file=sys.stderr,
         )
         return 2
@@ -107,7 +120,7 @@ def run_demo(directory: Path | None, *, keep: bool = False) -> int:
         root = directory.resolve()
         root.mkdir(parents=True, exist_ok=True)
     try:
-        return anyio.run(_demo, root)
+        return anyio.run(_demo, root, mcp)
     finally:
         if holder is not None:
             if keep:
@@ -116,7 +129,7 @@ def run_demo(directory: Path | None, *, keep: bool = False) -> int:
                 holder.cleanup()
 
 
-async def _demo(root: Path) -> int:
+async def _demo(root: Path, mcp: bool = False) -> int:
     _say(f"== orchestrator demo in {root}")
     build_sample_repo(root / "repo")
     config = load(write_config(root))
@@ -142,8 +155,14 @@ async def _demo(root: Path) -> int:
                 )
                 _say(f"== submitted {', '.join(result['names'])}")
                 for index in range(1, 4):
-                    workers.append(_start_worker(root, config.socket, index))
-                _say("== three workers attached, each running the scripted agent\n")
+                    workers.append(_start_worker(root, config.socket, index, mcp=mcp))
+                if mcp:
+                    _say(
+                        "== three workers attached: `orchestrator worker --agent claude`, on a "
+                        "stand-in claude that talks MCP\n"
+                    )
+                else:
+                    _say("== three workers attached, each running the scripted agent\n")
                 ok = await _watch(client, result["names"])
                 await _finale(client, root, result["names"], daemon.metrics_port)
             # Let every peer hang up before the daemon stops, as in an orderly shutdown.
@@ -176,28 +195,37 @@ def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
             worker.wait()
 
 
-def _start_worker(root: Path, socket: Path, index: int) -> subprocess.Popen[bytes]:
+def _stand_in_path(root: Path) -> str:
+    """A PATH whose ``claude`` is the demo's stand-in (orchestrator.demo.stand_in)."""
+    bin_dir = root / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "claude"
+    script.write_text(
+        f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m orchestrator.demo.stand_in "$@"\n',
+        encoding="utf-8",
+    )
+    script.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def _start_worker(
+    root: Path, socket: Path, index: int, *, mcp: bool = False
+) -> subprocess.Popen[bytes]:
     log = (root / f"worker-{index}.log").open("wb")
+    base = [sys.executable, "-m", "orchestrator", "--socket", str(socket), "worker"]
+    base += ["--name", f"agent-{index}", "--wait", "2"]
+    env = dict(os.environ)
+    if mcp:
+        argv = [*base, "--agent", "claude"]
+        env["PATH"] = _stand_in_path(root)
+    else:
+        argv = [*base, "--", sys.executable, "-m", "orchestrator.demo.agent"]
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator",
-            "--socket",
-            str(socket),
-            "worker",
-            "--name",
-            f"agent-{index}",
-            "--wait",
-            "2",
-            "--",
-            sys.executable,
-            "-m",
-            "orchestrator.demo.agent",
-        ],
+        argv,
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
+        env=env,
     )
 
 
@@ -227,7 +255,7 @@ async def _watch(client: Client, names: list[str]) -> bool:
             merges_seen[h["name"]] = len(record["merges"])
             extra = ""
             if h["state"] == "leased" and progress.get("message"):
-                extra = f"  {progress.get('percent') or 0:>3}% {visible(progress['message'])}"
+                extra = f"  {int(progress.get('percent') or 0):>3}% {visible(progress['message'])}"
             elif h["state"] == "leased" and record.get("feedback"):
                 extra = f"  (with feedback: {visible(str(record['feedback']['reason']))})"
             elif h["state"] == "merged":

@@ -12,7 +12,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from orchestrator.demo import sample
 from orchestrator.handoff import template as handoff_model
@@ -103,41 +105,51 @@ def _report(doc: handoff_model.Handoff, summary: str) -> None:
 
 def main() -> int:
     body = sys.stdin.read()
-    doc = handoff_model.parse(body)
     feedback_file = Path(os.environ["ORCHESTRATOR_FEEDBACK_FILE"])
     feedback = json.loads(feedback_file.read_text()) if feedback_file.is_file() else None
+    return run_script(handoff_model.parse(body), feedback)
+
+
+def run_script(
+    doc: handoff_model.Handoff,
+    feedback: dict[str, Any] | None,
+    progress: Callable[[int, str], None] = _progress,
+    report: Callable[[handoff_model.Handoff, str], None] = _report,
+) -> int:
+    """The scripted work for each example handoff; ``progress`` and ``report`` say how it
+    is told (the files of ``$ORCHESTRATOR_*``, or MCP tools: orchestrator.demo.stand_in)."""
     name = doc.name
-    _progress(10, "reading the code")
+    progress(10, "reading the code")
     if feedback is not None and feedback.get("reason") == "conflict":
-        _progress(20, "merging the integration branch to resolve the conflict")
+        progress(20, "merging the integration branch to resolve the conflict")
         _merge_integration()
     if name == "handoff-1-critical":
-        _progress(40, "regression test written")
+        progress(40, "regression test written")
         _write(sample.FIX_EMPTY_INPUT)
-        _progress(80, "parser fixed")
+        progress(80, "parser fixed")
         _commit("Reject empty input with a clear error")
-        _report(doc, "Empty input now raises EmptyExpressionError; regression test added.")
+        report(doc, "Empty input now raises EmptyExpressionError; regression test added.")
     elif name == "handoff-2-patterns":
         if feedback is None:
-            _progress(50, "extracting the shared validation")
+            progress(50, "extracting the shared validation")
             _write(sample.EXTRACT_PATTERN_BROKEN)  # left uncommitted: the worker commits it
         else:
-            _progress(50, f"repairing after feedback: {feedback['detail'][:60]}")
+            progress(50, f"repairing after feedback: {feedback['detail'][:60]}")
             _write(sample.EXTRACT_PATTERN_FIXED)
             _commit("Fix spread() after the gate failure")
-            _report(
+            report(
                 doc,
                 "Operand checks live in require_number(); its int() truncation, caught by the "
                 "gate, was repaired from the feedback.",
             )
     elif name == "handoff-3-ux":
-        _progress(50, "wrapping errors for people")
+        progress(50, "wrapping errors for people")
         _write(sample.FRIENDLY_ERRORS)
         _commit("Friendly command-line errors")
     else:
         print(f"demo agent: no script for {name}", file=sys.stderr)
         return 1
-    _progress(100, "done")
+    progress(100, "done")
     return 0
 
 
