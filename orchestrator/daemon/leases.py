@@ -125,9 +125,9 @@ class LeaseManager:
             copied = copy_untracked(self.workspace.repo_path, path, workspace.copy_files)
             for rel, why in copied.skipped:
                 log.warning("copy_file_skipped", handoff=grant.handoff, path=rel, reason=why)
-            needed = bool(workspace.setup) and self.workspace.lease_warm_up(
-                grant.handoff, workspace
-            )
+            # Without setup, what the agent builds in the kept paths serves the next lease.
+            warm = bool(workspace.keep or workspace.setup)
+            needed = warm and self.workspace.lease_warm_up(grant.handoff, workspace)
             # Commits an unreported attempt left in its directory were taken just now.
             return self.workspace.branch_tip(branch) or base, tip, str(path), needed
 
