@@ -314,3 +314,75 @@ def test_failed_setup_gives_the_lease_back_and_is_run_again(tmp_path: Path, repo
     assert seen["attempt"] == 2 and seen["venv"] == "v1\n"
     assert got["attempt"] == 2
     assert "workspace_setup_failed" in (tmp_path / "w.log").read_text()
+
+
+# ------------------------------------------------------------------ an agent of its own uid
+
+UID_SETUP = """
+import os, pathlib, sys
+pathlib.Path(".venv").mkdir()
+with open(sys.argv[1], "a") as log:
+    log.write(f"{os.getuid()}\\n")
+"""
+
+
+def test_setup_runs_as_the_agents_uid_and_it_can_read_the_copied_env_file() -> None:
+    # The second-user machinery of tests/test_agent_uid.py (useradd, a worker that drops
+    # to that uid, a scratch directory it can reach).
+    import shutil
+    import tempfile
+
+    from conftest import make_repo
+    from test_agent_uid import agent_user, start_worker_as
+
+    user = agent_user()
+    python = "/usr/bin/python3"
+    if not os.access(python, os.X_OK):
+        pytest.skip(f"{python} is needed to run the test agent as a second user")
+    shared = Path(tempfile.mkdtemp(prefix="orchestrator-lease-env-"))
+    shared.chmod(0o755)
+    daemon: Daemon | None = None
+    try:
+        repo = make_repo(shared / "repo")
+        (repo / ".gitignore").write_text(".env\n.venv\n")
+        git(repo, "add", ".gitignore")
+        git(repo, "commit", "-q", "-m", "ignore local files")
+        (repo / ".env").write_text("SECRET=42\n")
+        os.chmod(repo / ".env", 0o600)
+        home = shared / "agent-home"
+        home.mkdir()
+        os.chown(home, user.pw_uid, user.pw_gid)
+        setup_log, record = home / "setup.log", home / "record.jsonl"
+        extra = f"""
+[workspace]
+setup = ["{python}", "-c", {literal(UID_SETUP)}, "{setup_log}"]
+keep = [".venv"]
+cache_key_files = [".gitignore"]
+copy_files = [".env"]
+"""
+        config = write_config(
+            shared,
+            repo,
+            extra=f'allowed_uids = [{user.pw_uid}]\nsocket_mode = "0666"',
+            gates=extra,
+        )
+        daemon = Daemon(config, shared / "daemon.log").start()
+        env = {"AGENT_RECORD": str(record), "PYTHONPATH": str(Path(__file__).parents[1])}
+        worker = start_worker_as(
+            user, home, daemon.socket, "probes_workspace.py", shared / "w.log", "w", python, env
+        )
+        try:
+            control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("mine")]})
+            wait_for(lambda: states(daemon.socket)["mine"] == "merged", "mine merged")
+        finally:
+            os.killpg(worker.pid, 9)
+            worker.wait()
+        # Setup ran once, as the agent's uid (never the daemon's), before the agent, which
+        # read the .env the daemon copied (0600 in repository.path, root's).
+        assert setup_log.read_text() == f"{user.pw_uid}\n"
+        [seen] = records(record)
+        assert seen["env_file"] == "SECRET=42\n"
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        shutil.rmtree(shared, ignore_errors=True)
