@@ -386,3 +386,23 @@ copy_files = [".env"]
         if daemon is not None:
             daemon.stop()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_range_comes_free_when_its_lease_ends_and_ports_can_be_off(tmp_path: Path) -> None:
+    from orchestrator.config import WorkspaceConfig
+    from orchestrator.daemon.ports import PortLedger, gate_range
+
+    ws = WorkspaceConfig(ports_per_lease=4, port_base=40000)
+    ledger = PortLedger(tmp_path)
+    a = ledger.assign("a", ws, ["a"])
+    b = ledger.assign("b", ws, ["a", "b"])
+    assert a is not None and b is not None and not a.overlaps(b)
+    assert ledger.assign("a", ws, ["a", "b"]) == a  # asked again: the same range
+    # "a" ended: its range goes to the next lease; "b" keeps its own.
+    c = PortLedger(tmp_path).assign("c", ws, ["b", "c"])
+    assert c == a
+    first_gate = gate_range(ws, 0)
+    assert first_gate is not None and first_gate.base == 40000
+    off = WorkspaceConfig(ports_per_lease=0)
+    assert PortLedger(tmp_path).assign("d", off, ["d"]) is None
+    assert gate_range(off, 0) is None
