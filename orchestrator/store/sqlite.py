@@ -1308,11 +1308,18 @@ class Store:
     # ---- asking a person --------------------------------------------------------------
 
     def ask(
-        self, lease_id: str, token: int, question: Question, *, now: float, worker: str | None
+        self,
+        lease_id: str,
+        token: int,
+        question: Question,
+        *,
+        now: float,
+        worker: str | None,
+        uid: int | None = None,
     ) -> str:
         """Record the lease's question (replacing one it asked before); the handoff's name."""
         with self._tx() as c:
-            row = self._held(c, lease_id, token, now, worker)
+            row = self._held(c, lease_id, token, now, worker, uid)
             c.execute(
                 "UPDATE questions SET closed_at = ? WHERE lease_id = ? AND closed_at IS NULL",
                 (now, lease_id),
