@@ -38,3 +38,66 @@ def test_lease_ask_is_bound_to_the_uid_that_acquired_the_lease(
             replies)
     finally:
         holder.close()
+
+
+# The gate runs the repository's own check through a runner that setup installs in the
+# kept .venv (as `.venv/bin/pytest` would be): realistic for [workspace] keep.
+_SETUP = (
+    "import pathlib; v = pathlib.Path('.venv'); v.mkdir(); (v / 'runner.py').write_text("
+    "'import subprocess, sys\\nsys.exit(subprocess.call([sys.executable, \"check.py\"]))\\n')"
+)
+_CHECK = "import sys\nsys.path.insert(0, 'src')\nimport app\nassert app.answer() == 42\n"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hole: a failed gate run leaves what it wrote in the kept paths and the warm "
+    "stamp stays valid (queue._run_gates returns before any re-stamp, gate_checkout spares "
+    "keep while the stamp matches), so a refused candidate decides later candidates' gates",
+)
+def test_a_refused_candidate_cannot_make_a_later_broken_one_pass(
+    tmp_path: Path, repo: Path
+) -> None:
+    import sys
+
+    from conftest import git
+    from harness import Daemon, kill_group, start_worker, states, wait_for, write_config
+
+    (repo / "deps.lock").write_text("v1\n")
+    (repo / "check.py").write_text(_CHECK)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "check and lock")
+    gates = f"""
+[workspace]
+setup = ["{sys.executable}", "-c", '''{_SETUP}''']
+keep = [".venv"]
+cache_key_files = ["deps.lock"]
+[[gates]]
+name = "tests"
+run = ["{sys.executable}", ".venv/runner.py"]
+timeout_s = 120
+"""
+    config = write_config(tmp_path, repo, gates=gates, merge='on_gate_failure = "hold"')
+    running = Daemon(config, tmp_path / "daemon.log").start()
+    sock = running.socket
+    log = tmp_path / "worker.log"
+
+    def run(agent: str, name: str) -> str:
+        control(sock, "handoff.submit", {"markdown": [handoff_doc(name)]})
+        worker = start_worker(sock, agent, log, extra=["--max-handoffs", "1"])
+        try:
+            assert worker.wait(timeout=120) == 0, log.read_text()
+            wait_for(lambda: states(sock)[name] in ("merged", "failed", "conflict", "held"),
+                     f"{name} to be gated")
+        finally:
+            kill_group(worker)
+        return states(sock)[name]
+
+    try:
+        assert run("good.py", "warm") == "merged"  # setup builds the kept .venv
+        assert run("review_poisons_kept.py", "poison") != "merged"  # refused
+        # A change that breaks check.py's assertion must not pass the gate.
+        assert run("breaks_tests.py", "broken") != "merged", (
+            control(sock, "handoff.get", {"name": "broken"})["gates"])
+    finally:
+        running.stop()
