@@ -101,3 +101,65 @@ timeout_s = 120
             control(sock, "handoff.get", {"name": "broken"})["gates"])
     finally:
         running.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hole: the daemon's git reads the lease's .git (git fetch from it runs "
+    "upload-pack there), a FIFO there blocks that git for GIT_TIMEOUT_S (1800 s) on the one "
+    "git lane, and a heartbeat's head triggers it: every lease, report and merge waits",
+)
+def test_a_fifo_in_a_lease_git_dir_does_not_wedge_other_workers(
+    tmp_path: Path, repo: Path
+) -> None:
+    import contextlib
+    import os
+    import signal
+    import socket
+    import time
+
+    from harness import Daemon, host_pids, write_config
+
+    config = write_config(tmp_path, repo, merge="paused = true")
+    running = Daemon(config, tmp_path / "daemon.log").start()
+    sock = running.socket
+    fifo = None
+    holder, other = Conn(sock), Conn(sock)
+    try:
+        control(sock, "handoff.submit", {"markdown": [handoff_doc("a"), handoff_doc("b")]})
+        holder.initialize("worker", name="attacker")
+        lease = holder.request("lease.acquire", {"waitS": 30})["result"]["lease"]
+        fifo = Path(lease["worktree"]) / ".git" / "packed-refs"
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo)  # what the agent, which writes its lease directory, can do
+        reply = holder.request(
+            "lease.heartbeat", {"leaseId": lease["id"], "token": lease["token"], "head": "ab" * 20}
+        )
+        assert "result" in reply, reply
+        other.initialize("worker", name="victim")
+        other.sock.settimeout(20)
+        try:
+            got = other.request("lease.acquire", {"waitS": 0})
+        except (TimeoutError, socket.timeout):
+            got = None
+        assert got is not None and got["result"]["lease"] is not None, (
+            "another worker's lease.acquire waited on the attacker's hung git fetch")
+    finally:
+        holder.close()
+        other.close()
+        # The hung git (a child of the daemon, reading the FIFO) is ended by its pid, so
+        # the daemon can stop and nothing is left behind.
+        def hung() -> list[int]:
+            return host_pids(str(tmp_path / "state" / "worktrees" / "a" / ".git"))
+
+        for _ in range(50):  # a heartbeat queued meanwhile may start another fetch
+            pids = hung()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if not pids:
+                break
+            time.sleep(0.1)
+        if fifo is not None:
+            fifo.unlink(missing_ok=True)
+        running.stop()
