@@ -115,7 +115,6 @@ def test_a_fifo_in_a_lease_git_dir_does_not_wedge_other_workers(
     import contextlib
     import os
     import signal
-    import socket
     import time
 
     from harness import Daemon, host_pids, write_config
@@ -140,7 +139,7 @@ def test_a_fifo_in_a_lease_git_dir_does_not_wedge_other_workers(
         other.sock.settimeout(20)
         try:
             got = other.request("lease.acquire", {"waitS": 0})
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             got = None
         assert got is not None and got["result"]["lease"] is not None, (
             "another worker's lease.acquire waited on the attacker's hung git fetch")
