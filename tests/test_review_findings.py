@@ -162,3 +162,69 @@ def test_a_fifo_in_a_lease_git_dir_does_not_wedge_other_workers(
         if fifo is not None:
             fifo.unlink(missing_ok=True)
         running.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hole: gate_checkout runs `git checkout -f` in the gate worktree before cleaning "
+    "it, and git reads a .gitattributes the last gate left there (a FIFO: blocked for "
+    "GIT_TIMEOUT_S on the git lane), so one gate run wedges every later merge",
+)
+def test_a_gate_cannot_leave_a_fifo_that_wedges_the_next_checkout(
+    tmp_path: Path, repo: Path
+) -> None:
+    import contextlib
+    import os
+    import signal
+    import sys
+    import time
+
+    from conftest import git
+    from harness import Daemon, host_pids, kill_group, start_worker, states, wait_for, write_config
+
+    (repo / "check.py").write_text("pass\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "check")
+    gates = f"""
+[[gates]]
+name = "tests"
+run = ["{sys.executable}", "check.py"]
+timeout_s = 60
+"""
+    running = Daemon(write_config(tmp_path, repo, gates=gates), tmp_path / "daemon.log").start()
+    sock = running.socket
+    log = tmp_path / "worker.log"
+    gate_dir = str(tmp_path / "state" / "worktrees" / ".gate")
+    try:
+        control(sock, "handoff.submit", {"markdown": [handoff_doc("fifo")]})
+        worker = start_worker(sock, "review_fifo_gate.py", log, extra=["--max-handoffs", "1"])
+        try:
+            assert worker.wait(timeout=120) == 0, log.read_text()
+        finally:
+            kill_group(worker)
+        wait_for(lambda: states(sock)["fifo"] == "merged", "the FIFO-leaving handoff to land")
+        control(sock, "handoff.submit", {"markdown": [handoff_doc("next")]})
+        worker = start_worker(sock, "good.py", log, extra=["--max-handoffs", "1"])
+        try:
+            assert worker.wait(timeout=120) == 0, log.read_text()
+        finally:
+            kill_group(worker)
+        decided = ("merged", "failed", "conflict", "held")
+        try:
+            wait_for(lambda: states(sock)["next"] in decided, "next to be gated", timeout=30)
+        except AssertionError:
+            hung = [Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[-120:]
+                    for p in host_pids(gate_dir) if p != running.process.pid]
+            pytest.fail(f"the daemon's checkout of the next candidate hangs: {hung}")
+    finally:
+        for _ in range(50):
+            pids = [p for p in host_pids(gate_dir) if p != running.process.pid]
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if not pids:
+                break
+            time.sleep(0.1)
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(gate_dir, ".gitattributes"))
+        running.stop()
