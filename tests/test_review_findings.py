@@ -228,3 +228,74 @@ timeout_s = 60
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(gate_dir, ".gitattributes"))
         running.stop()
+
+
+STORE_WRITER = r"""
+import os, shutil, sqlite3, sys, tempfile
+os.setgroups([int(sys.argv[3])]); os.setgid(int(sys.argv[3])); os.setuid(int(sys.argv[2]))
+copy = os.path.join(tempfile.mkdtemp(), "store")
+for suffix in ("", "-wal"):  # what the group may read: the store and its write-ahead log
+    if os.path.exists(sys.argv[1] + suffix):
+        shutil.copyfile(sys.argv[1] + suffix, copy + suffix)
+conn = sqlite3.connect(copy)
+print(conn.execute("SELECT id, token FROM leases").fetchall())
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hole: the shipped unit (UMask=0007, StateDirectoryMode=0750, group orchestrator) "
+    "tells agents of other uids to join the orchestrator group (allowed_gids), and the store "
+    "and its WAL are created 0640 in that group: such an agent reads every lease's id and "
+    "token, every handoff, answer and gate log",
+)
+def test_an_agent_in_the_service_group_cannot_read_the_store(
+    tmp_path: Path, repo: Path
+) -> None:
+    import grp
+    import os
+    import subprocess
+    import sys
+
+    from harness import Daemon, write_config
+
+    if os.getuid() != 0:
+        pytest.skip("needs root to create a group and a second user")
+    group = "orch-review-svc"
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        subprocess.run(["groupadd", "--system", group], check=True)
+        gid = grp.getgrnam(group).gr_gid
+    agent = _agent()
+    # As systemd makes it for the unit: the service's group owns the state directory (its
+    # files inherit the group here through setgid, as the daemon's primary group does there).
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 0, gid)
+    state.chmod(0o2750)
+    for parent in state.parents:
+        if parent == Path("/"):
+            break
+        parent.chmod(parent.stat().st_mode | 0o001)
+    config = write_config(tmp_path, repo, extra=f"allowed_gids = [{gid}]", merge="paused = true")
+    old = os.umask(0o007)  # the unit's UMask=
+    try:
+        running = Daemon(config, tmp_path / "daemon.log").start()
+    finally:
+        os.umask(old)
+    holder = Conn(running.socket)
+    try:
+        control(running.socket, "handoff.submit", {"markdown": [handoff_doc("secret")]})
+        holder.initialize("worker", name="w")
+        lease = holder.request("lease.acquire", {"waitS": 30})["result"]["lease"]
+        done = subprocess.run(
+            [sys.executable, "-c", STORE_WRITER, str(state / "orchestrator.sqlite3"),
+             str(agent.pw_uid), str(gid)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        assert lease["id"] not in done.stdout, (
+            f"an agent in the service group read every lease's id and token: {done.stdout}")
+    finally:
+        holder.close()
+        running.stop()
