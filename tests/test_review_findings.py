@@ -11,12 +11,6 @@ from test_identity import _agent, _worker_calls, daemon  # noqa: F401  (fixture)
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: lease.ask checks the worker name but not the uid (handlers.py lease_ask, "
-    "store.ask take no uid), so another allowed uid using the holder's worker name can "
-    "replace the lease's question",
-)
 def test_lease_ask_is_bound_to_the_uid_that_acquired_the_lease(
     daemon: tuple[object, Path],  # noqa: F811
 ) -> None:
@@ -49,12 +43,6 @@ _SETUP = (
 _CHECK = "import sys\nsys.path.insert(0, 'src')\nimport app\nassert app.answer() == 42\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: a failed gate run leaves what it wrote in the kept paths and the warm "
-    "stamp stays valid (queue._run_gates returns before any re-stamp, gate_checkout spares "
-    "keep while the stamp matches), so a refused candidate decides later candidates' gates",
-)
 def test_a_refused_candidate_cannot_make_a_later_broken_one_pass(
     tmp_path: Path, repo: Path
 ) -> None:
@@ -103,12 +91,6 @@ timeout_s = 120
         running.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: the daemon's git reads the lease's .git (git fetch from it runs "
-    "upload-pack there), a FIFO there blocks that git for GIT_TIMEOUT_S (1800 s) on the one "
-    "git lane, and a heartbeat's head triggers it: every lease, report and merge waits",
-)
 def test_a_fifo_in_a_lease_git_dir_does_not_wedge_other_workers(
     tmp_path: Path, repo: Path
 ) -> None:
@@ -164,12 +146,6 @@ def test_a_fifo_in_a_lease_git_dir_does_not_wedge_other_workers(
         running.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: gate_checkout runs `git checkout -f` in the gate worktree before cleaning "
-    "it, and git reads a .gitattributes the last gate left there (a FIFO: blocked for "
-    "GIT_TIMEOUT_S on the git lane), so one gate run wedges every later merge",
-)
 def test_a_gate_cannot_leave_a_fifo_that_wedges_the_next_checkout(
     tmp_path: Path, repo: Path
 ) -> None:
