@@ -182,6 +182,11 @@ def test_readme_run_as_a_service(box: Box, service: dict[str, Ran]) -> None:
     ready = json_stream(jq.output)
     assert ready and all(r["event"] == "daemon_ready" for r in ready), jq.output
     assert box.prop("orchestrator-worker@claude-1", "ActiveState") == "active"
+    # make install-service admitted the agent user in the config it installed
+    agent_uid = box.sh("id -u orchestrator-agent").strip()
+    config = box.path("/etc/orchestrator/orchestrator.toml").read_text()
+    assert f"allowed_uids = [{agent_uid}]" in config
+    assert f"allowed_uids = [{agent_uid}]" in service["sudo make install-service"].output
 
 
 def test_a_handoff_lands_through_a_worker_unit_running_as_the_agent_user(box: Box) -> None:
