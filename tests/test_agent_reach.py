@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import git, make_repo
+from harness import Daemon, wait_for, write_config
 
 from orchestrator.agent.worker import git_env_for_lease
 from orchestrator.config import Config
@@ -149,3 +151,39 @@ def test_an_admitted_agent_reaches_its_lease_and_the_repository_not_the_store(
     finally:
         listener.close()
         store.close()
+
+
+def test_a_reload_that_admits_a_uid_opens_the_paths_to_it(
+    shared: Path, umask_0007: None
+) -> None:
+    """The running daemon (under the unit's umask) opens the state directory, the socket
+    and the repository to a uid that `systemctl reload` adds to allowed_uids."""
+    user = agent_user()
+    repo = make_repo(shared / "project")
+    state = shared / "state"
+    state.mkdir(mode=0o750)
+    config = write_config(shared, repo)
+    daemon = Daemon(config, shared / "daemon.log").start()
+    env = {"PATH": os.environ["PATH"], "HOME": "/nonexistent"}
+    git_read = ("git", f"--git-dir={repo / '.git'}", "-c", "safe.directory=*", "cat-file",
+                "-e", "main^{tree}")
+    try:
+        assert run_as(user, shared, env, "stat", str(state / "worktrees"))[0] != 0
+        assert run_as(user, shared, env, *git_read)[0] != 0
+        config.write_text(config.read_text().replace(
+            "[daemon]\n", f"[daemon]\nallowed_uids = [{user.pw_uid}]\n"))
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: any(e.get("event") == "config_reloaded" for e in daemon.logs()),
+                 "the reload")
+        rc, out = run_as(user, shared, env, "stat", str(state / "worktrees"))
+        assert rc == 0, out
+        rc, out = run_as(user, shared, env, *git_read)
+        assert rc == 0, out
+        connect = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+        rc, out = run_as(user, shared, env, "/usr/bin/python3", "-c", connect,
+                         str(daemon.socket))
+        assert rc == 0, out
+        assert run_as(user, shared, env, "cat", str(state / "orchestrator.sqlite3"))[0] != 0
+        assert run_as(user, shared, env, "ls", str(state))[0] != 0
+    finally:
+        daemon.stop()
