@@ -281,6 +281,12 @@ class Workspace:
 
     # ------------------------------------------------------------------ refs and commits
 
+    @property
+    def git_dir(self) -> Path:
+        """The integration repository's (common) git dir: what agents fetch from and
+        borrow objects of."""
+        return self._common_dir
+
     def integration_tip(self) -> str:
         """The sha the integration branch points to."""
         tip = self.branch_tip(self.integration_branch)
