@@ -24,14 +24,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import structlog
-
 from orchestrator.config import Config
 from orchestrator.git import lease_access
+from orchestrator.observe import logs
 
 __all__ = ["open_to_agents"]
 
-log = structlog.get_logger(__name__)
+log = logs.get("agent_reach")
 
 
 def agents_of(config: Config) -> tuple[tuple[int, ...], tuple[int, ...]]:
