@@ -169,7 +169,7 @@ def cursor(box: Box) -> str:
 def test_readme_run_as_a_service(box: Box, service: dict[str, Ran]) -> None:
     """README's commands, run word for word, install a service that is up and serving."""
     commands = list(service)
-    assert commands[0] == "sudo make install-service"
+    assert commands[:2] == ["sudo apt-get install -y bubblewrap", "sudo make install-service"]
     assert "sudo systemctl enable --now orchestrator.socket orchestrator.service" in commands
     check = service["sudo -u orchestrator orchestrator check-config"].output
     assert "configuration is valid" in check
