@@ -1134,13 +1134,7 @@ class Workspace:
         admin = self._adopt_or_discard(path)
         if admin is None:
             self.recover()
-            self._git("worktree", "add", "-q", "--detach", str(path), sha, cwd=self.repo_path)
-            admin = self._adopt(path)
-            if admin is None:
-                raise GitError(f"git worktree add did not register {path}")
-            warm.write_stamp(admin, None)
-            self._gate_admins[path] = admin
-            return self._gate_verified(path, admin, sha)
+            return self._fresh_gate_checkout(path, sha)
         self._gate_admins[path] = admin
         self._clear_stale_state(admin)
         # A gate may leave a FIFO (or socket, or device) where git reads, such as a
@@ -1172,6 +1166,10 @@ class Workspace:
         log.warning("gate_checkout_replaced", path=str(path), commit=sha, reason=problem)
         self._remove_tree(path)
         self._prune_registrations()
+        return self._fresh_gate_checkout(path, sha)
+
+    def _fresh_gate_checkout(self, path: Path, sha: str) -> Path:
+        """A new gate worktree at ``path``, detached at ``sha``, no kept paths, verified."""
         self._git("worktree", "add", "-q", "--detach", str(path), sha, cwd=self.repo_path)
         admin = self._adopt(path)
         if admin is None:
@@ -1688,6 +1686,9 @@ def _identity_section(repo: pygit2.Repository) -> str:
     return "[user]\n" + "".join(lines) if lines else ""
 
 
+_SPECIAL_FILE_TYPES = frozenset((stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK))
+
+
 def remove_special_files(root: Path) -> list[str]:
     """Remove every FIFO, socket and device file under ``root`` (symlinks are not
     followed; a linked worktree's ``.git`` file stays); their paths, relative to ``root``.
@@ -1695,22 +1696,18 @@ def remove_special_files(root: Path) -> list[str]:
     Left by code a gate or an agent ran, such a file where git reads (``.gitattributes``,
     ``.gitignore``, ``.git/packed-refs``) makes git block forever on open."""
     removed: list[str] = []
-    for directory, dirs, files in os.walk(root, followlinks=False):
-        for name in (*dirs, *files):
-            entry = os.path.join(directory, name)
+    # By directory fd, never by path: an agent that swaps a directory for a symlink while
+    # we walk must not make us unlink a socket or FIFO elsewhere (the daemon's own socket).
+    for directory, _dirs, files, dir_fd in os.fwalk(root, follow_symlinks=False):
+        for name in files:
             try:
-                mode = os.lstat(entry).st_mode
+                mode = os.lstat(name, dir_fd=dir_fd).st_mode
             except FileNotFoundError:
                 continue
-            if (
-                stat.S_ISFIFO(mode)
-                or stat.S_ISSOCK(mode)
-                or stat.S_ISCHR(mode)
-                or stat.S_ISBLK(mode)
-            ):
+            if stat.S_IFMT(mode) in _SPECIAL_FILE_TYPES:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry)
-                removed.append(os.path.relpath(entry, root))
+                    os.unlink(name, dir_fd=dir_fd)
+                removed.append(os.path.relpath(os.path.join(directory, name), root))
     return removed
 
 
