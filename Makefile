@@ -103,16 +103,28 @@ install-service-files:
 	done
 	install -m 0644 systemd/orchestrator.sysusers $(DESTDIR)$(SYSUSERSDIR)/orchestrator.conf
 	install -m 0644 systemd/worker.env.example $(DESTDIR)$(CONFDIR)/workers/worker.env.example
-	test -e $(DESTDIR)$(CONFDIR)/orchestrator.toml || \
-	  install -m 0640 config/orchestrator.toml $(DESTDIR)$(CONFDIR)/orchestrator.toml
-	@if [ -z "$(DESTDIR)" ]; then \
+	@conf=$(DESTDIR)$(CONFDIR)/orchestrator.toml; fresh=; \
+	if [ ! -e "$$conf" ]; then \
+	  install -m 0640 config/orchestrator.toml "$$conf" && fresh=1 || exit 1; \
+	fi; \
+	if [ -z "$(DESTDIR)" ]; then \
 	  if command -v systemd-sysusers >/dev/null 2>&1; then \
 	    systemd-sysusers $(SYSUSERSDIR)/orchestrator.conf; \
-	  elif ! id orchestrator >/dev/null 2>&1; then \
-	    useradd --system --user-group --home-dir /var/lib/orchestrator \
-	      --shell /usr/sbin/nologin orchestrator; \
+	  else \
+	    id orchestrator >/dev/null 2>&1 || useradd --system --user-group \
+	      --home-dir /var/lib/orchestrator --shell /usr/sbin/nologin orchestrator; \
+	    id orchestrator-agent >/dev/null 2>&1 || useradd --system --user-group \
+	      --home-dir /var/lib/orchestrator-agent --shell /usr/sbin/nologin orchestrator-agent; \
 	  fi && \
-	  chgrp orchestrator $(CONFDIR)/orchestrator.toml && \
+	  chgrp orchestrator "$$conf" && \
+	  agent=$$(id -u orchestrator-agent) && \
+	  if [ -n "$$fresh" ]; then \
+	    sed -i "s/^allowed_uids = \[\]/allowed_uids = [$$agent]  # orchestrator-agent: orchestrator-worker@.service/" "$$conf" && \
+	    echo "daemon.allowed_uids = [$$agent] (orchestrator-agent) in $$conf"; \
+	  elif ! grep -Eq "^allowed_uids *=.*[^0-9]$$agent([^0-9]|$$)" "$$conf"; then \
+	    echo "note: $$conf was kept; add $$agent (orchestrator-agent) to daemon.allowed_uids" \
+	      "for orchestrator-worker@ units"; \
+	  fi && \
 	  if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi && \
 	  echo "installed; set repository.path in $(CONFDIR)/orchestrator.toml, then:" && \
 	  echo "  systemctl enable --now orchestrator.socket orchestrator.service"; \

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import git
@@ -330,7 +331,16 @@ def test_leases_heartbeating_through_a_full_store_do_not_expire_for_it(
     _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
     try:
         wait_for(lambda: states(daemon.socket)["steady"] == "leased", "the lease")
-        before = control(daemon.socket, "status")["leases"]
+
+        def heartbeating() -> list[dict[str, Any]]:
+            # Until its worktree is ready a lease expires a preparation grace later than
+            # the TTL: wait for the first heartbeat's TTL-long expiry.
+            leases: list[dict[str, Any]] = control(daemon.socket, "status")["leases"]
+            if leases and _overdue(leases[0]["expiresAt"], -10.0):
+                return leases
+            return []
+
+        before = wait_for(heartbeating, "a heartbeat to set the lease's expiry")
         # Every write past the files' current sizes now fails: each heartbeat's commit
         # (appended to the WAL) is refused, as on a full disk.
         state = tmp_path / "state"

@@ -185,18 +185,24 @@ def test_stop_and_restart_fit_a_graceful_drain() -> None:
     assert service["ExecReload"] == ["/bin/sh -c 'kill -HUP ${MAINPID}'"]
 
 
-def test_worker_template_and_daemon_share_user_config_and_paths() -> None:
+def test_worker_template_runs_agents_as_a_user_of_their_own() -> None:
+    """Agents run as orchestrator-agent (issue 12 item 2): not the daemon's user, with a
+    home of its own, writing only the lease directories, never the state directory (the
+    store) nor the repository; it finds the socket without the daemon's config (0640)."""
     service, worker = _settings("orchestrator.service"), _settings("orchestrator-worker@.service")
-    assert worker["User"] == service["User"]
-    assert worker["Group"] == service["Group"]
-    config_arg = "--config /etc/orchestrator/orchestrator.toml"
-    assert config_arg in service["ExecStart"][0]
-    assert config_arg in worker["ExecStart"][0]
+    assert worker["User"] == ["orchestrator-agent"] != service["User"]
+    assert worker["Group"] == ["orchestrator-agent"] != service["Group"]
+    sysusers = (UNITS_DIR / "orchestrator.sysusers").read_text(encoding="utf-8")
+    assert re.search(r"(?m)^u\s+orchestrator-agent\s.*\s/var/lib/orchestrator-agent\s", sysusers)
+    assert worker["StateDirectory"] == ["orchestrator-agent"]
+    assert "--config" not in worker["ExecStart"][0]
+    listen = _settings("orchestrator.socket")["ListenStream"][0]
+    assert worker["Environment"] == [f"ORCHESTRATOR_SOCKET={listen}"]
     assert worker["EnvironmentFile"] == ["/etc/orchestrator/workers/%i.env"]
-    # Agents write in the daemon's worktrees and commit into the repository's .git.
-    writable = " ".join(worker["ReadWritePaths"])
-    assert "/var/lib/" + service["StateDirectory"][0] in writable
-    assert set(service["ReadWritePaths"][0].split()) <= set(writable.split())
+    state = "/var/lib/" + service["StateDirectory"][0]
+    writable = set(" ".join(worker["ReadWritePaths"]).split())
+    assert writable == {f"-{state}/worktrees"}
+    assert worker["ProtectSystem"] == ["strict"]
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers not found")
@@ -244,7 +250,7 @@ def test_install_service_lays_out_files_under_destdir(tmp_path: Path) -> None:
         text = (units / unit).read_text(encoding="utf-8")
         assert INSTALLED_BINARY not in text
         if unit.endswith(".service"):
-            assert "ExecStart=/opt/orch-test/bin/orchestrator --config" in text
+            assert "ExecStart=/opt/orch-test/bin/orchestrator " in text
     assert (destdir / "etc" / "sysusers.d" / "orchestrator.conf").is_file()
     assert (destdir / "etc" / "orchestrator" / "workers" / "worker.env.example").is_file()
     config = destdir / "etc" / "orchestrator" / "orchestrator.toml"

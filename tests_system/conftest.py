@@ -30,10 +30,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bump when the provisioning below changes: an image built by an older recipe is rebuilt.
-IMAGE_VERSION = "bookworm-1"
+IMAGE_VERSION = "bookworm-2"
 # What a person following README needs beyond the tool's minimal Debian: sudo (README's
 # commands use it) and jq (README's log recipe).
-IMAGE_PACKAGES = ["sudo", "jq"]
+IMAGE_PACKAGES = ["sudo", "jq", "bubblewrap"]
 BOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Where the box finds the checkout (the tool binds it read-only there) and where it is
 # copied to so that `make install-service` can build in it.

@@ -169,7 +169,7 @@ def cursor(box: Box) -> str:
 def test_readme_run_as_a_service(box: Box, service: dict[str, Ran]) -> None:
     """README's commands, run word for word, install a service that is up and serving."""
     commands = list(service)
-    assert commands[0] == "sudo make install-service"
+    assert commands[:2] == ["sudo apt-get install -y bubblewrap", "sudo make install-service"]
     assert "sudo systemctl enable --now orchestrator.socket orchestrator.service" in commands
     check = service["sudo -u orchestrator orchestrator check-config"].output
     assert "configuration is valid" in check
@@ -182,6 +182,11 @@ def test_readme_run_as_a_service(box: Box, service: dict[str, Ran]) -> None:
     ready = json_stream(jq.output)
     assert ready and all(r["event"] == "daemon_ready" for r in ready), jq.output
     assert box.prop("orchestrator-worker@claude-1", "ActiveState") == "active"
+    # make install-service admitted the agent user in the config it installed
+    agent_uid = box.sh("id -u orchestrator-agent").strip()
+    config = box.path("/etc/orchestrator/orchestrator.toml").read_text()
+    assert f"allowed_uids = [{agent_uid}]" in config
+    assert f"allowed_uids = [{agent_uid}]" in service["sudo make install-service"].output
 
 
 def test_a_handoff_lands_through_a_worker_unit_running_as_the_agent_user(box: Box) -> None:
@@ -410,13 +415,29 @@ def test_the_daemon_cannot_write_outside_its_directories(box: Box) -> None:
     assert rc != 0, out
     unit = "orchestrator-worker@claude-1"
     agent_user = box.prop(unit, "User")
-    if agent_user != box.prop("orchestrator.service", "User"):
-        wpid = box.prop(unit, "MainPID")
-        as_agent = f"nsenter -t {wpid} -m -S $(id -u {agent_user}) -G $(id -g {agent_user})"
-        rc, out = box.rc(f"{as_agent} sh -c 'cat /var/lib/orchestrator/*.sqlite*'")
-        assert rc != 0, "the agent read the store"
-        rc, out = box.rc(f"{as_agent} touch /srv/project/.git/refs/heads/probe")
-        assert rc != 0, "the agent wrote in the integration repository"
+    # Agents run as a user of their own: as the daemon's they could write both directly.
+    assert agent_user != box.prop("orchestrator.service", "User")
+    wpid = box.prop(unit, "MainPID")
+    as_agent = f"nsenter -t {wpid} -m -S $(id -u {agent_user}) -G $(id -g {agent_user})"
+    for store in ("orchestrator.sqlite3", "orchestrator.sqlite3-wal"):
+        rc, out = box.rc(f"{as_agent} cat /var/lib/orchestrator/{store}")
+        assert rc != 0 and "ermission denied" in out, "the agent read the store"
+    rc, out = box.rc(f"{as_agent} ls /var/lib/orchestrator")
+    assert rc != 0, "the agent listed the state directory"
+    rc, out = box.rc(f"{as_agent} touch /srv/project/.git/refs/heads/probe")
+    assert rc != 0, "the agent wrote in the integration repository"
+    # and outside the worker's sandbox too, by the files' permissions alone
+    as_agent_anywhere = f"cd /tmp && sudo -u {agent_user}"
+    rc, out = box.rc(f"{as_agent_anywhere} cat /var/lib/orchestrator/orchestrator.sqlite3")
+    assert rc != 0 and "ermission denied" in out, "the agent read the store"
+    for probe in ("/srv/project/.git/refs/heads/probe", "/srv/project/.git/objects/probe",
+                  "/var/lib/orchestrator/probe", "/var/lib/orchestrator/worktrees/probe"):
+        rc, out = box.rc(f"{as_agent_anywhere} touch {probe}")
+        assert rc != 0 and "ermission denied" in out, (probe, out)
+    # what it needs of the repository it can read: every object the daemon merged
+    rc, out = box.rc(f"{as_agent_anywhere} git --git-dir=/srv/project/.git "
+                     "-c safe.directory='*' fsck --connectivity-only --no-dangling")
+    assert rc == 0, out
 
 
 # --- crashes: Restart= and the watchdog -------------------------------------------------

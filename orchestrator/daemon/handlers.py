@@ -174,6 +174,7 @@ class Handlers:
             question,
             now=time.time(),
             worker=session.worker_name,
+            uid=session.uid,
         )
         self.leases.track(lease_id, session)
         log.info("question_asked", handoff=name, lease=lease_id, choices=question.choices)

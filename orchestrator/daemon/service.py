@@ -21,7 +21,7 @@ from orchestrator import __version__
 from orchestrator import config as config_file
 from orchestrator.blocking import Offload
 from orchestrator.config import Config, ConfigError
-from orchestrator.daemon import systemd
+from orchestrator.daemon import agent_reach, systemd
 from orchestrator.daemon.handlers import Handlers
 from orchestrator.daemon.leases import LeaseManager
 from orchestrator.daemon.reconcile import reconcile
@@ -130,6 +130,9 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._signals)
             await tg.start(self.server.serve)
+            # Once the socket exists; before READY=1, so a worker unit started after the
+            # daemon finds its way to its lease.
+            await anyio.to_thread.run_sync(agent_reach.open_to_agents, config, workspace.git_dir)
             if config.metrics_listen:
                 self.metrics_port = await self._start_metrics(tg)
             tg.start_soon(leases.expire_forever)
@@ -235,9 +238,14 @@ class Daemon:
                 for f in fields(Config)
                 if getattr(self.config, f.name) != getattr(new, f.name)
             ]
+            agents_before = agent_reach.agents_of(self.config)
             for part in (self, self.leases, self.merges, self.server, self.handlers):
                 part.config = new
             self.pool.reconfigure(new)
+            if agent_reach.agents_of(new) != agents_before:
+                await anyio.to_thread.run_sync(
+                    agent_reach.open_to_agents, new, self.merges.workspace.git_dir
+                )
             self._changed()
             log.info("config_reloaded", source=new.source, changed=changed)
         systemd.notify(f"READY=1\nSTATUS={self._status}")

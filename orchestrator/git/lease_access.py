@@ -21,7 +21,7 @@ import stat
 import struct
 from pathlib import Path
 
-__all__ = ["AccessError", "ForeignFiles", "grant"]
+__all__ = ["AccessError", "ForeignFiles", "allow", "grant"]
 
 _ACCESS = "system.posix_acl_access"
 _DEFAULT = "system.posix_acl_default"
@@ -139,3 +139,91 @@ def _open(name: str, dir_fd: int, *, directory: bool) -> int | None:
         return os.open(name, flags, dir_fd=dir_fd)
     except OSError:
         return None  # a symlink (ELOOP), a socket, or gone meanwhile
+
+
+_GROUP = 0x08
+_READ, _WRITE, _SEARCH = 4, 2, 1
+
+
+def _parse(blob: bytes) -> dict[tuple[int, int], int]:
+    entries: dict[tuple[int, int], int] = {}
+    for at in range(4, len(blob) - 7, 8):
+        tag, perm, ident = struct.unpack_from("<HHI", blob, at)
+        entries[(tag, ident)] = perm
+    return entries
+
+
+def _from_mode(mode: int) -> dict[tuple[int, int], int]:
+    return {
+        (_USER_OBJ, _UNDEFINED_ID): (mode >> 6) & 7,
+        (_GROUP_OBJ, _UNDEFINED_ID): (mode >> 3) & 7,
+        (_OTHER, _UNDEFINED_ID): mode & 7,
+    }
+
+
+def _widened(
+    entries: dict[tuple[int, int], int], names: list[tuple[int, int]], perm: int
+) -> dict[tuple[int, int], int] | None:
+    """``entries`` with ``perm`` added for every named (tag, id); None if nothing changes.
+    The mask (the owning group's bits when there was none) is widened by ``perm``."""
+    changed = dict(entries)
+    for name in names:
+        changed[name] = changed.get(name, 0) | perm
+    mask = changed.get((_MASK, _UNDEFINED_ID), changed[(_GROUP_OBJ, _UNDEFINED_ID)])
+    changed[(_MASK, _UNDEFINED_ID)] = mask | perm
+    return None if changed == entries else changed
+
+
+def _encode(entries: dict[tuple[int, int], int]) -> bytes:
+    return _acl([(tag, perm, ident) for (tag, ident), perm in entries.items()])
+
+
+def allow(
+    target: int | Path,
+    *,
+    uids: tuple[int, ...] = (),
+    gids: tuple[int, ...] = (),
+    perm: int,
+    inherit: bool = False,
+) -> bool:
+    """Add ``perm`` (``os.R_OK | os.X_OK`` style bits) for each of ``uids`` and ``gids`` to
+    the access ACL of ``target`` (an open file descriptor, or a path that is not followed
+    if it is a symlink), keeping every entry already there. ``inherit`` (directories): the
+    same entries in the default ACL, so that files created there later get them whatever
+    the creator's umask. Returns whether anything was written."""
+    names = [(_USER, u) for u in uids] + [(_GROUP, g) for g in gids]
+    if not names:
+        return False
+    info = os.stat(target, follow_symlinks=False) if isinstance(target, Path) else os.fstat(target)
+
+    def get(attr: str) -> dict[tuple[int, int], int] | None:
+        try:
+            if isinstance(target, Path):
+                return _parse(os.getxattr(target, attr, follow_symlinks=False))
+            return _parse(os.getxattr(target, attr))
+        except OSError:
+            return None
+
+    def put(attr: str, entries: dict[tuple[int, int], int]) -> None:
+        try:
+            if isinstance(target, Path):
+                os.setxattr(target, attr, _encode(entries), follow_symlinks=False)
+            else:
+                os.setxattr(target, attr, _encode(entries))
+        except OSError as exc:
+            raise AccessError(exc.errno, f"cannot set an ACL on {target} ({exc.strerror})") from exc
+
+    wrote = False
+    access = _widened(get(_ACCESS) or _from_mode(info.st_mode), names, perm)
+    if access is not None:
+        put(_ACCESS, access)
+        wrote = True
+    if inherit and stat.S_ISDIR(info.st_mode):
+        # Without a default ACL new files take the creator's umask; the base entries of
+        # the one written here are the directory's own bits, which is what git's umask
+        # gave before, give or take the named entries.
+        default = _widened(get(_DEFAULT) or _from_mode(info.st_mode), names, perm)
+        if default is not None:
+            put(_DEFAULT, default)
+            wrote = True
+    return wrote

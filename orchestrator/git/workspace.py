@@ -137,6 +137,10 @@ _IN_PROGRESS_STATE = (
 
 # No single git command the daemon runs should take this long, even on a huge checkout.
 GIT_TIMEOUT_S = 1800.0
+# For git reading a directory an agent can write: whatever it planted there (a FIFO that
+# appears between our sweep and git's open, say) holds the daemon's one git lane for at
+# most this long.
+UNTRUSTED_GIT_TIMEOUT_S = 120.0
 
 
 class GitError(RuntimeError):
@@ -276,6 +280,12 @@ class Workspace:
         self.recover()
 
     # ------------------------------------------------------------------ refs and commits
+
+    @property
+    def git_dir(self) -> Path:
+        """The integration repository's (common) git dir: what agents fetch from and
+        borrow objects of."""
+        return self._common_dir
 
     def integration_tip(self) -> str:
         """The sha the integration branch points to."""
@@ -535,6 +545,10 @@ class Workspace:
         if os.path.lexists(path / ".git" / ".git"):
             self._last_fetch_error = f"{path / '.git' / '.git'} exists; remove it"
             return False
+        # A FIFO where upload-pack reads (packed-refs, a ref) would block the fetch.
+        removed = remove_special_files(path / ".git")
+        if removed:
+            log.warning("lease_special_files_removed", path=str(path), files=removed[:10])
         result = self._git(
             "fetch",
             "--quiet",
@@ -556,7 +570,7 @@ class Workspace:
         early conflict warning: fetched from the lease repository (as a report's head is,
         running nothing it configures) into ``refs/orchestrator/peek/<name>``. True when
         our repository then has ``head``."""
-        if self._has_commit(head):
+        if self.has_commit(head):
             return True
         _check_branch_name(branch)
         path = self._lease_path(name)
@@ -564,9 +578,10 @@ class Workspace:
             return False
         if not self._fetch_lease_branch(path, branch, f"{PEEK_REF_PREFIX}{name}"):
             return False
-        return self._has_commit(head)
+        return self.has_commit(head)
 
-    def _has_commit(self, rev: str) -> bool:
+    def has_commit(self, rev: str) -> bool:
+        """Whether ``rev`` names a commit of the integration repository."""
         try:
             self._commit(rev)
         except GitError:
@@ -795,7 +810,12 @@ class Workspace:
     def _lease_dirty(self, path: Path, head: str, untracked_ok: Sequence[str] = ()) -> list[str]:
         """Uncommitted changes in the lease at ``path`` against ``head``, read with a
         git dir of ours and a copy of the agent's index (its stat data saves rehashing
-        every file); the agent's config, hooks and fsmonitor play no part."""
+        every file); the agent's config, hooks and fsmonitor play no part. FIFOs, sockets
+        and devices in it go first (git cannot commit them, and one named .gitignore would
+        block git's read of it)."""
+        removed = remove_special_files(path)
+        if removed:
+            log.warning("lease_special_files_removed", path=str(path), files=removed[:10])
         build = Path(tempfile.mkdtemp(prefix="status-", dir=self._build_dir))
         try:
             self._write_git_dir(build, None, head, head)
@@ -1168,15 +1188,15 @@ class Workspace:
         admin = self._adopt_or_discard(path)
         if admin is None:
             self.recover()
-            self._git("worktree", "add", "-q", "--detach", str(path), sha, cwd=self.repo_path)
-            admin = self._adopt(path)
-            if admin is None:
-                raise GitError(f"git worktree add did not register {path}")
-            warm.write_stamp(admin, None)
-            self._gate_admins[path] = admin
-            return self._gate_verified(path, admin, sha)
+            return self._fresh_gate_checkout(path, sha)
         self._gate_admins[path] = admin
         self._clear_stale_state(admin)
+        # A gate may leave a FIFO (or socket, or device) where git reads, such as a
+        # .gitattributes: git would block on it forever, holding the daemon's git lane.
+        # Plain code removes them before git looks at the checkout.
+        removed = remove_special_files(path)
+        if removed:
+            log.warning("gate_special_files_removed", path=str(path), files=removed[:10])
         # A gate runs the agents' code: it may have marked tracked files skip-worktree or
         # assume-unchanged (so checkout leaves its rewritten copies alone) or turned on
         # sparse checkout. Clear every such flag before checking out, then prove the result.
@@ -1200,6 +1220,10 @@ class Workspace:
         log.warning("gate_checkout_replaced", path=str(path), commit=sha, reason=problem)
         self._remove_tree(path)
         self._prune_registrations()
+        return self._fresh_gate_checkout(path, sha)
+
+    def _fresh_gate_checkout(self, path: Path, sha: str) -> Path:
+        """A new gate worktree at ``path``, detached at ``sha``, no kept paths, verified."""
         self._git("worktree", "add", "-q", "--detach", str(path), sha, cwd=self.repo_path)
         admin = self._adopt(path)
         if admin is None:
@@ -1291,6 +1315,13 @@ class Workspace:
         if admin is None:
             raise GitError(f"{path} is not a gate checkout of {self.repo_path}")
         warm.write_stamp(admin, key)
+
+    def forget_gate_warm(self, path: Path) -> None:
+        """Forget what the kept paths of the gate checkout at ``path`` were built for: the
+        next checkout cleans them and ``setup`` builds them again."""
+        admin = self._gate_admins.get(path)
+        if admin is not None:
+            warm.write_stamp(admin, None)
 
     def warm_key(self, commit: str, workspace: WorkspaceConfig) -> str:
         """The cache key of ``[workspace]`` kept paths for ``commit``."""
@@ -1639,8 +1670,9 @@ class Workspace:
     ) -> subprocess.CompletedProcess[str]:
         """Run git. ``untrusted``: the command reads a directory an agent can write, so it
         runs with no hooks, no fsmonitor and no system or global config (see
-        orchestrator.git.untrusted). The integration repository's own hooks (its owner's)
-        run as usual on commands that only touch it."""
+        orchestrator.git.untrusted), and a shorter time limit. The integration
+        repository's own hooks (its owner's) run as usual on commands that only touch it."""
+        limit = UNTRUSTED_GIT_TIMEOUT_S if untrusted else GIT_TIMEOUT_S
         env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCATION_ENV}
         if untrusted:
             env = hardened_env(env)
@@ -1661,7 +1693,7 @@ class Workspace:
                 text=True,
                 errors="surrogateescape",
                 check=False,
-                timeout=GIT_TIMEOUT_S,
+                timeout=limit,
             )
         except FileNotFoundError as exc:
             raise GitError(
@@ -1671,7 +1703,7 @@ class Workspace:
             # Every lease and merge waits on the one git lane: a hung git must not stall
             # the daemon for good.
             raise GitError(
-                f"`git {' '.join(args)}` in {cwd} did not finish within {GIT_TIMEOUT_S:g} s "
+                f"`git {' '.join(args)}` in {cwd} did not finish within {limit:g} s "
                 "(a stuck lock, a hook, or a network filesystem?)"
             ) from None
         if check and result.returncode != 0:
@@ -1706,6 +1738,31 @@ def _identity_section(repo: pygit2.Repository) -> str:
         if value and not any(c in value for c in '\n\0"\\'):
             lines.append(f'\t{key} = "{value}"\n')
     return "[user]\n" + "".join(lines) if lines else ""
+
+
+_SPECIAL_FILE_TYPES = frozenset((stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK))
+
+
+def remove_special_files(root: Path) -> list[str]:
+    """Remove every FIFO, socket and device file under ``root`` (symlinks are not
+    followed; a linked worktree's ``.git`` file stays); their paths, relative to ``root``.
+
+    Left by code a gate or an agent ran, such a file where git reads (``.gitattributes``,
+    ``.gitignore``, ``.git/packed-refs``) makes git block forever on open."""
+    removed: list[str] = []
+    # By directory fd, never by path: an agent that swaps a directory for a symlink while
+    # we walk must not make us unlink a socket or FIFO elsewhere (the daemon's own socket).
+    for directory, _dirs, files, dir_fd in os.fwalk(root, follow_symlinks=False):
+        for name in files:
+            try:
+                mode = os.lstat(name, dir_fd=dir_fd).st_mode
+            except FileNotFoundError:
+                continue
+            if stat.S_IFMT(mode) in _SPECIAL_FILE_TYPES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dir_fd)
+                removed.append(os.path.relpath(os.path.join(directory, name), root))
+    return removed
 
 
 def _common_dir(git_dir: Path) -> Path:

@@ -33,6 +33,8 @@ HEAD_PATTERN = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 QUEUE_SIZE = 256
 # Leases remembered (what was checked and sent); the oldest are forgotten first.
 REMEMBERED_LEASES = 4096
+# At most one fetch of a lease's unreported head from its repository in this many seconds.
+PEEK_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class EarlyWarnings:
         self._send, self._receive = anyio.create_memory_object_stream[_Request](QUEUE_SIZE)
         # lease -> what its last check looked at (head, tip, queue), to skip a repeat.
         self._checked: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+        # When a fetch of each lease's head last failed (monotonic): a worker sending a
+        # new made-up head with every heartbeat gets one fetch a while.
+        self._peeked: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
         # lease -> every (against, paths) already sent.
         self._sent: OrderedDict[str, set[tuple[str, tuple[str, ...]]]] = OrderedDict()
 
@@ -115,13 +120,24 @@ class EarlyWarnings:
         key = (head, tip, tuple(queue))
         if self._checked.get(lease_id) == key:
             return []
-        _remember(self._checked, lease_id, key)
         found: list[ConflictWarning] = []
-        # The head lives in the lease's own repository until it is reported.
-        branch = handoff_model.branch_name(handoff)
-        if not await self.offload.git(self.workspace.peek_lease_head, handoff, branch, head):
-            log.debug("warning_check_skipped", lease=lease_id, reason="head not in the lease")
-            return found
+        if not await self.offload.git(self.workspace.has_commit, head):
+            # The head lives in the lease's own repository until it is reported. After a
+            # fetch that did not bring it (a made-up head, a broken repository), that
+            # lease waits PEEK_INTERVAL_S before the next (a later heartbeat tries again).
+            last = self._peeked.get(lease_id)
+            if last is not None and time.monotonic() - float(last[0]) < PEEK_INTERVAL_S:
+                return found
+            branch = handoff_model.branch_name(handoff)
+            try:
+                have = await self.offload.git(self.workspace.peek_lease_head, handoff, branch, head)
+            except GitError:
+                have = False
+            if not have:
+                _remember(self._peeked, lease_id, (time.monotonic(),))
+                log.debug("warning_check_skipped", lease=lease_id, reason="head not in lease")
+                return found
+        _remember(self._checked, lease_id, key)
         for against, commit in [(self.integration_branch, tip), *queue]:
             try:
                 paths = await self.offload.git(self.workspace.conflicting_paths, commit, head)

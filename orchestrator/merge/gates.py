@@ -75,15 +75,27 @@ class GateIsolation:
     def namespaces(self) -> bool:
         return self.mode == "bwrap"
 
-    def prefix(self, checkout: Path) -> list[str]:
-        """The argv prefix that confines one gate run in ``checkout``."""
+    def prefix(self, checkout: Path, read_only: Sequence[Path] = ()) -> list[str]:
+        """The argv prefix that confines one gate run in ``checkout``; ``read_only`` paths
+        inside it (kept dependencies) are visible but cannot be written."""
         if self.mode != "bwrap":
             return []
-        return bwrap_argv(self.bwrap, checkout, self.fences, pid_namespace=self.pid_namespace)
+        return bwrap_argv(
+            self.bwrap,
+            checkout,
+            self.fences,
+            pid_namespace=self.pid_namespace,
+            read_only=read_only,
+        )
 
 
 def bwrap_argv(
-    bwrap: str, checkout: Path, fences: GateFences, *, pid_namespace: bool = True
+    bwrap: str,
+    checkout: Path,
+    fences: GateFences,
+    *,
+    pid_namespace: bool = True,
+    read_only: Sequence[Path] = (),
 ) -> list[str]:
     """bubblewrap arguments: the host's file system as it is, minus the fences, plus the
     checkout writable; a PID namespace (unless ``pid_namespace`` is off) that dies with
@@ -110,6 +122,9 @@ def bwrap_argv(
         else:
             argv += [how, str(path), str(path)]
     argv += ["--bind", str(checkout), str(checkout)]
+    for path in read_only:
+        if os.path.isdir(path) and not os.path.islink(path):
+            argv += ["--ro-bind", str(path), str(path)]
     # The empty stand-ins read-only too, once the checkout's mount point is made in them:
     # nothing a gate writes there could be mistaken for the daemon's files.
     for path in fences.hidden:
@@ -276,6 +291,7 @@ async def run_gate(
     env: Mapping[str, str] | None = None,
     sandbox: Sequence[str] = (),
     isolation: GateIsolation | None = None,
+    read_only: Sequence[Path] = (),
 ) -> GateResult:
     """Run ``gate`` in ``checkout``; stdout and stderr are merged into one tail.
 
@@ -285,7 +301,7 @@ async def run_gate(
     ``isolation`` (see the module's docstring). Only the tail of the output is kept in
     memory, however much the gate writes."""
     argv = [*sandbox, *gate.run]
-    confined = [*(isolation.prefix(checkout) if isolation else []), *argv]
+    confined = [*(isolation.prefix(checkout, read_only) if isolation else []), *argv]
     started = time.time()
     clock = time.monotonic()
     tail = _Tail(tail_bytes)

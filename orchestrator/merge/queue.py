@@ -9,7 +9,7 @@ moved meanwhile, the candidate is rebuilt and gated again; nothing unvalidated l
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -753,39 +753,44 @@ class MergeQueue:
                         retry=run,
                         retries=gate.retries,
                     )
-                if checkout is None or run > 0:
-                    checkout = await self.offload.git(
-                        self.workspace.gate_checkout,
-                        candidate,
-                        slot=slot,
-                        keep=workspace.keep,
-                        key=warm_key,
+                # Every gate run starts from a checkout of exactly the candidate.
+                checkout = await self.offload.git(
+                    self.workspace.gate_checkout,
+                    candidate,
+                    slot=slot,
+                    keep=workspace.keep,
+                    key=warm_key,
+                )
+                if workspace.copy_files:
+                    copied = await self.offload.git(
+                        copy_untracked,
+                        self.workspace.repo_path,
+                        checkout,
+                        workspace.copy_files,
                     )
-                    if workspace.copy_files:
-                        copied = await self.offload.git(
-                            copy_untracked,
-                            self.workspace.repo_path,
-                            checkout,
-                            workspace.copy_files,
-                        )
-                        for rel, why in copied.skipped:
-                            bound.warning("copy_file_skipped", path=rel, reason=why)
-                    setup_failed = await self._warm_up(
-                        batch, candidate, checkout, env, bound, warm_key
-                    )
-                    if setup_failed is not None:
-                        return setup_failed
+                    for rel, why in copied.skipped:
+                        bound.warning("copy_file_skipped", path=rel, reason=why)
+                setup_failed = await self._warm_up(batch, candidate, checkout, env, bound, warm_key)
+                if setup_failed is not None:
+                    return setup_failed
                 cache_key = None if tree is None else (tree, key)
+                kept: list[Path] = []
+                if warm_key is not None:
+                    if self.isolation is not None and self.isolation.mode == "bwrap":
+                        # What setup built is the gates' to use, not to change: a refused
+                        # candidate's gate must not plant what passes the next one.
+                        kept = [checkout / path for path in workspace.keep]
+                    else:
+                        # Without a sandbox to make them read-only, kept paths a gate ran
+                        # beside are never trusted again: the next checkout rebuilds them.
+                        await self.offload.git(self.workspace.forget_gate_warm, checkout)
                 result = await self._run_one_gate(
-                    batch, gate, candidate, checkout, env, bound, cache_key=cache_key
+                    batch, gate, candidate, checkout, env, bound, cache_key=cache_key, kept=kept
                 )
                 if result.passed:
                     break
             if result is not None and not result.passed:
                 return result
-        if warm_key is not None and not workspace.setup and checkout is not None:
-            # Nothing to build: what the gates left in the kept paths serves the next run.
-            await self.offload.git(self.workspace.mark_gate_warm, checkout, warm_key)
         return None
 
     async def _warm_up(
@@ -825,6 +830,7 @@ class MergeQueue:
         bound: Any,
         *,
         cache_key: tuple[str, str] | None,
+        kept: Sequence[Path] = (),
     ) -> GateResult:
         """Run one gate once on the checked-out candidate; record it for each handoff of
         the batch (``jobs``: one when gated alone), count and log it."""
@@ -836,6 +842,7 @@ class MergeQueue:
             env=env,
             sandbox=self.config.gate_sandbox,
             isolation=self.isolation,
+            read_only=kept,
         )
         for job in jobs:
             await self.offload.db(

@@ -11,6 +11,7 @@ or writes the clipboard.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
@@ -168,27 +169,19 @@ async def _watch(socket: Path, interval_s: float, out: TextIO) -> None:
             await anyio.sleep(interval_s)
 
 
-async def _watch_until_interrupted(socket: Path, interval_s: float, out: TextIO) -> None:
-    # Ctrl-C is received as a signal and ends the view by cancellation: a KeyboardInterrupt
-    # raised wherever the loop happens to be could escape as the process's death by SIGINT.
-    async with anyio.create_task_group() as tg:
-
-        async def stop_on_signal() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    tg.cancel_scope.cancel()
-                    return
-
-        tg.start_soon(stop_on_signal)
-        await _watch(socket, interval_s, out)
-
-
 def run_watch(socket: Path, interval_s: float = 1.0, out: TextIO | None = None) -> int:
     """Redraw the board every ``interval_s`` seconds until Ctrl-C; returns the exit status."""
     stream = out or sys.stdout
-    try:
-        anyio.run(_watch_until_interrupted, socket, interval_s, stream)
-    except KeyboardInterrupt:  # Ctrl-C before the signal receiver was up
-        pass
-    stream.write("\r\n")
+
+    def end(signum: int, frame: object) -> None:
+        # The view holds nothing to save: leave at once, from wherever the loop is, with
+        # the cursor on a fresh line. (A KeyboardInterrupt raised inside the event loop
+        # could escape as the process's death by SIGINT.)
+        stream.write("\r\n")
+        stream.flush()
+        os._exit(0)
+
+    signal.signal(signal.SIGINT, end)
+    signal.signal(signal.SIGTERM, end)
+    anyio.run(_watch, socket, interval_s, stream)
     return 0

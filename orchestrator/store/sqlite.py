@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import sqlite3
+import stat
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -383,6 +384,20 @@ def new_lease_id() -> str:
     return f"l-{int(time.time() * 1000):x}{secrets.token_hex(6)}"
 
 
+def _private(path: Path) -> None:
+    """Create the store file 0600 (SQLite gives its -wal and -shm the same mode): the
+    daemon's umask (0007 under systemd) would leave it group-writable, and agents of other
+    uids must not read it. An existing one readable by others loses those bits."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        mode = os.stat(path).st_mode
+        if mode & 0o007:
+            os.chmod(path, stat.S_IMODE(mode) & ~0o007)
+    else:
+        os.close(fd)
+
+
 class Store:
     """The SQLite store. Open with :meth:`open`; close with :meth:`close`."""
 
@@ -420,6 +435,7 @@ class Store:
     @classmethod
     def _open(cls, path: Path, lock_wait_s: float) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _private(path)
         conn = sqlite3.connect(
             path, isolation_level=None, check_same_thread=False, timeout=lock_wait_s
         )
@@ -1308,11 +1324,18 @@ class Store:
     # ---- asking a person --------------------------------------------------------------
 
     def ask(
-        self, lease_id: str, token: int, question: Question, *, now: float, worker: str | None
+        self,
+        lease_id: str,
+        token: int,
+        question: Question,
+        *,
+        now: float,
+        worker: str | None,
+        uid: int | None = None,
     ) -> str:
         """Record the lease's question (replacing one it asked before); the handoff's name."""
         with self._tx() as c:
-            row = self._held(c, lease_id, token, now, worker)
+            row = self._held(c, lease_id, token, now, worker, uid)
             c.execute(
                 "UPDATE questions SET closed_at = ? WHERE lease_id = ? AND closed_at IS NULL",
                 (now, lease_id),
