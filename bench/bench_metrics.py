@@ -35,6 +35,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from orchestrator.blocking import Offload
 from orchestrator.observe.metrics import Metrics, StoreSnapshot, serve_http
+from orchestrator.protocol.records import Report
 from orchestrator.store.sqlite import NewHandoff, Store
 
 from . import BenchConfig, BenchResult
@@ -134,7 +135,7 @@ def build_store(path: Path, total: int, *, backlog: bool = False) -> Store:
             store.accept_report(
                 grant.lease_id,
                 grant.token,
-                report={"status": "completed", "summary": "done"},
+                report=Report(status="completed", head="1" * 40, summary="done"),
                 head="1" * 40,
                 now=now,
             )

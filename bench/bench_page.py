@@ -25,7 +25,8 @@ from orchestrator.observe.board import (
     recent_outcome_names,
 )
 from orchestrator.observe.page import render_page
-from orchestrator.store.sqlite import LIVE_STATES, Store
+from orchestrator.store.sqlite import Store
+from orchestrator.store.states import LIVE_STATES
 
 from . import BenchConfig, BenchResult
 from .bench_daemon import SlowdownResult
@@ -38,7 +39,7 @@ def _status(store: Store, now: float) -> dict[str, Any]:
         "counts": store.counts(),
         "workers": [],
         "leases": [
-            {"handoff": x["handoff"], "worker": x["worker"], "attempt": x["attempt"]}
+            {"handoff": x.handoff, "worker": x.worker, "attempt": x.attempt}
             for x in leases
         ],
         "mergeQueue": store.merge_queue(),
@@ -52,9 +53,9 @@ def ours(store: Store) -> Callable[[], str]:
 
     def frame() -> str:
         now = time.time()
-        live = [h for state in LIVE_STATES for h in store.summaries(state)]
-        recent = store.recent_summaries(OUTCOME_STATES, RECENT_OUTCOMES)
-        fetched = {name: store.detail(name) for name in records.stale(recent)}
+        live = [h.to_wire() for state in LIVE_STATES for h in store.summaries(state)]
+        recent = [h.to_wire() for h in store.recent_summaries(OUTCOME_STATES, RECENT_OUTCOMES)]
+        fetched = {name: store.detail(name).to_wire() for name in records.stale(recent)}
         board = build_board(
             _status(store, now), live + recent, records.records(recent, fetched), now=now
         )
@@ -66,8 +67,8 @@ def ours(store: Store) -> Callable[[], str]:
 def naive(store: Store) -> Callable[[], str]:
     def frame() -> str:
         now = time.time()
-        handoffs = store.summaries()
-        details = [store.detail(n) for n in recent_outcome_names(handoffs)]
+        handoffs = [h.to_wire() for h in store.summaries()]
+        details = [store.detail(n).to_wire() for n in recent_outcome_names(handoffs)]
         return render_page(build_board(_status(store, now), handoffs, details, now=now))
 
     return frame

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from orchestrator.git.strategy import MERGE_STRATEGIES, MergeStrategy
+
 SYSTEM_CONFIG = Path("/etc/orchestrator/orchestrator.toml")
-MERGE_STRATEGIES = ("merge", "squash", "ff-only")
 FAILURE_POLICIES = ("requeue", "hold")
 MAX_SPECULATIVE_WINDOW = 16
 # How gates are confined (merge.gate_isolation): "auto" runs each in bubblewrap's PID and
@@ -123,7 +124,7 @@ class Config:
     max_attempts: int = 3
     lease_max_duration_s: float = 86400.0
     gates: tuple[GateConfig, ...] = ()
-    merge_strategy: str = "merge"
+    merge_strategy: MergeStrategy = MergeStrategy.MERGE
     on_conflict: str = "requeue"
     on_gate_failure: str = "requeue"
     gate_output_tail_bytes: int = 64 * 1024
@@ -411,7 +412,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str, base_dir: Path) -> Con
         max_attempts=attempts,
         lease_max_duration_s=max_duration,
         gates=gates,
-        merge_strategy=strategy,
+        merge_strategy=MergeStrategy(strategy),  # checked above
         on_conflict=on_conflict,
         on_gate_failure=on_gate_failure,
         gate_output_tail_bytes=tail,

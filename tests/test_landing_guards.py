@@ -23,6 +23,7 @@ from harness import (
 )
 from test_store import hand_over, new, report
 
+from orchestrator.protocol.records import Report
 from orchestrator.store.sqlite import InvalidTransition, LeaseNotHeld, Store, StoreError
 
 SUITE = (
@@ -36,7 +37,7 @@ def _gating(tmp_path: Path, name: str = "h") -> Store:
     store.submit([new(name)], max_attempts=3, now=1.0)
     report(store, name, now=2.0)
     (job,) = store.next_merge_jobs(limit=1, now=3.0)
-    assert job.name == name and store.handoff_row(name)["state"] == "gating"
+    assert job.name == name and store.state_of(name) == "gating"
     return store
 
 
@@ -45,12 +46,12 @@ def test_merged_only_from_gating_through_a_recorded_landing(tmp_path: Path) -> N
     # No landing was recorded (no gate passed on anything): not merged, whatever it says.
     with pytest.raises(InvalidTransition, match="only a gated candidate"):
         store.mark_merged("h", attempt=1, base="a" * 40, commit="b" * 40, now=4.0)
-    assert store.handoff_row("h")["state"] == "gating"
+    assert store.state_of("h") == "gating"
     store.record_landing_intent("h", attempt=1, base="a" * 40, candidate="c" * 40, now=4.0)
     with pytest.raises(InvalidTransition):  # not the candidate whose landing was recorded
         store.mark_merged("h", attempt=1, base="a" * 40, commit="b" * 40, now=5.0)
     store.mark_merged("h", attempt=1, base="a" * 40, commit="c" * 40, now=5.0)
-    assert store.handoff_row("h")["state"] == "merged"
+    assert store.state_of("h") == "merged"
     with pytest.raises(InvalidTransition):  # and never twice
         store.mark_merged("h", attempt=1, base="a" * 40, commit="c" * 40, now=6.0)
 
@@ -61,11 +62,11 @@ def test_a_cancel_during_landing_is_refused_and_it_lands_once(tmp_path: Path) ->
     assert store.begin_ref_move("h")  # the merge queue is moving the branch now
     with pytest.raises(InvalidTransition, match="landing on the integration branch"):
         store.cancel("h", now=4.5)
-    assert store.handoff_row("h")["state"] == "gating"
+    assert store.state_of("h") == "gating"
     store.mark_merged("h", attempt=1, base="a" * 40, commit="c" * 40, now=5.0)
     with pytest.raises(InvalidTransition):
         store.retry("h", max_attempts=3, now=6.0)
-    merges = store.detail("h")["merges"]
+    merges = [m.to_wire() for m in store.detail("h").merges]
     assert [m["result"] for m in merges] == ["merged"]
 
 
@@ -76,7 +77,7 @@ def test_a_cancel_before_landing_wins_and_nothing_lands(tmp_path: Path) -> None:
         store.record_landing_intent("h", attempt=1, base="a" * 40, candidate="c" * 40, now=4.5)
     with pytest.raises(InvalidTransition):
         store.mark_merged("h", attempt=1, base="a" * 40, commit="c" * 40, now=5.0)
-    assert store.handoff_row("h")["state"] == "cancelled"
+    assert store.state_of("h") == "cancelled"
 
 
 def test_a_cancel_while_the_move_waits_for_a_person_wins_and_nothing_lands(
@@ -90,7 +91,7 @@ def test_a_cancel_while_the_move_waits_for_a_person_wins_and_nothing_lands(
     assert not store.begin_ref_move("h")  # so the queue never moves the branch
     with pytest.raises(InvalidTransition):
         store.mark_merged("h", attempt=1, base="a" * 40, commit="c" * 40, now=5.0)
-    assert store.handoff_row("h")["state"] == "cancelled"
+    assert store.state_of("h") == "cancelled"
 
 
 def test_a_pending_landing_stays_gating_across_a_restart_until_settled(tmp_path: Path) -> None:
@@ -99,7 +100,7 @@ def test_a_pending_landing_stays_gating_across_a_restart_until_settled(tmp_path:
     store.return_to_queue("h", now=4.5)
     assert store.recover(ttl_s=30, now=5.0) == []
     assert store.recover_gating(now=5.0) == []
-    assert store.handoff_row("h")["state"] == "gating"
+    assert store.state_of("h") == "gating"
     assert store.pending_landings() == [("h", 1, "a" * 40, "c" * 40)]
     store.mark_merged("h", attempt=1, base="a" * 40, commit="c" * 40, now=6.0)  # it landed
 
@@ -112,9 +113,10 @@ def test_a_report_only_on_a_held_lease_of_a_leased_handoff(tmp_path: Path) -> No
     hand_over(store, grant, ttl_s=60, now=1.0)
     store.cancel("a", now=2.0)  # ends the lease
     with pytest.raises(LeaseNotHeld):
-        store.accept_report(grant.lease_id, grant.token, report={"status": "completed"},
+        store.accept_report(grant.lease_id, grant.token,
+                            report=Report(status="completed", head="0" * 40),
                             head="0" * 40, now=3.0)
-    assert store.handoff_row("a")["state"] == "cancelled"
+    assert store.state_of("a") == "cancelled"
     # A lease row left open while its handoff moved on (here by hand: no code path does it
     # today) does not make a report count either.
     other = store.grant(worker="w", labels=(), ttl_s=60, now=4.0)
@@ -123,9 +125,10 @@ def test_a_report_only_on_a_held_lease_of_a_leased_handoff(tmp_path: Path) -> No
     with sqlite3.connect(tmp_path / "db.sqlite3") as raw:
         raw.execute("UPDATE handoffs SET state = 'failed' WHERE name = 'b'")
     with pytest.raises(StoreError, match="no longer holds b"):
-        store.accept_report(other.lease_id, other.token, report={"status": "completed"},
+        store.accept_report(other.lease_id, other.token,
+                            report=Report(status="completed", head="0" * 40),
                             head="0" * 40, now=5.0)
-    assert store.handoff_row("b")["state"] == "failed"
+    assert store.state_of("b") == "failed"
 
 
 @pytest.mark.slow

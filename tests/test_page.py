@@ -267,6 +267,7 @@ def test_recent_outcomes_are_read_newest_first_and_fetched_once_per_change(
 ) -> None:
     from orchestrator.observe.board import RecentRecords
     from orchestrator.store.sqlite import NewHandoff, Store
+    from orchestrator.store.states import State
 
     store = Store.open(tmp_path / "s.sqlite3")
     try:
@@ -278,7 +279,7 @@ def test_recent_outcomes_are_read_newest_first_and_fetched_once_per_change(
         )
         for i, n in enumerate(names[:4]):
             store.cancel(n, now=10.0 + i)
-        recent = store.recent_summaries(("cancelled", "merged"), 3)
+        recent = [h.to_wire() for h in store.recent_summaries((State.CANCELLED, State.MERGED), 3)]
         assert [h["name"] for h in recent] == ["h3", "h2", "h1"]
 
         cache = RecentRecords()
@@ -288,7 +289,7 @@ def test_recent_outcomes_are_read_newest_first_and_fetched_once_per_change(
         assert cache.stale(recent) == []
         store.retry("h2", max_attempts=3, now=20.0)
         store.cancel("h2", now=21.0)
-        again = store.recent_summaries(("cancelled",), 3)
+        again = [h.to_wire() for h in store.recent_summaries((State.CANCELLED,), 3)]
         assert [h["name"] for h in again] == ["h2", "h3", "h1"]
         assert cache.stale(again) == ["h2"]
     finally:

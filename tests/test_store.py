@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.protocol.records import Report
 from orchestrator.store.sqlite import (
     Grant,
     InvalidTransition,
@@ -33,8 +34,8 @@ def hand_over(store: Store, grant: Grant, *, ttl_s: float, now: float) -> None:
 def report(store: Store, name: str, now: float) -> None:
     grant = store.grant(worker="w", labels=(), ttl_s=60, now=now)
     assert grant is not None and grant.handoff == name
-    store.accept_report(grant.lease_id, grant.token, report={"status": "completed"},
-                        head="0" * 40, now=now)
+    store.accept_report(grant.lease_id, grant.token,
+                        report=Report(status="completed", head="0" * 40), head="0" * 40, now=now)
 
 
 def test_merge_queue_order_is_priority_then_report_order(tmp_path: Path) -> None:
@@ -90,7 +91,7 @@ def test_retry_only_from_failed_conflict_or_cancelled(tmp_path: Path) -> None:
     expired = store.expire_due(now=10.0)
     assert [e.new_state for e in expired] == ["failed"]  # max_attempts = 1
     assert store.retry("a", max_attempts=1, now=11.0) == "queued"
-    assert store.summaries()[0]["attempt"] == 2
+    assert store.summaries()[0].attempt == 2
 
 
 def test_a_second_lock_on_the_state_dir_is_refused(tmp_path: Path) -> None:
@@ -115,6 +116,6 @@ def test_restart_abandons_unhanded_leases_and_extends_the_others(tmp_path: Path)
     store = Store.open(path)
     store.recover(ttl_s=5, now=100.0)  # the daemon was down far longer than the TTL
     assert store.renew(handed.lease_id, handed.token, ttl_s=5, progress=None, now=101.0)
-    summaries = {s["name"]: s for s in store.summaries()}
-    assert summaries["preparing"]["state"] == "queued"
-    assert summaries["preparing"]["attempt"] == 1  # the daemon's failure costs no attempt
+    summaries = {s.name: s for s in store.summaries()}
+    assert summaries["preparing"].state == "queued"
+    assert summaries["preparing"].attempt == 1  # the daemon's failure costs no attempt

@@ -3,6 +3,7 @@ manager or the merge queue. Store refusals become the error codes of PROTOCOL.md
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,9 +18,9 @@ from orchestrator.merge.conflict_warnings import HEAD_PATTERN, ConflictWarning, 
 from orchestrator.merge.queue import MergeQueue
 from orchestrator.observe import logs
 from orchestrator.protocol.asking import (
+    OpenQuestion,
     answer_from_wire,
     answered_to_wire,
-    needs_input_to_wire,
     question_from_wire,
 )
 from orchestrator.protocol.jsonrpc import (
@@ -37,9 +38,9 @@ from orchestrator.protocol.jsonrpc import (
     param_str,
     rfc3339,
 )
+from orchestrator.protocol.records import LeaseRecord, NeedsInput, Progress, Report
 from orchestrator.protocol.warnings import LEASE_WARNING, lease_warning
 from orchestrator.store.sqlite import (
-    STATES,
     DuplicateHandoff,
     InvalidSubmission,
     InvalidTransition,
@@ -50,11 +51,11 @@ from orchestrator.store.sqlite import (
     StoreFull,
     UnknownHandoff,
 )
+from orchestrator.store.states import MERGE_QUEUE_STATES, STATES, State
 
 log = logs.get("handlers")
 
 Handler = Callable[[Session, dict[str, Any]], Awaitable[Any]]
-REPORT_STATUSES = ("completed", "failed", "blocked")
 
 
 class Handlers:
@@ -205,24 +206,11 @@ class Handlers:
     async def handoff_report(self, session: Session, params: dict[str, Any]) -> Any:
         lease_id = param_str(params, "leaseId")
         token = param_int(params, "token")
-        report = params.get("report")
-        if not isinstance(report, dict):
-            raise RpcError(INVALID_PARAMS, 'invalid params: "report" must be an object')
-        status = report.get("status")
-        if status not in REPORT_STATUSES:
-            raise RpcError(
-                INVALID_PARAMS,
-                f"invalid params: report.status must be one of {', '.join(REPORT_STATUSES)}",
-            )
-        head = report.get("head")
-        if not isinstance(head, str) or not head:
-            raise RpcError(INVALID_PARAMS, "invalid params: report.head must be the branch tip sha")
-        for key in ("summary", "markdown"):
-            if report.get(key) is not None and not isinstance(report[key], str):
-                raise RpcError(INVALID_PARAMS, f"invalid params: report.{key} must be a string")
-        for key in ("phases", "metrics"):
-            if report.get(key) is not None and not isinstance(report[key], list):
-                raise RpcError(INVALID_PARAMS, f"invalid params: report.{key} must be a list")
+        try:
+            report = Report.from_wire(params.get("report"))
+        except ValueError as exc:
+            raise RpcError(INVALID_PARAMS, str(exc)) from exc
+        status, head = report.status, report.head
         try:
             # Judged on arrival: the renewal keeps the lease alive while the worktree is
             # checked, which may wait behind other git work.
@@ -250,18 +238,18 @@ class Handlers:
         lease = await self.offload.db(self.store.lease, lease_id, token, now=time.time())
         reason = await self.offload.git(self._check_worktree, lease, head)
         if reason:
-            log.info("report_rejected", handoff=lease["handoff"], lease=lease_id, reason=reason)
+            log.info("report_rejected", handoff=lease.handoff, lease=lease_id, reason=reason)
             raise RpcError(REPORT_REJECTED, f"report rejected: {reason}", {"reason": reason})
         state = await self.offload.db(
             self.store.accept_report, lease_id, token, report=report, head=head, now=time.time()
         )
         self.leases.forget(lease_id)
         self.leases.metrics.lease_ended(lease_id, "reported")
-        if state == "reported":
-            self.leases.metrics.report_accepted(lease["handoff"])
+        if state == State.REPORTED:
+            self.leases.metrics.report_accepted(lease.handoff)
         log.info(
             "report_accepted",
-            handoff=lease["handoff"],
+            handoff=lease.handoff,
             lease=lease_id,
             status=status,
             head=head,
@@ -271,16 +259,16 @@ class Handlers:
         self.on_change()
         return {"accepted": True}
 
-    def _check_worktree(self, lease: dict[str, Any], head: str) -> str:
+    def _check_worktree(self, lease: LeaseRecord, head: str) -> str:
         """Why the worktree does not match the report, or "" when it does.
 
         The head is fetched from the lease's own repository into ours (see
         Workspace.import_lease_head): the lease's branch is not ours until then."""
-        if not lease["branch"]:
+        if not lease.branch:
             return "the lease has no branch"
         ws = self.config.workspace
         return self.workspace.import_lease_head(
-            lease["handoff"], lease["branch"], head, untracked_ok=(*ws.keep, *ws.copy_files)
+            lease.handoff, lease.branch, head, untracked_ok=(*ws.keep, *ws.copy_files)
         )
 
     # ---- control methods --------------------------------------------------------------
@@ -345,18 +333,19 @@ class Handlers:
                 INVALID_PARAMS,
                 f'invalid params: "state" must be null or one of {", ".join(STATES)}',
             )
-        return {"handoffs": await self.offload.db(self.store.summaries, state)}
+        found = await self.offload.db(self.store.summaries, None if state is None else State(state))
+        return {"handoffs": [h.to_wire() for h in found]}
 
     async def handoff_get(self, session: Session, params: dict[str, Any]) -> Any:
         name = param_str(params, "name")
         record = await self.offload.db(self.store.detail, name)
         if name in self.merges.current and self.merges.blocked_reason:
-            record["detail"] = self.merges.blocked_reason
-        record["etaS"] = None
-        if record["state"] in ("reported", "gating"):
+            record = dataclasses.replace(record, detail=self.merges.blocked_reason)
+        if record.state in MERGE_QUEUE_STATES:
             queue = await self.offload.db(self.store.merge_queue)
-            record["etaS"] = (await self.merges.landing_etas(queue)).get(name)
-        return record
+            eta = (await self.merges.landing_etas(queue)).get(name)
+            record = dataclasses.replace(record, eta_s=eta)
+        return record.to_wire()
 
     async def handoff_cancel(self, session: Session, params: dict[str, Any]) -> Any:
         name = param_str(params, "name")
@@ -394,7 +383,7 @@ class Handlers:
         """The ``status`` result; the live page shows the same (``observe.page``)."""
         now = time.time()
 
-        def read() -> tuple[dict[str, int], list[dict[str, Any]], list[str], dict[str, Any]]:
+        def read() -> tuple[dict[str, int], list[LeaseRecord], list[str], dict[str, OpenQuestion]]:
             return (
                 self.store.counts(),
                 self.store.active_leases(now=now),
@@ -421,16 +410,7 @@ class Handlers:
             "counts": counts,
             "workers": workers,
             "leases": [
-                {
-                    "id": lease["id"],
-                    "handoff": lease["handoff"],
-                    "worker": lease["worker"],
-                    "attempt": lease["attempt"],
-                    "grantedAt": rfc3339(lease["granted_at"]),
-                    "expiresAt": rfc3339(lease["expires_at"]),
-                    "needsInput": needs_input_to_wire(by_lease.get(lease["id"])),
-                }
-                for lease in leases
+                lease.to_status_wire(NeedsInput.asked(by_lease.get(lease.id))) for lease in leases
             ],
             "needsInput": len(asked),
             "mergeQueue": queue,
@@ -458,7 +438,7 @@ class Handlers:
         }
 
 
-def _progress(value: Any) -> dict[str, Any]:
+def _progress(value: Any) -> Progress:
     if not isinstance(value, dict):
         raise RpcError(INVALID_PARAMS, 'invalid params: "progress" must be an object')
     percent = value.get("percent")
@@ -471,11 +451,11 @@ def _progress(value: Any) -> dict[str, Any]:
     for key in ("phase", "message"):
         if value.get(key) is not None and not isinstance(value[key], str):
             raise RpcError(INVALID_PARAMS, f'invalid params: "progress.{key}" must be a string')
-    return {
-        "percent": percent,
-        "phase": value.get("phase"),
-        "message": (value.get("message") or "")[:2000] or None,
-    }
+    return Progress(
+        percent=percent,
+        phase=value.get("phase"),
+        message=(value.get("message") or "")[:2000] or None,
+    )
 
 
 def _from_object(item: Any) -> handoff_model.Handoff:

@@ -134,7 +134,7 @@ class LeaseManager:
         base, integration, worktree, setup_needed = await self.offload.git(prepare)
 
         def assign_ports() -> PortRange | None:
-            live = [row["id"] for row in self.store.open_leases()]
+            live = [lease.id for lease in self.store.open_leases()]
             return self.ports.assign(grant.lease_id, self.config.workspace, live)
 
         ports = await self.offload.db(assign_ports)

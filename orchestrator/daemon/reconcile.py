@@ -39,7 +39,8 @@ from typing import Any
 from orchestrator.git.workspace import GitError, Workspace
 from orchestrator.handoff import template as handoff_model
 from orchestrator.observe import logs
-from orchestrator.store.sqlite import LIVE_STATES, Store
+from orchestrator.store.sqlite import Store
+from orchestrator.store.states import LIVE_STATES
 
 log = logs.get("reconcile")
 
@@ -63,26 +64,26 @@ def reconcile(store: Store, workspace: Workspace, *, now: float | None = None) -
         getattr(log, level)("reconcile_" + kind, **fields)
 
     open_leases = store.open_leases()
-    leased = {lease["handoff"] for lease in open_leases}
+    leased = {lease.handoff for lease in open_leases}
 
     # Open leases whose worktree vanished: the worker cannot go on, and git still thinks
     # the branch is checked out there until the registration is pruned.
     for lease in open_leases:
-        path = lease["worktree"]
+        path = lease.worktree
         if path is None or os.path.isdir(path):
             continue
         state = store.end_lease_fault(
-            lease["id"],
+            lease.id,
             reason="worktree_missing",
             detail=f"its worktree {path} was deleted; the next attempt gets a new one "
             "with the branch's commits",
             now=now,
         )
-        leased.discard(lease["handoff"])
+        leased.discard(lease.handoff)
         report(
             "lease_ended",
-            handoff=lease["handoff"],
-            lease=lease["id"],
+            handoff=lease.handoff,
+            lease=lease.id,
             worktree=path,
             cause="worktree_missing",
             new_state=state,
@@ -91,7 +92,7 @@ def reconcile(store: Store, workspace: Workspace, *, now: float | None = None) -
     # Worktrees laid out for a handoff that is done with them (merged, failed, cancelled)
     # or that the store does not know. A live handoff between leases keeps its worktree
     # on purpose: its next attempt continues there, which is cheaper than a pool slot.
-    states = {h["name"]: h["state"] for h in store.summaries()}
+    states = {h.name: h.state for h in store.summaries()}
     for name in workspace.lease_worktree_names():
         state = states.get(name)
         if name in leased or state in LIVE_STATES:
@@ -134,10 +135,10 @@ def reconcile(store: Store, workspace: Workspace, *, now: float | None = None) -
             )
 
     for lease in open_leases:
-        base = lease["base_commit"]
-        if base is None or lease["handoff"] not in leased:
+        base = lease.base_commit
+        if base is None or lease.handoff not in leased:
             continue
-        branch = lease["branch"] or handoff_model.branch_name(lease["handoff"])
+        branch = lease.branch or handoff_model.branch_name(lease.handoff)
         branch_tip: str | None = None
         try:
             branch_tip = workspace.branch_tip(branch)
@@ -147,7 +148,7 @@ def reconcile(store: Store, workspace: Workspace, *, now: float | None = None) -
         if moved:
             report(
                 "branch_moved",
-                handoff=lease["handoff"],
+                handoff=lease.handoff,
                 branch=branch,
                 base=base,
                 tip=branch_tip,

@@ -41,7 +41,8 @@ from orchestrator.observe.board import (
 from orchestrator.observe.metrics import Metrics, StoreSnapshot, parse_listen, serve_http
 from orchestrator.observe.page import PageRoutes
 from orchestrator.protocol.jsonrpc import Request
-from orchestrator.store.sqlite import LIVE_STATES, Store, lock_state_dir
+from orchestrator.store.sqlite import Store, lock_state_dir
+from orchestrator.store.states import LIVE_STATES
 
 log = logs.get("service")
 
@@ -331,9 +332,14 @@ class Daemon:
         status = await self.handlers.status_result()
 
         def read() -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-            live = [h for state in LIVE_STATES for h in self.store.summaries(state)]
-            recent = self.store.recent_summaries(OUTCOME_STATES, RECENT_OUTCOMES)
-            fetched = {name: self.store.detail(name) for name in self._records.stale(recent)}
+            # The board reads the control API's JSON (the client's view draws it too).
+            live = [h.to_wire() for state in LIVE_STATES for h in self.store.summaries(state)]
+            recent = [
+                h.to_wire() for h in self.store.recent_summaries(OUTCOME_STATES, RECENT_OUTCOMES)
+            ]
+            fetched = {
+                name: self.store.detail(name).to_wire() for name in self._records.stale(recent)
+            }
             return live, recent, fetched
 
         live, recent, fetched = await self.offload.db(read)

@@ -107,7 +107,7 @@ class EarlyWarnings:
             )
         except LeaseNotHeld:
             return []  # ended since the heartbeat: no one to warn
-        return await self.check(request.lease_id, str(lease["handoff"]), request.head)
+        return await self.check(request.lease_id, lease.handoff, request.head)
 
     async def check(self, lease_id: str, handoff: str, head: str) -> list[ConflictWarning]:
         """The warnings not sent yet for ``head`` of ``lease_id``'s branch."""

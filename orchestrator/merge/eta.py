@@ -13,19 +13,11 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+# The store reads it; the estimate is the one consumer (re-exported for it).
+from orchestrator.store.sqlite import GatingHistory
 
-@dataclass(frozen=True)
-class GatingHistory:
-    """What the store remembers of recent merges, for the estimate."""
-
-    candidate_s: tuple[float, ...]
-    """Total gate time of each recent candidate (all its gate runs), newest first."""
-    refused: int
-    """Gate failures among the recent decisions."""
-    decided: int
-    """Recent decisions: merged, conflict or gate failure."""
+__all__ = ["GatingHistory", "landing_etas"]
 
 
 def landing_etas(

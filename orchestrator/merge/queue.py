@@ -31,7 +31,7 @@ from orchestrator.git.workspace import (
 )
 from orchestrator.handoff import template as handoff_model
 from orchestrator.merge import commit_message
-from orchestrator.merge.eta import GatingHistory, landing_etas
+from orchestrator.merge.eta import landing_etas
 from orchestrator.merge.gates import (
     GateFences,
     GateIsolation,
@@ -42,7 +42,9 @@ from orchestrator.merge.gates import (
 )
 from orchestrator.observe import logs
 from orchestrator.observe.metrics import Metrics
+from orchestrator.protocol.records import Feedback
 from orchestrator.store.sqlite import InvalidTransition, MergeJob, Store, StoreFull
+from orchestrator.store.states import State
 
 log = logs.get("merge")
 
@@ -241,10 +243,10 @@ class MergeQueue:
                 # If the error came after the branch moved, the candidate did land: record
                 # it as merged, never hold a merged handoff for a person to retry.
                 await self.reconcile_landings(landed_only=True)
-                row = (
-                    await self.offload.db(self.store.handoff_row, culprit.name) if culprit else None
+                state = (
+                    await self.offload.db(self.store.state_of, culprit.name) if culprit else None
                 )
-                if culprit and row and row["state"] == "gating":
+                if culprit and state == State.GATING:
                     await self.offload.db(
                         self.store.merge_error,
                         culprit.name,
@@ -271,7 +273,7 @@ class MergeQueue:
         """Expected seconds until each handoff of ``queue`` (``Store.merge_queue`` order)
         lands, from recent gate times and refusals, the train in flight and the window;
         empty until a gate has run."""
-        history = GatingHistory(**await self.offload.db(self.store.gating_history))
+        history = await self.offload.db(self.store.gating_history)
         wanted = set(queue)
         train = [e for e in self._train if e.job.name in wanted]
         in_train = [j.name for e in train for j in e.jobs]
@@ -1009,7 +1011,7 @@ class MergeQueue:
         log: str,
         conflicts: list[str],
         hold: bool,
-    ) -> str:
+    ) -> State:
         """Record a conflict or a failed gate; the feedback is what the next agent gets."""
         state = await self.offload.db(
             self.store.mark_merge_failed,
@@ -1019,7 +1021,7 @@ class MergeQueue:
             base=base,
             candidate=candidate,
             detail=detail,
-            feedback={"reason": result, "detail": detail, "log": log},
+            feedback=Feedback(reason=result, detail=detail, log=log),
             conflicts=conflicts,
             hold=hold,
             now=time.time(),

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from orchestrator.store.states import BLOCKED_DETAIL, OUTCOME_STATES, State
+
 __all__ = [
     "OUTCOME_STATES",
     "RECENT_OUTCOMES",
@@ -31,13 +33,11 @@ __all__ = [
     "recent_outcome_names",
 ]
 
-# Handoffs that have finished, for better or worse: the "recent merges and failures".
-OUTCOME_STATES = ("merged", "failed", "conflict")
 # How many of them a view shows (each costs one handoff.get).
 RECENT_OUTCOMES = 8
 # How much of a failed gate's output a view shows.
 GATE_TAIL_LINES = 20
-BLOCKED_PREFIX = "the agent is blocked and needs a person: "
+BLOCKED_PREFIX = BLOCKED_DETAIL
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def build_board(
     outcomes = []
     for record in records:
         detail = str(record.get("detail") or "")
-        if record.get("state") == "failed" and detail.startswith(BLOCKED_PREFIX):
+        if record.get("state") == State.FAILED and detail.startswith(BLOCKED_PREFIX):
             # A blocked report is the agent asking a person, in the only way v1 had.
             questions.append(
                 Question(
@@ -241,7 +241,7 @@ def build_board(
         QueueEntry(
             name=str(name),
             title=title(str(name)),
-            state=str(by_name.get(str(name), {}).get("state") or "reported"),
+            state=str(by_name.get(str(name), {}).get("state") or State.REPORTED),
             eta_s=None if per_merge is None else per_merge * (position + 1),
         )
         for position, name in enumerate(status.get("mergeQueue") or [])
@@ -256,7 +256,7 @@ def build_board(
         pending=tuple(
             QueueEntry(str(h["name"]), str(h.get("title") or ""), str(h["state"]), None)
             for h in handoffs
-            if h.get("state") in ("queued", "waiting")
+            if h.get("state") in (State.QUEUED, State.WAITING)
         ),
         leases=tuple(leases),
         questions=tuple(questions),
@@ -269,7 +269,7 @@ def _gate_seconds_per_merge(records: Sequence[Mapping[str, Any]]) -> float | Non
     basis of the queue's ETAs; None with no merge to learn from."""
     totals = []
     for record in records:
-        if record.get("state") != "merged":
+        if record.get("state") != State.MERGED:
             continue
         attempt = record.get("attempt")
         runs = [g for g in record.get("gates") or [] if g.get("attempt") == attempt]

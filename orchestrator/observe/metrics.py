@@ -28,7 +28,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 
 from orchestrator.observe import http, logs
 from orchestrator.protocol.jsonrpc import CONTROL_METHODS, WORKER_METHODS
-from orchestrator.store.sqlite import LIVE_STATES, STATES
+from orchestrator.store.states import LIVE_STATES, STATES, State
 
 try:
     # prometheus-client >= 0.22 bumped CONTENT_TYPE_LATEST to the 1.0.0 text format, yet
@@ -56,7 +56,7 @@ __all__ = [
 log = logs.get("metrics")
 
 # The store owns the state machine; the gauge exports every one of its states.
-HANDOFF_STATES = STATES
+HANDOFF_STATES: tuple[str, ...] = STATES
 MERGE_RESULTS = ("merged", "conflict", "gate_failed")
 GATE_OUTCOMES = ("passed", "failed", "timed_out", "error")
 # How a lease ended: the worker reported, gave it back, went silent, or a person cancelled.
@@ -460,7 +460,7 @@ class Metrics:
         for outcome in LEASE_OUTCOMES:
             self._lease_duration.labels(outcome=outcome)
         for state in HANDOFF_STATES:
-            if state != "merged":
+            if state != State.MERGED:
                 self._state_duration.labels(state=state)
         self._extra_states: set[str] = set()
         # lease id -> [handed over, last renewed], in time.monotonic() seconds.
@@ -537,7 +537,7 @@ class Metrics:
             if previous is not None:
                 left, since = previous
                 self._state_duration.labels(state=left).observe(max(0.0, at - since))
-            if state != "merged":  # the only state nothing leaves
+            if state != State.MERGED:  # the only state nothing leaves
                 self._states[name] = (state, at)
             self.state_cursor = event_id
         while len(self._states) > MAX_TRACKED:

@@ -26,6 +26,7 @@ import anyio
 
 from orchestrator.observe import http, logs
 from orchestrator.observe.board import Board, LeaseView, Outcome, Question, format_age
+from orchestrator.store.states import State
 
 __all__ = [
     "BOARD_PATH",
@@ -217,7 +218,7 @@ def _outcomes(outcomes: tuple[Outcome, ...]) -> str:
     rows = []
     logs_html = []
     for o in outcomes:
-        if o.state == "merged":
+        if o.state == State.MERGED:
             what = f"merged as <code>{_e((o.merge_commit or '')[:12])}</code>"
         else:
             what = _e(o.detail)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from orchestrator.protocol.asking import OpenQuestion
 from orchestrator.protocol.jsonrpc import rfc3339
 from orchestrator.store.states import State
 
@@ -182,6 +183,13 @@ class NeedsInput:
             "choices": list(self.choices) if self.choices is not None else None,
             "askedAt": rfc3339(self.asked_at),
         }
+
+    @classmethod
+    def asked(cls, question: OpenQuestion | None) -> NeedsInput | None:
+        """What ``question`` shows in a summary; None when nothing is asked."""
+        if question is None:
+            return None
+        return cls(question.question.question, question.question.choices, question.asked_at)
 
     @classmethod
     def from_wire(cls, obj: Any, where: str = "needsInput") -> NeedsInput:

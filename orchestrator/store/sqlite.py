@@ -29,23 +29,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.protocol.asking import OpenQuestion, Question, needs_input_to_wire
-from orchestrator.protocol.jsonrpc import rfc3339
-
-STATES = (
-    "queued",
-    "waiting",
-    "leased",
-    "reported",
-    "gating",
-    "merged",
-    "conflict",
-    "failed",
-    "cancelled",
+from orchestrator.handoff.template import Priority
+from orchestrator.protocol.asking import OpenQuestion, Question
+from orchestrator.protocol.records import (
+    EventRecord,
+    Feedback,
+    GateRunRecord,
+    HandoffDetail,
+    HandoffSummary,
+    LeaseRecord,
+    MergeRecord,
+    NeedsInput,
+    Progress,
+    Report,
+    ReportRecord,
 )
-LIVE_STATES = ("queued", "waiting", "leased", "reported", "gating")
-RETRYABLE_STATES = ("failed", "conflict", "cancelled")
-PRIORITY_RANK = {"HIGH": 0, "MEDIUM": 1, "LOW": 2}
+from orchestrator.store.states import (
+    BLOCKED_DETAIL,
+    LIVE_STATES,
+    MERGE_QUEUE_STATES,
+    RETRYABLE_STATES,
+    STATES,
+    State,
+)
+
+__all__ = [
+    "LIVE_STATES",
+    "RETRYABLE_STATES",
+    "STATES",
+    "CachedGatePass",
+    "Expired",
+    "GatingHistory",
+    "Grant",
+    "MergeJob",
+    "NewHandoff",
+    "State",
+    "Store",
+]
 # A granted lease does not expire while its worktree is being prepared (the TTL starts
 # when the worker gets it); this bounds how long a preparation may take.
 PREPARE_GRACE_S = 900.0
@@ -271,7 +291,7 @@ class Grant:
 class Expired:
     lease_id: str
     handoff: str
-    new_state: str
+    new_state: State
     # "expired" (no heartbeat within the TTL) or "max_duration" (held too long).
     reason: str = "expired"
 
@@ -285,6 +305,18 @@ class CachedGatePass:
     candidate: str
     duration_s: float
     passed_at: float
+
+
+@dataclass(frozen=True)
+class GatingHistory:
+    """What the store remembers of recent merges, for the merge queue's ETAs."""
+
+    candidate_s: tuple[float, ...]
+    """Total gate time of each recent candidate (all its gate runs), newest first."""
+    refused: int
+    """Gate failures among the recent decisions."""
+    decided: int
+    """Recent decisions: merged, conflict or gate failure."""
 
 
 @dataclass(frozen=True)
@@ -532,7 +564,7 @@ class Store:
         return row  # type: ignore[no-any-return]
 
     def _set_state(
-        self, c: sqlite3.Connection, name: str, state: str, now: float, **fields: Any
+        self, c: sqlite3.Connection, name: str, state: State, now: float, **fields: Any
     ) -> None:
         assigns = ", ".join(f"{k} = ?" for k in fields)
         extra = f", {assigns}" if assigns else ""
@@ -591,12 +623,12 @@ class Store:
                         seq,
                         h.title,
                         h.priority,
-                        PRIORITY_RANK[h.priority],
+                        Priority(h.priority).rank,
                         json.dumps(list(h.dependencies)),
                         json.dumps(list(h.labels)),
                         h.body,
                         json.dumps(h.wire, allow_nan=False),
-                        "waiting",
+                        State.WAITING,
                         1,
                         max_attempts,
                         now,
@@ -609,13 +641,15 @@ class Store:
 
     def _release_waiting(self, c: sqlite3.Connection, now: float) -> list[str]:
         """Move ``waiting`` handoffs whose dependencies are all merged to ``queued``."""
-        merged = {r[0] for r in c.execute("SELECT name FROM handoffs WHERE state = 'merged'")}
+        merged = {
+            r[0] for r in c.execute("SELECT name FROM handoffs WHERE state = ?", (State.MERGED,))
+        }
         released = []
         for row in c.execute(
-            "SELECT name, dependencies FROM handoffs WHERE state = 'waiting'"
+            "SELECT name, dependencies FROM handoffs WHERE state = ?", (State.WAITING,)
         ).fetchall():
             if set(json.loads(row["dependencies"])) <= merged:
-                self._set_state(c, row["name"], "queued", now)
+                self._set_state(c, row["name"], State.QUEUED, now)
                 released.append(row["name"])
         return released
 
@@ -636,7 +670,8 @@ class Store:
         worker_labels = set(labels)
         with self._tx() as c:
             for row in c.execute(
-                "SELECT * FROM handoffs WHERE state = 'queued' ORDER BY priority_rank, seq"
+                "SELECT * FROM handoffs WHERE state = ? ORDER BY priority_rank, seq",
+                (State.QUEUED,),
             ).fetchall():
                 if not set(json.loads(row["labels"])) <= worker_labels:
                     continue
@@ -648,7 +683,7 @@ class Store:
                     " expires_at, uid) VALUES (?,?,?,?,?,?,?,?)",
                     (lease_id, token, row["name"], worker, row["attempt"], now, expires, uid),
                 )
-                self._set_state(c, row["name"], "leased", now, progress=None)
+                self._set_state(c, row["name"], State.LEASED, now, progress=None)
                 self._event(
                     c,
                     now,
@@ -692,8 +727,8 @@ class Store:
                 return
             self._end_lease(c, lease_id, "abandoned", now)
             self._event(c, now, lease["handoff"], "lease_abandoned", lease=lease_id, reason=reason)
-            if self._row(c, lease["handoff"])["state"] == "leased":
-                self._set_state(c, lease["handoff"], "queued", now, detail=reason)
+            if self._row(c, lease["handoff"])["state"] == State.LEASED:
+                self._set_state(c, lease["handoff"], State.QUEUED, now, detail=reason)
 
     def _held(
         self,
@@ -740,10 +775,10 @@ class Store:
             )
         return row  # type: ignore[no-any-return]
 
-    def lease(self, lease_id: str, token: int, *, now: float) -> dict[str, Any]:
-        """The lease row if it is held with this token; raises :class:`LeaseNotHeld`."""
+    def lease(self, lease_id: str, token: int, *, now: float) -> LeaseRecord:
+        """The lease if it is held with this token; raises :class:`LeaseNotHeld`."""
         with self._tx() as c:
-            return dict(self._held(c, lease_id, token, now))
+            return _lease(self._held(c, lease_id, token, now))
 
     def renew(
         self,
@@ -751,7 +786,7 @@ class Store:
         token: int,
         *,
         ttl_s: float,
-        progress: dict[str, Any] | None,
+        progress: Progress | None,
         now: float,
         worker: str | None = None,
         uid: int | None = None,
@@ -765,7 +800,7 @@ class Store:
             if progress is not None:
                 c.execute(
                     "UPDATE handoffs SET progress = ?, updated_at = ? WHERE name = ?",
-                    (_dumps(progress), now, row["handoff"]),
+                    (_dumps(progress.to_wire()), now, row["handoff"]),
                 )
             return expires
 
@@ -782,28 +817,28 @@ class Store:
         *,
         feedback: dict[str, Any] | None,
         detail: str,
-    ) -> str:
+    ) -> State:
         """Another attempt if the budget allows, else ``failed``. Returns the new state."""
         if row["attempt"] >= row["attempt_limit"]:
             self._set_state(
                 c,
                 row["name"],
-                "failed",
+                State.FAILED,
                 now,
                 detail=f"{detail}; gave up after {row['attempt']} attempt(s)",
                 feedback=_dumps(feedback),
             )
-            return "failed"
+            return State.FAILED
         self._set_state(
             c,
             row["name"],
-            "queued",
+            State.QUEUED,
             now,
             attempt=row["attempt"] + 1,
             feedback=_dumps(feedback),
             detail=detail,
         )
-        return "queued"
+        return State.QUEUED
 
     def expire_due(self, *, now: float, max_duration_s: float | None = None) -> list[Expired]:
         """End every lease past its expiry, or (with ``max_duration_s``) held longer than
@@ -824,8 +859,8 @@ class Store:
                 self._end_lease(c, lease["id"], reason, now)
                 row = self._row(c, lease["handoff"])
                 self._event(c, now, row["name"], "lease_" + reason, lease=lease["id"])
-                state = row["state"]
-                if state == "leased":
+                state = State(row["state"])
+                if state == State.LEASED:
                     detail = (
                         f"lease {lease['id']} held for more than leases.max_duration_s "
                         f"({longest:g} s) without a report; revoked"
@@ -848,7 +883,7 @@ class Store:
         now: float,
         worker: str | None = None,
         uid: int | None = None,
-    ) -> str:
+    ) -> State:
         """Give a held lease back unfinished; the handoff is re-queued at once."""
         with self._tx() as c:
             lease = self._held(c, lease_id, token, now, worker, uid)
@@ -889,20 +924,20 @@ class Store:
         )
 
     def accept_report(
-        self, lease_id: str, token: int, *, report: dict[str, Any], head: str, now: float
-    ) -> str:
+        self, lease_id: str, token: int, *, report: Report, head: str, now: float
+    ) -> State:
         """Store a report and release its lease; returns the handoff's new state."""
         with self._tx() as c:
             lease = self._held(c, lease_id, token, now)
             name = lease["handoff"]
             handoff = self._row(c, name)
-            if handoff["state"] != "leased" or handoff["attempt"] != lease["attempt"]:
+            if handoff["state"] != State.LEASED or handoff["attempt"] != lease["attempt"]:
                 raise LeaseNotHeld(
                     f"lease {lease_id} no longer holds {name} (it is {handoff['state']}, "
                     f"attempt {handoff['attempt']}); stop working on it and acquire a new lease"
                 )
-            status = report["status"]
-            summary = str(report.get("summary") or "")
+            status = report.status
+            summary = report.summary or ""
             c.execute(
                 "INSERT INTO reports(handoff, lease_id, attempt, status, summary, head, report,"
                 " received_at) VALUES (?,?,?,?,?,?,?,?)",
@@ -913,7 +948,7 @@ class Store:
                     status,
                     summary,
                     head,
-                    json.dumps(report, allow_nan=False),
+                    json.dumps(report.to_wire(), allow_nan=False),
                     now,
                 ),
             )
@@ -922,15 +957,13 @@ class Store:
             if status == "completed":
                 seq = self._counter(c, "report_seq")
                 # ``conflicts`` stays: it records what the earlier attempt ran into.
-                self._set_state(c, name, "reported", now, report_seq=seq, detail=None)
-                return "reported"
-            detail = (
-                "the agent gave up: "
-                if status == "failed"
-                else "the agent is blocked and needs a person: "
-            ) + (summary or "(no summary)")
-            self._set_state(c, name, "failed", now, detail=detail)
-            return "failed"
+                self._set_state(c, name, State.REPORTED, now, report_seq=seq, detail=None)
+                return State.REPORTED
+            detail = ("the agent gave up: " if status == "failed" else BLOCKED_DETAIL) + (
+                summary or "(no summary)"
+            )
+            self._set_state(c, name, State.FAILED, now, detail=detail)
+            return State.FAILED
 
     # ---- control ----------------------------------------------------------------------
 
@@ -938,11 +971,11 @@ class Store:
         """Cancel a handoff; returns the id of the lease to revoke, if one was held."""
         with self._tx() as c:
             row = self._row(c, name)
-            if row["state"] == "merged":
+            if row["state"] == State.MERGED:
                 raise InvalidTransition(f"{name} is already merged; nothing to cancel")
-            if row["state"] == "cancelled":
+            if row["state"] == State.CANCELLED:
                 return None
-            if row["state"] == "gating" and self._moving(c, name):
+            if row["state"] == State.GATING and self._moving(c, name):
                 # Its gates passed and the branch is moving: a cancel now could only be
                 # overridden (the work lands anyway) or leave landed work marked cancelled.
                 # Before the move (even while it waits for a dirty checkout) a cancel wins.
@@ -956,10 +989,10 @@ class Store:
             ).fetchone()
             if lease is not None:
                 self._end_lease(c, lease["id"], "cancelled", now)
-            self._set_state(c, name, "cancelled", now, detail="cancelled by a person")
+            self._set_state(c, name, State.CANCELLED, now, detail="cancelled by a person")
             return None if lease is None else str(lease["id"])
 
-    def retry(self, name: str, *, max_attempts: int, now: float) -> str:
+    def retry(self, name: str, *, max_attempts: int, now: float) -> State:
         """Give a failed, conflicting or cancelled handoff a fresh attempt budget."""
         with self._tx() as c:
             row = self._row(c, name)
@@ -972,14 +1005,14 @@ class Store:
             self._set_state(
                 c,
                 name,
-                "waiting",
+                State.WAITING,
                 now,
                 attempt=attempt,
                 attempt_limit=attempt + max_attempts - 1,
                 detail="retried by a person",
             )
             self._release_waiting(c, now)
-            return str(self._row(c, name)["state"])
+            return State(self._row(c, name)["state"])
 
     # ---- merge queue ------------------------------------------------------------------
 
@@ -989,16 +1022,15 @@ class Store:
         jobs = []
         with self._tx() as c:
             rows = c.execute(
-                "SELECT * FROM handoffs WHERE state = 'reported'"
-                " ORDER BY priority_rank, report_seq LIMIT ?",
-                (limit,),
+                "SELECT * FROM handoffs WHERE state = ? ORDER BY priority_rank, report_seq LIMIT ?",
+                (State.REPORTED, limit),
             ).fetchall()
             for row in rows:
                 report = c.execute(
                     "SELECT head, summary FROM reports WHERE handoff = ? ORDER BY id DESC LIMIT 1",
                     (row["name"],),
                 ).fetchone()
-                self._set_state(c, row["name"], "gating", now)
+                self._set_state(c, row["name"], State.GATING, now)
                 jobs.append(
                     MergeJob(
                         name=row["name"],
@@ -1076,7 +1108,7 @@ class Store:
         a person cancelled it: then nothing may land."""
         with self._tx() as c:
             state = self._row(c, name)["state"]
-            if state != "gating":
+            if state != State.GATING:
                 raise InvalidTransition(f"{name} is {state} now; its candidate will not land")
             c.execute(
                 "INSERT INTO merges(handoff, attempt, result, base, candidate, at)"
@@ -1103,7 +1135,7 @@ class Store:
         :meth:`end_ref_move` (or the outcome) a cancel is refused. False: a cancel won."""
         with self._tx() as c:
             row_id = self._pending_landing(c, name)
-            if self._row(c, name)["state"] != "gating" or row_id is None:
+            if self._row(c, name)["state"] != State.GATING or row_id is None:
                 return False
             c.execute("UPDATE merges SET detail = ? WHERE id = ?", (_MOVING, row_id))
             return True
@@ -1146,7 +1178,7 @@ class Store:
                 ).fetchone()
             )
             if (
-                row["state"] != "gating"
+                row["state"] != State.GATING
                 or recorded is None
                 or recorded["attempt"] != attempt
                 or recorded["candidate"] != commit
@@ -1163,7 +1195,7 @@ class Store:
             self._set_state(
                 c,
                 name,
-                "merged",
+                State.MERGED,
                 now,
                 merge_commit=commit,
                 merged_at=now,
@@ -1183,11 +1215,11 @@ class Store:
         base: str,
         candidate: str | None,
         detail: str,
-        feedback: dict[str, Any],
+        feedback: Feedback,
         conflicts: Sequence[str],
         hold: bool,
         now: float,
-    ) -> str:
+    ) -> State:
         """Record a conflict or a failed gate; requeue with feedback or hold. New state.
 
         If the handoff left ``gating`` meanwhile (cancelled), only the result is recorded."""
@@ -1197,10 +1229,10 @@ class Store:
                 " VALUES (?,?,?,?,?,?,?)",
                 (name, attempt, result, base, candidate, detail, now),
             )
-            current = self._row(c, name)["state"]
-            if current != "gating":
-                return str(current)
-            held_state = "conflict" if result == "conflict" else "failed"
+            current = State(self._row(c, name)["state"])
+            if current != State.GATING:
+                return current
+            held_state = State.CONFLICT if result == "conflict" else State.FAILED
             self._set_state(
                 c,
                 name,
@@ -1208,25 +1240,30 @@ class Store:
                 now,
                 detail=detail,
                 conflicts=_dumps(list(conflicts)) if conflicts else None,
-                feedback=_dumps(feedback),
+                feedback=_dumps(feedback.to_wire()),
             )
             if hold:
                 return held_state
-            return self._requeue(c, self._row(c, name), now, feedback=feedback, detail=detail)
+            return self._requeue(
+                c, self._row(c, name), now, feedback=feedback.to_wire(), detail=detail
+            )
 
     def merge_error(self, name: str, *, detail: str, now: float) -> None:
         """The merge itself failed (a git error): hold the handoff for a person."""
         with self._tx() as c:
-            if self._row(c, name)["state"] == "gating":
-                self._set_state(c, name, "failed", now, detail=detail)
+            if self._row(c, name)["state"] == State.GATING:
+                self._set_state(c, name, State.FAILED, now, detail=detail)
 
     def return_to_queue(self, name: str, *, now: float) -> None:
         """A merge attempt that could not finish (e.g. the daemon stopping) goes back."""
         with self._tx() as c:
             # A pending landing stays ``gating`` until reconcile_landings settles it: the
             # ref may have moved, and only from ``gating`` can it be recorded as merged.
-            if self._row(c, name)["state"] == "gating" and self._pending_landing(c, name) is None:
-                self._set_state(c, name, "reported", now)
+            if (
+                self._row(c, name)["state"] == State.GATING
+                and self._pending_landing(c, name) is None
+            ):
+                self._set_state(c, name, State.REPORTED, now)
 
     def recover(self, *, ttl_s: float, now: float) -> list[str]:
         """After a restart: a handoff caught mid-gate goes back to ``reported``; a lease
@@ -1236,20 +1273,24 @@ class Store:
         with self._tx() as c:
             names = [
                 r[0]
-                for r in c.execute("SELECT name FROM handoffs WHERE state = 'gating'").fetchall()
+                for r in c.execute(
+                    "SELECT name FROM handoffs WHERE state = ?", (State.GATING,)
+                ).fetchall()
                 if self._pending_landing(c, r[0]) is None  # settled by reconcile_landings
             ]
             for name in names:
-                self._set_state(c, name, "reported", now, detail="gating interrupted by a restart")
+                self._set_state(
+                    c, name, State.REPORTED, now, detail="gating interrupted by a restart"
+                )
             for lease in c.execute(
                 "SELECT id, handoff FROM leases WHERE ended_at IS NULL AND worktree IS NULL"
             ).fetchall():
                 self._end_lease(c, lease["id"], "abandoned", now)
-                if self._row(c, lease["handoff"])["state"] == "leased":
+                if self._row(c, lease["handoff"])["state"] == State.LEASED:
                     self._set_state(
                         c,
                         lease["handoff"],
-                        "queued",
+                        State.QUEUED,
                         now,
                         detail="lease abandoned by a restart before hand-over",
                     )
@@ -1277,19 +1318,23 @@ class Store:
         with self._tx() as c:
             names = [
                 r[0]
-                for r in c.execute("SELECT name FROM handoffs WHERE state = 'gating'").fetchall()
+                for r in c.execute(
+                    "SELECT name FROM handoffs WHERE state = ?", (State.GATING,)
+                ).fetchall()
                 if self._pending_landing(c, r[0]) is None  # settled by reconcile_landings
             ]
             for name in names:
-                self._set_state(c, name, "reported", now, detail="gating interrupted")
+                self._set_state(c, name, State.REPORTED, now, detail="gating interrupted")
             return names
 
-    def open_leases(self) -> list[dict[str, Any]]:
+    def open_leases(self) -> list[LeaseRecord]:
         """Every lease not ended yet, expired or not (for start-up reconciliation)."""
         rows = self._conn.execute("SELECT * FROM leases WHERE ended_at IS NULL ORDER BY token")
-        return [dict(r) for r in rows.fetchall()]
+        return [_lease(r) for r in rows.fetchall()]
 
-    def end_lease_fault(self, lease_id: str, *, reason: str, detail: str, now: float) -> str | None:
+    def end_lease_fault(
+        self, lease_id: str, *, reason: str, detail: str, now: float
+    ) -> State | None:
         """End an open lease the daemon found broken (e.g. its worktree is gone) and
         re-queue its handoff, spending an attempt as an expiry does. Returns the handoff's
         new state, or None if the lease had ended meanwhile."""
@@ -1300,15 +1345,16 @@ class Store:
             self._end_lease(c, lease_id, reason, now)
             row = self._row(c, lease["handoff"])
             self._event(c, now, row["name"], "lease_" + reason, lease=lease_id, detail=detail)
-            if row["state"] != "leased":
-                return str(row["state"])
+            if row["state"] != State.LEASED:
+                return State(row["state"])
             return self._requeue(c, row, now, feedback=_loads(row["feedback"]), detail=detail)
 
     def merged_commits(self) -> list[tuple[str, str]]:
         """(handoff, merge commit) of every merged handoff, in merge order."""
         rows = self._conn.execute(
-            "SELECT name, merge_commit FROM handoffs WHERE state = 'merged'"
-            " AND merge_commit IS NOT NULL ORDER BY merged_at"
+            "SELECT name, merge_commit FROM handoffs WHERE state = ?"
+            " AND merge_commit IS NOT NULL ORDER BY merged_at",
+            (State.MERGED,),
         )
         return [(str(r[0]), str(r[1])) for r in rows.fetchall()]
 
@@ -1449,18 +1495,20 @@ class Store:
     # ---- reads ------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATES, 0)
+        """How many handoffs are in each state (every state, 0 when none)."""
+        counts: dict[str, int] = dict.fromkeys(STATES, 0)
         for row in self._conn.execute("SELECT state, COUNT(*) FROM handoffs GROUP BY state"):
             counts[row[0]] = row[1]
         return counts
 
-    def active_leases(self, *, now: float) -> list[dict[str, Any]]:
+    def active_leases(self, *, now: float) -> list[LeaseRecord]:
+        """Leases held and not expired at ``now``, in grant order."""
         rows = self._conn.execute(
             "SELECT * FROM leases WHERE ended_at IS NULL AND expires_at > ? ORDER BY token", (now,)
         ).fetchall()
-        return [dict(r) for r in rows]
+        return [_lease(r) for r in rows]
 
-    def gating_history(self, *, candidates: int = 20, decisions: int = 50) -> dict[str, Any]:
+    def gating_history(self, *, candidates: int = 20, decisions: int = 50) -> GatingHistory:
         """For the merge queue's ETAs: the total gate time of each of the last
         ``candidates`` candidates gated (newest first), and of the last ``decisions``
         decisions how many were gate failures (``refused``) out of ``decided``."""
@@ -1486,30 +1534,33 @@ class Store:
             ]
         finally:
             c.execute("COMMIT")
-        return {
-            "candidate_s": tuple(durations),
-            "refused": results.count("gate_failed"),
-            "decided": len(results),
-        }
+        return GatingHistory(
+            candidate_s=tuple(durations),
+            refused=results.count("gate_failed"),
+            decided=len(results),
+        )
 
     def merge_queue_heads(self) -> list[tuple[str, str]]:
         """(handoff, reported head) of the merge queue, in :meth:`merge_queue` order."""
         rows = self._conn.execute(
             "SELECT h.name, r.head FROM handoffs h JOIN reports r"
             " ON r.id = (SELECT MAX(id) FROM reports WHERE handoff = h.name)"
-            " WHERE h.state IN ('reported', 'gating')"
-            " ORDER BY h.state = 'gating' DESC, h.priority_rank, h.report_seq"
+            " WHERE h.state IN (?, ?)"
+            " ORDER BY h.state = ? DESC, h.priority_rank, h.report_seq",
+            (*MERGE_QUEUE_STATES, State.GATING),
         )
         return [(str(r[0]), str(r[1])) for r in rows]
 
     def merge_queue(self) -> list[str]:
         rows = self._conn.execute(
-            "SELECT name FROM handoffs WHERE state IN ('reported', 'gating')"
-            " ORDER BY state = 'gating' DESC, priority_rank, report_seq"
+            "SELECT name FROM handoffs WHERE state IN (?, ?)"
+            " ORDER BY state = ? DESC, priority_rank, report_seq",
+            (*MERGE_QUEUE_STATES, State.GATING),
         )
         return [r[0] for r in rows]
 
-    def summaries(self, state: str | None = None) -> list[dict[str, Any]]:
+    def summaries(self, state: State | None = None) -> list[HandoffSummary]:
+        """Every handoff (in ``state``, if given) in submission order."""
         sql = "SELECT * FROM handoffs"
         args: tuple[Any, ...] = ()
         if state is not None:
@@ -1517,13 +1568,12 @@ class Store:
             args = (state,)
         rows = self._conn.execute(sql + " ORDER BY seq", args).fetchall()
         asked = self.open_questions()
-        return [
-            {**_summary(r), "needsInput": needs_input_to_wire(asked.get(r["name"]))} for r in rows
-        ]
+        return [_summary(r, asked.get(r["name"])) for r in rows]
 
-    def recent_summaries(self, states: Sequence[str], limit: int) -> list[dict[str, Any]]:
+    def recent_summaries(self, states: Sequence[State], limit: int) -> list[HandoffSummary]:
         """The ``limit`` handoffs in ``states`` that changed last, newest first (one index
-        probe per state, however many merged handoffs the store holds)."""
+        probe per state, however many merged handoffs the store holds). Meant for
+        outcomes: ``needs_input`` is not looked up (only a live lease asks)."""
         rows: list[sqlite3.Row] = []
         for state in states:
             # Per state, so each is a backwards walk of handoffs_state_since (an IN list
@@ -1533,7 +1583,7 @@ class Store:
                 (state, limit),
             ).fetchall()
         rows.sort(key=lambda r: r["updated_at"], reverse=True)
-        return [_summary(r) for r in rows[:limit]]
+        return [_summary(r, None) for r in rows[:limit]]
 
     def has_open_lease(self, name: str) -> bool:
         return (
@@ -1543,76 +1593,67 @@ class Store:
             is not None
         )
 
-    def handoff_row(self, name: str) -> dict[str, Any]:
-        return dict(self._row(self._conn, name))
+    def state_of(self, name: str) -> State:
+        """The handoff's state; raises :class:`UnknownHandoff`."""
+        return State(self._row(self._conn, name)["state"])
 
-    def detail(self, name: str) -> dict[str, Any]:
+    def detail(self, name: str) -> HandoffDetail:
         """The full record for ``handoff.get``."""
         c = self._conn
         row = self._row(c, name)
-        record = _summary(row)
         asked = self._open_questions(c, name)
-        record["needsInput"] = needs_input_to_wire(asked[0][1] if asked else None)
-        record["body"] = row["body"]
-        record["labels"] = json.loads(row["labels"])
-        record["detail"] = row["detail"]
-        record["feedback"] = _loads(row["feedback"])
-        record["submittedAt"] = rfc3339(row["submitted_at"])
-        record["mergedAt"] = rfc3339(row["merged_at"])
-        record["mergeCommit"] = row["merge_commit"]
-        record["conflicts"] = _loads(row["conflicts"]) or []
-        record["leases"] = [
-            {
-                # No token: only the worker holding a lease ever sees it (PROTOCOL.md).
-                "id": r["id"],
-                "worker": r["worker"],
-                "attempt": r["attempt"],
-                "grantedAt": rfc3339(r["granted_at"]),
-                "expiresAt": rfc3339(r["expires_at"]),
-                "baseCommit": r["base_commit"],
-                "worktree": r["worktree"],
-                "branch": r["branch"],
-                "endedAt": rfc3339(r["ended_at"]),
-                "endReason": r["end_reason"],
-            }
-            for r in c.execute("SELECT * FROM leases WHERE handoff = ? ORDER BY token", (name,))
-        ]
-        record["reports"] = [
-            {
-                **json.loads(r["report"]),
-                "attempt": r["attempt"],
-                "leaseId": r["lease_id"],
-                "receivedAt": rfc3339(r["received_at"]),
-            }
-            for r in c.execute("SELECT * FROM reports WHERE handoff = ? ORDER BY id", (name,))
-        ]
-        record["gates"] = [
-            {
-                "gate": r["gate"],
-                "attempt": r["attempt"],
-                "candidate": r["candidate"],
-                "exitStatus": r["exit_status"],
-                "timedOut": bool(r["timed_out"]),
-                "durationS": r["duration_s"],
-                "outputTail": r["output_tail"],
-                "startedAt": rfc3339(r["started_at"]),
-            }
-            for r in c.execute("SELECT * FROM gate_runs WHERE handoff = ? ORDER BY id", (name,))
-        ]
-        record["merges"] = [
-            {
-                "attempt": r["attempt"],
-                "result": r["result"],
-                "base": r["base"],
-                "candidate": r["candidate"],
-                "detail": r["detail"],
-                "at": rfc3339(r["at"]),
-            }
-            for r in c.execute("SELECT * FROM merges WHERE handoff = ? ORDER BY id", (name,))
-        ]
-        return record
+        feedback = _loads(row["feedback"])
+        return HandoffDetail(
+            summary=_summary(row, asked[0][1] if asked else None),
+            body=row["body"],
+            labels=tuple(json.loads(row["labels"])),
+            detail=row["detail"],
+            feedback=None if feedback is None else Feedback.from_wire(feedback),
+            submitted_at=row["submitted_at"],
+            merged_at=row["merged_at"],
+            merge_commit=row["merge_commit"],
+            conflicts=tuple(_loads(row["conflicts"]) or ()),
+            leases=tuple(
+                _lease(r)
+                for r in c.execute("SELECT * FROM leases WHERE handoff = ? ORDER BY token", (name,))
+            ),
+            reports=tuple(
+                ReportRecord(
+                    report=Report.from_wire(json.loads(r["report"])),
+                    attempt=r["attempt"],
+                    lease_id=r["lease_id"],
+                    received_at=r["received_at"],
+                )
+                for r in c.execute("SELECT * FROM reports WHERE handoff = ? ORDER BY id", (name,))
+            ),
+            gates=tuple(
+                GateRunRecord(
+                    gate=r["gate"],
+                    attempt=r["attempt"],
+                    candidate=r["candidate"],
+                    exit_status=r["exit_status"],
+                    timed_out=bool(r["timed_out"]),
+                    duration_s=r["duration_s"],
+                    output_tail=r["output_tail"],
+                    started_at=r["started_at"],
+                )
+                for r in c.execute("SELECT * FROM gate_runs WHERE handoff = ? ORDER BY id", (name,))
+            ),
+            merges=tuple(
+                MergeRecord(
+                    attempt=r["attempt"],
+                    result=r["result"],
+                    base=r["base"],
+                    candidate=r["candidate"],
+                    detail=r["detail"],
+                    at=r["at"],
+                )
+                for r in c.execute("SELECT * FROM merges WHERE handoff = ? ORDER BY id", (name,))
+            ),
+        )
 
-    def events(self, name: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    def events(self, name: str | None = None, limit: int = 200) -> list[EventRecord]:
+        """The last ``limit`` events (of handoff ``name``, if given), oldest first."""
         sql = "SELECT * FROM events"
         args: tuple[Any, ...] = ()
         if name is not None:
@@ -1620,12 +1661,9 @@ class Store:
             args = (name,)
         rows = self._conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [
-            {
-                "at": rfc3339(r["at"]),
-                "handoff": r["handoff"],
-                "kind": r["kind"],
-                **json.loads(r["detail"]),
-            }
+            EventRecord(
+                at=r["at"], handoff=r["handoff"], kind=r["kind"], fields=json.loads(r["detail"])
+            )
             for r in reversed(rows)
         ]
 
@@ -1652,7 +1690,7 @@ class Store:
             # (state, updated_at) index, where a GROUP BY would walk a whole backlog.
             oldest: dict[str, float] = {}
             for state in LIVE_STATES:
-                if state == "leased" or not counts.get(state):
+                if state == State.LEASED or not counts.get(state):
                     continue
                 (since,) = c.execute(
                     "SELECT MIN(updated_at) FROM handoffs WHERE state = ?", (state,)
@@ -1665,7 +1703,7 @@ class Store:
                 (now,),
             ).fetchone()
             if granted is not None:
-                oldest["leased"] = now - granted
+                oldest[State.LEASED] = now - granted
             # Open questions are few (one per live lease at most): a join, not a scan.
             asking, asked_at = c.execute(
                 "SELECT COUNT(DISTINCT q.handoff), MIN(q.asked_at) FROM questions q"
@@ -1677,7 +1715,7 @@ class Store:
         return {
             "counts": counts,
             "leases_active": int(active),
-            "merge_queue_depth": counts["reported"] + counts["gating"],
+            "merge_queue_depth": counts[State.REPORTED] + counts[State.GATING],
             "oldest_s": oldest,
             "needing_input": int(asking),
             "oldest_question_s": now - asked_at if asked_at is not None else 0.0,
@@ -1712,7 +1750,7 @@ class Store:
                 int(r[0]),
                 float(r[1]),
                 str(r[2]),
-                "waiting" if r[3] == "submitted" else str(json.loads(r[4])["state"]),
+                State.WAITING if r[3] == "submitted" else str(json.loads(r[4])["state"]),
             )
             for r in rows
         ]
@@ -1726,17 +1764,37 @@ class Store:
         return True
 
 
-def _summary(row: sqlite3.Row) -> dict[str, Any]:
-    return {
-        "name": row["name"],
-        "title": row["title"],
-        "priority": row["priority"],
-        "state": row["state"],
-        "attempt": row["attempt"],
-        "dependencies": json.loads(row["dependencies"]),
-        "progress": _loads(row["progress"]),
-        "updatedAt": rfc3339(row["updated_at"]),
-    }
+def _summary(row: sqlite3.Row, asked: OpenQuestion | None) -> HandoffSummary:
+    progress = _loads(row["progress"])
+    return HandoffSummary(
+        name=row["name"],
+        title=row["title"],
+        priority=row["priority"],
+        state=State(row["state"]),
+        attempt=row["attempt"],
+        dependencies=tuple(json.loads(row["dependencies"])),
+        progress=None if progress is None else Progress.from_wire(progress),
+        updated_at=row["updated_at"],
+        needs_input=NeedsInput.asked(asked),
+    )
+
+
+def _lease(row: sqlite3.Row) -> LeaseRecord:
+    return LeaseRecord(
+        id=row["id"],
+        handoff=row["handoff"],
+        worker=row["worker"],
+        attempt=row["attempt"],
+        granted_at=row["granted_at"],
+        expires_at=row["expires_at"],
+        base_commit=row["base_commit"],
+        worktree=row["worktree"],
+        branch=row["branch"],
+        ended_at=row["ended_at"],
+        end_reason=row["end_reason"],
+        token=row["token"],
+        uid=row["uid"],
+    )
 
 
 def _find_cycle(graph: dict[str, tuple[str, ...]]) -> list[str] | None:

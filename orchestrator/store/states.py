@@ -38,8 +38,12 @@ LIVE_STATES: tuple[State, ...] = (
 RETRYABLE_STATES: tuple[State, ...] = (State.FAILED, State.CONFLICT, State.CANCELLED)
 # The merge queue: reported handoffs waiting for it and the ones it is gating.
 MERGE_QUEUE_STATES: tuple[State, ...] = (State.REPORTED, State.GATING)
-# Outcomes the live page lists as recent results.
+# Handoffs that have finished, for better or worse: the "recent merges and failures"
+# of the live page and the watch view.
 OUTCOME_STATES: tuple[State, ...] = (State.MERGED, State.FAILED, State.CONFLICT)
+# How a ``failed`` handoff's detail starts when its agent reported ``blocked``: the views
+# show those as waiting for a person.
+BLOCKED_DETAIL = "the agent is blocked and needs a person: "
 
 
 def parse_state(text: str) -> State:
