@@ -4,6 +4,7 @@ gets a ValueError naming the field."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -164,3 +165,39 @@ def test_missing_field_is_named() -> None:
     del wire["gates"][0]["timedOut"]
     with pytest.raises(ValueError, match=r"handoff\.gates\[0\]\.timedOut is missing"):
         HandoffDetail.from_wire(wire)
+
+
+def test_the_store_gives_back_the_report_as_the_worker_sent_it(tmp_path: Path) -> None:
+    """A real store: handoff.get's fields, and a report's explicit null and unknown field
+    survive storage (nothing accepted is lost)."""
+    from orchestrator.store.sqlite import NewHandoff, Store
+
+    store = Store.open(tmp_path / "db.sqlite3")
+    try:
+        store.submit([NewHandoff("a", "A", "LOW", (), (), "# HANDOFF: a\n", {"name": "a"})],
+                     max_attempts=3, now=T)
+        grant = store.grant(worker="w", labels=(), ttl_s=60, now=T)
+        assert grant is not None
+        store.set_lease_workspace(grant.lease_id, base_commit="0" * 40, worktree="/w",
+                                  branch="handoff/a", expires_at=T + 60)
+        sent = {"status": "completed", "head": "1" * 40, "summary": None, "later": [1]}
+        assert store.accept_report(grant.lease_id, grant.token, report=Report.from_wire(sent),
+                                   head="1" * 40, now=T + 1) is State.REPORTED
+        wire = through_json(store.detail("a").to_wire())
+        assert set(wire) == {
+            "name", "title", "priority", "state", "attempt", "dependencies", "progress",
+            "updatedAt", "needsInput", "body", "labels", "detail", "feedback", "submittedAt",
+            "mergedAt", "mergeCommit", "conflicts", "leases", "reports", "gates", "merges",
+            "etaS",
+        }
+        assert wire["state"] == "reported" and wire["priority"] == "LOW"
+        assert wire["reports"] == [{**sent, "attempt": 1, "leaseId": grant.lease_id,
+                                    "receivedAt": "2023-11-14T22:13:21.125Z"}]
+        assert set(wire["leases"][0]) == {"id", "worker", "attempt", "grantedAt", "expiresAt",
+                                          "baseCommit", "worktree", "branch", "endedAt",
+                                          "endReason"}
+        assert HandoffDetail.from_wire(wire).to_wire() == wire
+        [held] = store.summaries(State.REPORTED)
+        assert held.state is State.REPORTED
+    finally:
+        store.close()
