@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import Daemon
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "Test Author",
@@ -54,3 +55,12 @@ def make_repo(path: Path) -> Path:
     git(path, "add", "-A")
     git(path, "commit", "-q", "-m", "initial")
     return path
+
+
+@pytest.fixture
+def stop_later() -> Iterator[list[Daemon]]:
+    """Daemons a test started, stopped at its end whatever happened."""
+    daemons: list[Daemon] = []
+    yield daemons
+    for daemon in daemons:
+        daemon.stop()
