@@ -333,9 +333,8 @@ class Daemon:
         cursor = self.metrics.state_cursor or 0
 
         def read() -> tuple[dict[str, Any], list[tuple[int, float, str, str]]]:
-            return self.store.metrics_snapshot(now=self.clock.now()), self.store.state_changes(
-                cursor
-            )
+            now = self.clock.now()
+            return self.store.metrics_snapshot(now=now), self.store.state_changes(cursor)
 
         snapshot, changes = await self.offload.db(read)
         self.metrics.set_store_snapshot(StoreSnapshot(**snapshot))
