@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
 from conftest import git
 from harness import handoff_doc, write_config
 
@@ -119,7 +118,11 @@ class Parts:
     async def call(self, who: Peer, method: str, params: dict[str, Any] | None = None) -> Any:
         """A request as the server hands it over, answered by ``Handlers.dispatch``."""
         request = Request(method, params or {}, next(_ids), False)
-        return await self.handlers.dispatch(who.session, request)
+        result = await self.handlers.dispatch(who.session, request)
+        # As the peer would read it: a typed record the server puts on the wire is
+        # compared here in its wire shape.
+        to_wire = getattr(result, "to_wire", None)
+        return to_wire() if callable(to_wire) else result
 
     async def call_error(
         self, who: Peer, method: str, params: dict[str, Any] | None = None
@@ -250,12 +253,3 @@ async def work_and_report(
     head = commit_in(Path(held.lease["worktree"]), files, f"{held.handoff}: work")
     report = {"status": status, "head": head, "summary": f"did {held.handoff}"}
     return await parts.call(held.who, "handoff.report", held.ids(report=report))
-
-
-async def until(predicate: Callable[[], Awaitable[bool]], what: str, rounds: int = 2000) -> None:
-    """Let the event loop run until ``predicate`` holds (bounded: fails, never hangs)."""
-    for _ in range(rounds):
-        if await predicate():
-            return
-        await anyio.sleep(0.01)
-    raise AssertionError(f"never came true: {what}")
