@@ -18,6 +18,35 @@ GIT_ENV = {
 }
 
 
+# The fast layer (marker ``fast``) lives in these files only: ``pytest -m fast`` then need
+# not import every other test module (the MCP SDK alone takes seconds on a loaded machine).
+FAST_FILES = "test_fast_*.py"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Under exactly ``-m fast``, skip the test modules that hold no fast test."""
+    if config.getoption("markexpr") != "fast" or not collection_path.is_file():
+        return None
+    name = collection_path.name
+    if name.startswith("test_") and name.endswith(".py") and not collection_path.match(FAST_FILES):
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A ``fast`` test outside ``test_fast_*.py`` would be skipped by ``-m fast``: refuse it."""
+    misplaced = [
+        item.nodeid
+        for item in items
+        if item.get_closest_marker("fast") is not None and not item.path.match(FAST_FILES)
+    ]
+    if misplaced:
+        raise pytest.UsageError(
+            f"tests marked fast must live in tests/{FAST_FILES} (see conftest.py): "
+            + ", ".join(misplaced)
+        )
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
