@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 from conftest import git
 from inprocess import FAKE_EPOCH, acquire, daemon_parts, peer, work_and_report
@@ -174,3 +176,28 @@ async def test_a_reloaded_ttl_applies_to_the_next_renewal(tmp_path: Path, repo: 
         assert result["expiresAt"] == rfc3339(parts.clock.now() + 5.0)
         parts.clock.advance(6)
         assert [e.lease_id for e in await parts.leases.expire_due()] == [held.id]
+
+
+async def test_a_long_poll_is_woken_by_a_submission(tmp_path: Path, repo: Path) -> None:
+    async with daemon_parts(tmp_path, repo, ttl_s=TTL_S) as parts:
+        who = peer()
+        got: list[dict[str, Any] | None] = []
+
+        async def poll() -> None:
+            got.append((await parts.call(who, "lease.acquire", {"waitS": 60}))["lease"])
+
+        with anyio.fail_after(30):  # the long poll's 60 s are never waited out
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(poll)
+                await anyio.sleep(0.2)
+                assert got == []
+                await parts.submit("alpha")
+        assert len(got) == 1 and got[0] is not None
+        assert got[0]["handoff"]["name"] == "alpha"
+
+
+async def test_a_long_poll_with_nothing_to_do_ends_empty(tmp_path: Path, repo: Path) -> None:
+    async with daemon_parts(tmp_path, repo, ttl_s=TTL_S) as parts:
+        with anyio.fail_after(30):
+            result = await parts.call(peer(), "lease.acquire", {"waitS": 0.2})
+        assert result == {"lease": None}

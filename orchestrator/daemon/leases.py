@@ -41,7 +41,9 @@ class Renewal:
 
 
 class LeaseManager:
-    """Owns the dispatch wake-ups and the map of which session holds which lease."""
+    """The one owner of a lease's lifecycle (grant, renew, ask, report, release, expire,
+    revoke), of the dispatch wake-ups and of the map of which session holds which lease.
+    Expiry is computed from its clock and the configured TTL, here only."""
 
     def __init__(
         self,
