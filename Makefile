@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo bench chaos fuzz clean test-system
+.PHONY: test lint demo bench chaos fuzz clean test-system test-fast
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The in-process layer alone (tests/test_fast_*.py: real store, git and gates on a fake
+# clock, no daemon process), for a quick loop while editing.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m fast
 
 # The service under a real systemd (tests_system/, not part of `make test`): boots Debian
 # with systemd as PID 1 in a container (../shared/tools/systemd-box, or

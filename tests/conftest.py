@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from harness import Daemon
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "Test Author",
@@ -15,6 +16,35 @@ GIT_ENV = {
     "GIT_COMMITTER_NAME": "Test Committer",
     "GIT_COMMITTER_EMAIL": "committer@example.invalid",
 }
+
+
+# The fast layer (marker ``fast``) lives in these files only: ``pytest -m fast`` then need
+# not import every other test module (the MCP SDK alone takes seconds on a loaded machine).
+FAST_FILES = "test_fast_*.py"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Under exactly ``-m fast``, skip the test modules that hold no fast test."""
+    if config.getoption("markexpr") != "fast" or not collection_path.is_file():
+        return None
+    name = collection_path.name
+    if name.startswith("test_") and name.endswith(".py") and not collection_path.match(FAST_FILES):
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A ``fast`` test outside ``test_fast_*.py`` would be skipped by ``-m fast``: refuse it."""
+    misplaced = [
+        item.nodeid
+        for item in items
+        if item.get_closest_marker("fast") is not None and not item.path.match(FAST_FILES)
+    ]
+    if misplaced:
+        raise pytest.UsageError(
+            f"tests marked fast must live in tests/{FAST_FILES} (see conftest.py): "
+            + ", ".join(misplaced)
+        )
 
 
 @pytest.fixture
@@ -54,3 +84,12 @@ def make_repo(path: Path) -> Path:
     git(path, "add", "-A")
     git(path, "commit", "-q", "-m", "initial")
     return path
+
+
+@pytest.fixture
+def stop_later() -> Iterator[list[Daemon]]:
+    """Daemons a test started, stopped at its end whatever happened."""
+    daemons: list[Daemon] = []
+    yield daemons
+    for daemon in daemons:
+        daemon.stop()

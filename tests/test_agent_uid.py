@@ -153,14 +153,6 @@ def start_worker_as(
     )
 
 
-@pytest.fixture
-def stop_later() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    for daemon in daemons:
-        daemon.stop()
-
-
 def test_a_conflict_is_repaired_by_an_agent_of_another_uid_and_lands(
     shared: Path, user: pwd.struct_passwd, stop_later: list[Daemon]
 ) -> None:

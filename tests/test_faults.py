@@ -13,7 +13,6 @@ import shutil
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,14 +32,6 @@ from harness import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def stop_later() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    for daemon in daemons:
-        daemon.stop()
 
 
 def test_a_worker_that_heartbeats_forever_loses_its_lease_at_max_duration(

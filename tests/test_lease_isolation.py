@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,6 @@ from harness import (
 
 from orchestrator.git import workspace as workspace_module
 from orchestrator.git.workspace import Workspace
-
-
-@pytest.fixture
-def stop_later() -> Iterator[list[Daemon]]:
-    daemons: list[Daemon] = []
-    yield daemons
-    for daemon in daemons:
-        daemon.stop()
 
 
 @pytest.fixture

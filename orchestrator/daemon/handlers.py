@@ -4,11 +4,11 @@ manager or the merge queue. Store refusals become the error codes of PROTOCOL.md
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from orchestrator.blocking import Offload
+from orchestrator.clock import SYSTEM_CLOCK, Clock
 from orchestrator.config import Config
 from orchestrator.daemon.leases import LeaseManager
 from orchestrator.daemon.server import Session
@@ -29,7 +29,6 @@ from orchestrator.protocol.jsonrpc import (
     INVALID_HANDOFF,
     INVALID_PARAMS,
     LEASE_NOT_HELD,
-    REPORT_REJECTED,
     UNKNOWN_HANDOFF,
     Request,
     RpcError,
@@ -72,8 +71,10 @@ class Handlers:
         sessions: Callable[[], list[Session]],
         on_change: Callable[[], None],
         warnings: EarlyWarnings | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
+        self.clock = clock
         self.store = store
         self.workspace = workspace
         self.offload = offload
@@ -96,6 +97,10 @@ class Handlers:
             "status": self.status,
             "handoff.answer": self.handoff_answer,
         }
+
+    def reconfigure(self, new: Config) -> None:
+        """A reloaded config: the next request sees it."""
+        self.config = new
 
     async def dispatch(self, session: Session, request: Request) -> Any:
         try:
@@ -136,19 +141,7 @@ class Handlers:
             raise RpcError(
                 INVALID_PARAMS, 'invalid params: "head" must be the branch tip\'s full sha'
             )
-        expires = await self.offload.db(
-            self.store.renew,
-            lease_id,
-            token,
-            ttl_s=self.config.lease_ttl_s,
-            progress=progress,
-            now=time.time(),
-            worker=session.worker_name,
-            uid=session.uid,
-        )
-        # A worker that reconnected (e.g. after a daemon restart) is now the one to notify.
-        self.leases.track(lease_id, session)
-        self.leases.metrics.heartbeat(lease_id)
+        renewal = await self.leases.heartbeat(session, lease_id, token, progress=progress)
         if head is not None and self.warnings is not None:
 
             async def send(warning: ConflictWarning) -> None:
@@ -157,27 +150,16 @@ class Handlers:
                 )
 
             self.warnings.note(lease_id, token, head, send)
-        result: dict[str, Any] = {"expiresAt": rfc3339(expires)}
-        # An answer given while this worker was disconnected reaches it here.
-        answer = await self.offload.db(self.store.take_answer, lease_id, now=time.time())
-        if answer is not None:
-            result["answer"] = answer
+        result: dict[str, Any] = {"expiresAt": rfc3339(renewal.expires_at)}
+        if renewal.answer is not None:
+            result["answer"] = renewal.answer
         return result
 
     async def lease_ask(self, session: Session, params: dict[str, Any]) -> Any:
         lease_id = param_str(params, "leaseId")
         token = param_int(params, "token")
         question = question_from_wire(params)
-        name = await self.offload.db(
-            self.store.ask,
-            lease_id,
-            token,
-            question,
-            now=time.time(),
-            worker=session.worker_name,
-            uid=session.uid,
-        )
-        self.leases.track(lease_id, session)
+        name = await self.leases.ask(session, lease_id, token, question)
         log.info("question_asked", handoff=name, lease=lease_id, choices=question.choices)
         self.on_change()
         return {}
@@ -188,18 +170,7 @@ class Handlers:
         reason = params.get("reason") or ""
         if not isinstance(reason, str):
             raise RpcError(INVALID_PARAMS, 'invalid params: "reason" must be a string')
-        state = await self.offload.db(
-            self.store.release,
-            lease_id,
-            token,
-            reason=reason,
-            now=time.time(),
-            worker=session.worker_name,
-            uid=session.uid,
-        )
-        self.leases.forget(lease_id)
-        self.leases.metrics.lease_ended(lease_id, "released")
-        log.info("lease_released", lease=lease_id, reason=reason, new_state=state)
+        await self.leases.release(session, lease_id, token, reason=reason)
         self.on_change()
         return {}
 
@@ -210,66 +181,12 @@ class Handlers:
             report = Report.from_wire(params.get("report"))
         except ValueError as exc:
             raise RpcError(INVALID_PARAMS, str(exc)) from exc
-        status, head = report.status, report.head
-        try:
-            # Judged on arrival: the renewal keeps the lease alive while the worktree is
-            # checked, which may wait behind other git work.
-            await self.offload.db(
-                self.store.renew,
-                lease_id,
-                token,
-                ttl_s=self.config.lease_ttl_s,
-                progress=None,
-                now=time.time(),
-                worker=session.worker_name,
-                uid=session.uid,
-            )
-        except LeaseNotHeld:
-            if await self.offload.db(
-                self.store.already_reported,
-                lease_id,
-                token,
-                head,
-                worker=session.worker_name,
-                uid=session.uid,
-            ):
-                return {"accepted": True}  # a retry after a lost reply
-            raise
-        lease = await self.offload.db(self.store.lease, lease_id, token, now=time.time())
-        reason = await self.offload.git(self._check_worktree, lease, head)
-        if reason:
-            log.info("report_rejected", handoff=lease.handoff, lease=lease_id, reason=reason)
-            raise RpcError(REPORT_REJECTED, f"report rejected: {reason}", {"reason": reason})
-        state = await self.offload.db(
-            self.store.accept_report, lease_id, token, report=report, head=head, now=time.time()
-        )
-        self.leases.forget(lease_id)
-        self.leases.metrics.lease_ended(lease_id, "reported")
-        if state == State.REPORTED:
-            self.leases.metrics.report_accepted(lease.handoff)
-        log.info(
-            "report_accepted",
-            handoff=lease.handoff,
-            lease=lease_id,
-            status=status,
-            head=head,
-            new_state=state,
-        )
+        state = await self.leases.report(session, lease_id, token, report, report.head)
+        if state is None:
+            return {"accepted": True}  # a retry after a lost reply
         self.merges.wake()
         self.on_change()
         return {"accepted": True}
-
-    def _check_worktree(self, lease: LeaseRecord, head: str) -> str:
-        """Why the worktree does not match the report, or "" when it does.
-
-        The head is fetched from the lease's own repository into ours (see
-        Workspace.import_lease_head): the lease's branch is not ours until then."""
-        if not lease.branch:
-            return "the lease has no branch"
-        ws = self.config.workspace
-        return self.workspace.import_lease_head(
-            lease.handoff, lease.branch, head, untracked_ok=(*ws.keep, *ws.copy_files)
-        )
 
     # ---- control methods --------------------------------------------------------------
 
@@ -320,7 +237,7 @@ class Handlers:
             )
             raise RpcError(INVALID_HANDOFF, f"invalid handoff: {summary}", {"errors": problems})
         names = await self.offload.db(
-            self.store.submit, parsed, max_attempts=self.config.max_attempts, now=time.time()
+            self.store.submit, parsed, max_attempts=self.config.max_attempts, now=self.clock.now()
         )
         log.info("handoffs_submitted", names=names)
         self.on_change()
@@ -349,10 +266,9 @@ class Handlers:
 
     async def handoff_cancel(self, session: Session, params: dict[str, Any]) -> Any:
         name = param_str(params, "name")
-        lease_id = await self.offload.db(self.store.cancel, name, now=time.time())
+        lease_id = await self.offload.db(self.store.cancel, name, now=self.clock.now())
         if lease_id is not None:
-            self.leases.metrics.lease_ended(lease_id, "cancelled")
-            await self.leases.revoke(lease_id, "cancelled")
+            await self.leases.cancelled(lease_id)
         log.info("handoff_cancelled", handoff=name, revoked_lease=lease_id)
         self.on_change()
         return {}
@@ -360,7 +276,7 @@ class Handlers:
     async def handoff_retry(self, session: Session, params: dict[str, Any]) -> Any:
         name = param_str(params, "name")
         state = await self.offload.db(
-            self.store.retry, name, max_attempts=self.config.max_attempts, now=time.time()
+            self.store.retry, name, max_attempts=self.config.max_attempts, now=self.clock.now()
         )
         log.info("handoff_retried", handoff=name, new_state=state)
         self.on_change()
@@ -369,10 +285,10 @@ class Handlers:
     async def handoff_answer(self, session: Session, params: dict[str, Any]) -> Any:
         name = param_str(params, "name")
         answer = answer_from_wire(params)
-        lease_id = await self.offload.db(self.store.answer, name, answer, now=time.time())
+        lease_id = await self.offload.db(self.store.answer, name, answer, now=self.clock.now())
         log.info("question_answered", handoff=name, lease=lease_id)
         if await self.leases.notify_answer(lease_id, answered_to_wire(lease_id, answer)):
-            await self.offload.db(self.store.mark_answer_delivered, lease_id, now=time.time())
+            await self.offload.db(self.store.mark_answer_delivered, lease_id, now=self.clock.now())
         self.on_change()
         return {}
 
@@ -381,7 +297,7 @@ class Handlers:
 
     async def status_result(self) -> dict[str, Any]:
         """The ``status`` result; the live page shows the same (``observe.page``)."""
-        now = time.time()
+        now = self.clock.now()
 
         def read() -> tuple[dict[str, int], list[LeaseRecord], list[str], dict[str, OpenQuestion]]:
             return (

@@ -1,19 +1,22 @@
-"""Leases: grant (with the worktree prepared), renew, release, expire, revoke.
+"""Leases: grant (with the worktree prepared), renew, report, release, expire, revoke.
 
 The store decides *which* handoff a worker gets (dependencies merged, priority, then
 submission order, labels) and issues the fencing token in the same transaction; this
 module adds the parts that are not SQL: long-polling, preparing the worktree, expiry on a
-clock, and telling a worker its lease was revoked.
+clock, and telling a worker its lease was revoked. It is the one owner of a lease's
+lifecycle: every renewal, ending and expiry goes through ``LeaseManager``, which alone
+reads the TTL and the clock, and keeps the holder map and the lease metrics in step.
 """
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 
 from orchestrator.blocking import Offload
+from orchestrator.clock import SYSTEM_CLOCK, Clock
 from orchestrator.config import Config
 from orchestrator.daemon.ports import PortLedger, PortRange
 from orchestrator.daemon.server import Session
@@ -22,14 +25,27 @@ from orchestrator.git.workspace import Workspace
 from orchestrator.handoff import template as handoff_model
 from orchestrator.observe import logs
 from orchestrator.observe.metrics import Metrics
-from orchestrator.protocol.jsonrpc import INTERNAL_ERROR, RpcError, rfc3339
-from orchestrator.store.sqlite import Grant, Store, StoreFull
+from orchestrator.protocol.asking import Question
+from orchestrator.protocol.jsonrpc import INTERNAL_ERROR, REPORT_REJECTED, RpcError, rfc3339
+from orchestrator.protocol.records import LeaseRecord, Progress, Report
+from orchestrator.store.sqlite import Expired, Grant, LeaseNotHeld, Store, StoreFull
+from orchestrator.store.states import State
 
 log = logs.get("leases")
 
 
+@dataclass(frozen=True)
+class Renewal:
+    """What a heartbeat gives back: the new expiry, and an answer the worker missed."""
+
+    expires_at: float
+    answer: str | None
+
+
 class LeaseManager:
-    """Owns the dispatch wake-ups and the map of which session holds which lease."""
+    """The one owner of a lease's lifecycle (grant, renew, ask, report, release, expire,
+    revoke), of the dispatch wake-ups and of the map of which session holds which lease.
+    Expiry is computed from its clock and the configured TTL, here only."""
 
     def __init__(
         self,
@@ -38,8 +54,10 @@ class LeaseManager:
         workspace: Workspace,
         offload: Offload,
         metrics: Metrics,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
+        self.clock = clock
         self.store = store
         self.workspace = workspace
         self.offload = offload
@@ -48,6 +66,22 @@ class LeaseManager:
         self._holders: dict[str, Session] = {}
         self.stopping = False
         self.ports = PortLedger(config.state_dir)
+        # Set while the store cannot be written: expiry waits for the spell to end.
+        self._store_full = False
+
+    def reconfigure(self, new: Config) -> None:
+        """A reloaded config: the next grant, renewal and expiry pass use its timings."""
+        self.config = new
+
+    @property
+    def ttl_s(self) -> float:
+        """How long a lease lives past its last renewal."""
+        return self.config.lease_ttl_s
+
+    async def recover(self) -> list[str]:
+        """At start-up: the handoffs caught mid-gate (gated again) and, for the leases
+        that survived the restart, a full TTL from now for their workers to reconnect."""
+        return await self.offload.db(self.store.recover, ttl_s=self.ttl_s, now=self.clock.now())
 
     def wake(self) -> None:
         """Something may have become dispatchable: wake every long-polling acquire."""
@@ -63,7 +97,8 @@ class LeaseManager:
 
     async def acquire(self, session: Session, wait_s: float) -> dict[str, Any] | None:
         """Long-poll up to ``wait_s`` for a handoff; returns the protocol's lease object."""
-        deadline = time.monotonic() + wait_s
+        # The event loop's clock: the wait below is measured on it.
+        deadline = anyio.current_time() + wait_s
         while True:
             if self.stopping:
                 return None
@@ -73,12 +108,12 @@ class LeaseManager:
                 worker=session.worker_name,
                 uid=session.uid,
                 labels=session.labels,
-                ttl_s=self.config.lease_ttl_s,
-                now=time.time(),
+                ttl_s=self.ttl_s,
+                now=self.clock.now(),
             )
             if grant is not None:
                 break
-            remaining = deadline - time.monotonic()
+            remaining = deadline - anyio.current_time()
             if remaining <= 0:
                 return None
             with anyio.move_on_after(remaining):
@@ -93,7 +128,7 @@ class LeaseManager:
                     self.store.abandon_grant,
                     grant.lease_id,
                     reason=f"lease could not be handed over ({type(exc).__name__}: {exc})",
-                    now=time.time(),
+                    now=self.clock.now(),
                 )
                 self.wake()
             if isinstance(exc, Exception) and not isinstance(exc, RpcError):
@@ -138,7 +173,7 @@ class LeaseManager:
             return self.ports.assign(grant.lease_id, self.config.workspace, live)
 
         ports = await self.offload.db(assign_ports)
-        expires = time.time() + self.config.lease_ttl_s
+        expires = self.clock.now() + self.ttl_s
         await self.offload.db(
             self.store.set_lease_workspace,
             grant.lease_id,
@@ -192,51 +227,184 @@ class LeaseManager:
 
     async def expire_forever(self) -> None:
         """Expire leases that missed their heartbeats; runs for the daemon's lifetime."""
-        interval = min(1.0, self.config.lease_ttl_s / 10)
-        store_full = False
         while True:
-            try:
-                if store_full:
-                    # The spell is over only once this write works; the heartbeats that
-                    # failed meanwhile were not the workers' fault.
-                    extended = await self.offload.db(
-                        self.store.extend_open_leases, until=time.time() + self.config.lease_ttl_s
-                    )
-                    log.info("store_writable_again", leases_extended=extended)
-                expired = await self.offload.db(
-                    self.store.expire_due,
-                    now=time.time(),
-                    max_duration_s=self.config.lease_max_duration_s or None,
+            await self.expire_due()
+            await anyio.sleep(min(1.0, self.ttl_s / 10))
+
+    async def expire_due(self) -> list[Expired]:
+        """One expiry pass: end the leases past their expiry (or maximum duration) on the
+        clock, revoke them with their holders, and return them."""
+        try:
+            if self._store_full:
+                # The spell is over only once this write works; the heartbeats that
+                # failed meanwhile were not the workers' fault.
+                extended = await self.offload.db(
+                    self.store.extend_open_leases, until=self.clock.now() + self.ttl_s
                 )
-            except StoreFull as exc:
-                # Nothing expires while nothing can be written; the leases keep running,
-                # get a full TTL once the store can be written again, and only then are
-                # judged by their heartbeats.
-                if not store_full:
-                    log.error(exc.reason, detail=str(exc))
-                store_full = True
-                await anyio.sleep(interval)
-                continue
-            store_full = False
-            for item in expired:
-                self.metrics.lease_expired(item.lease_id)
-                # Worker names are no metric label (unbounded); the log names the worker.
-                holder = self._holders.get(item.lease_id)
-                log.warning(
-                    "lease_expired",
-                    handoff=item.handoff,
-                    lease=item.lease_id,
-                    worker=holder.worker_name if holder is not None else None,
-                    new_state=item.new_state,
-                    reason=item.reason,
-                    metric="orchestrator_lease_expirations_total",
-                )
-                # The protocol's revocation reasons are cancelled/expired/shutdown: a lease
-                # over its maximum duration has expired, by a longer clock.
-                await self.revoke(item.lease_id, "expired")
-            if expired:
-                self.wake()
-            await anyio.sleep(interval)
+                log.info("store_writable_again", leases_extended=extended)
+            expired = await self.offload.db(
+                self.store.expire_due,
+                now=self.clock.now(),
+                max_duration_s=self.config.lease_max_duration_s or None,
+            )
+        except StoreFull as exc:
+            # Nothing expires while nothing can be written; the leases keep running,
+            # get a full TTL once the store can be written again, and only then are
+            # judged by their heartbeats.
+            if not self._store_full:
+                log.error(exc.reason, detail=str(exc))
+            self._store_full = True
+            return []
+        self._store_full = False
+        for item in expired:
+            self.metrics.lease_expired(item.lease_id)
+            # Worker names are no metric label (unbounded); the log names the worker.
+            holder = self._holders.get(item.lease_id)
+            log.warning(
+                "lease_expired",
+                handoff=item.handoff,
+                lease=item.lease_id,
+                worker=holder.worker_name if holder is not None else None,
+                new_state=item.new_state,
+                reason=item.reason,
+                metric="orchestrator_lease_expirations_total",
+            )
+            # The protocol's revocation reasons are cancelled/expired/shutdown: a lease
+            # over its maximum duration has expired, by a longer clock.
+            await self.revoke(item.lease_id, "expired")
+        if expired:
+            self.wake()
+        return expired
+
+    async def heartbeat(
+        self,
+        session: Session,
+        lease_id: str,
+        token: int,
+        *,
+        progress: Progress | None,
+    ) -> Renewal:
+        """Renew a lease its holder still works on, and hand over an answer it missed."""
+        expires = await self.offload.db(
+            self.store.renew,
+            lease_id,
+            token,
+            ttl_s=self.ttl_s,
+            progress=progress,
+            now=self.clock.now(),
+            worker=session.worker_name,
+            uid=session.uid,
+        )
+        # A worker that reconnected (e.g. after a daemon restart) is now the one to notify.
+        self.track(lease_id, session)
+        self.metrics.heartbeat(lease_id)
+        # An answer given while this worker was disconnected reaches it here.
+        answer = await self.offload.db(self.store.take_answer, lease_id, now=self.clock.now())
+        return Renewal(expires_at=expires, answer=answer)
+
+    async def ask(self, session: Session, lease_id: str, token: int, question: Question) -> str:
+        """Record the holder's question; the handoff's name."""
+        name = await self.offload.db(
+            self.store.ask,
+            lease_id,
+            token,
+            question,
+            now=self.clock.now(),
+            worker=session.worker_name,
+            uid=session.uid,
+        )
+        self.track(lease_id, session)
+        return name
+
+    async def release(self, session: Session, lease_id: str, token: int, *, reason: str) -> str:
+        """The holder gives the lease back unfinished; the handoff's new state."""
+        state = await self.offload.db(
+            self.store.release,
+            lease_id,
+            token,
+            reason=reason,
+            now=self.clock.now(),
+            worker=session.worker_name,
+            uid=session.uid,
+        )
+        self.forget(lease_id)
+        self.metrics.lease_ended(lease_id, "released")
+        log.info("lease_released", lease=lease_id, reason=reason, new_state=state)
+        return state
+
+    async def report(
+        self, session: Session, lease_id: str, token: int, report: Report, head: str
+    ) -> State | None:
+        """Take the holder's report: the handoff's new state, or None for a retry of a
+        report already accepted (its reply was lost). The worktree must hold ``head``
+        (else REPORT_REJECTED); the lease ends with the report."""
+        try:
+            # Judged on arrival: the renewal keeps the lease alive while the worktree is
+            # checked, which may wait behind other git work.
+            await self.offload.db(
+                self.store.renew,
+                lease_id,
+                token,
+                ttl_s=self.ttl_s,
+                progress=None,
+                now=self.clock.now(),
+                worker=session.worker_name,
+                uid=session.uid,
+            )
+        except LeaseNotHeld:
+            if await self.offload.db(
+                self.store.already_reported,
+                lease_id,
+                token,
+                head,
+                worker=session.worker_name,
+                uid=session.uid,
+            ):
+                return None  # a retry after a lost reply
+            raise
+        lease = await self.offload.db(self.store.lease, lease_id, token, now=self.clock.now())
+        reason = await self.offload.git(self._check_worktree, lease, head)
+        if reason:
+            log.info("report_rejected", handoff=lease.handoff, lease=lease_id, reason=reason)
+            raise RpcError(REPORT_REJECTED, f"report rejected: {reason}", {"reason": reason})
+        state = await self.offload.db(
+            self.store.accept_report,
+            lease_id,
+            token,
+            report=report,
+            head=head,
+            now=self.clock.now(),
+        )
+        self.forget(lease_id)
+        self.metrics.lease_ended(lease_id, "reported")
+        if state == State.REPORTED:
+            self.metrics.report_accepted(lease.handoff)
+        log.info(
+            "report_accepted",
+            handoff=lease.handoff,
+            lease=lease_id,
+            status=report.status,
+            head=head,
+            new_state=state,
+        )
+        return state
+
+    def _check_worktree(self, lease: LeaseRecord, head: str) -> str:
+        """Why the worktree does not match the report, or "" when it does.
+
+        The head is fetched from the lease's own repository into ours (see
+        Workspace.import_lease_head): the lease's branch is not ours until then."""
+        if not lease.branch:
+            return "the lease has no branch"
+        ws = self.config.workspace
+        return self.workspace.import_lease_head(
+            lease.handoff, lease.branch, head, untracked_ok=(*ws.keep, *ws.copy_files)
+        )
+
+    async def cancelled(self, lease_id: str) -> None:
+        """The lease's handoff was cancelled (the store ended the lease): tell its holder."""
+        self.metrics.lease_ended(lease_id, "cancelled")
+        await self.revoke(lease_id, "cancelled")
 
     async def notify_answer(self, lease_id: str, params: dict[str, Any]) -> bool:
         """Send ``lease.answered`` to the lease's worker; False when it is not connected

@@ -162,6 +162,11 @@ class SocketServer:
         self.connections_per_uid: Counter[int] = Counter()
         self._lingering = 0
 
+    def reconfigure(self, new: Config) -> None:
+        """A reloaded config: limits and allowed peers apply to the next connection and
+        request (the socket itself is restart-only)."""
+        self.config = new
+
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         if self.inherited is not None:
             await self._serve_inherited(self.inherited, task_status)

@@ -20,6 +20,7 @@ from anyio.abc import TaskStatus
 from orchestrator import __version__
 from orchestrator import config as config_file
 from orchestrator.blocking import Offload
+from orchestrator.clock import SYSTEM_CLOCK, Clock
 from orchestrator.config import Config, ConfigError
 from orchestrator.daemon import agent_reach, systemd
 from orchestrator.daemon.handlers import Handlers
@@ -56,8 +57,10 @@ TEST_HOOKS_ENV = "ORCHESTRATOR_TEST_HOOKS"
 class Daemon:
     """The orchestrator daemon; ``await Daemon(config).run()`` serves until SIGTERM."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Clock = SYSTEM_CLOCK) -> None:
         self.config = config
+        # The one clock of every part: a test may pass one it moves by hand.
+        self.clock = clock
         self.metrics = Metrics(__version__)
         self.offload = Offload()
         self.ready = False
@@ -74,6 +77,10 @@ class Daemon:
         """Ask the daemon to shut down gracefully."""
         self._stop.set()
 
+    def reconfigure(self, new: Config) -> None:
+        """A reloaded config for the supervisor itself (its parts get theirs in ``reload``)."""
+        self.config = new
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         config = self.config
         # Until the signal receiver is up (start-up may take minutes on a big repository),
@@ -88,13 +95,6 @@ class Daemon:
             workspace = await anyio.to_thread.run_sync(
                 Workspace, config.repository_path, config.integration_branch, config.worktrees_dir
             )
-            recovered = await self.offload.db(
-                store.recover, ttl_s=config.lease_ttl_s, now=time.time()
-            )
-            if recovered:
-                log.warning(
-                    "gating_interrupted", handoffs=recovered, detail="these will be gated again"
-                )
             await self._serve(store, workspace, task_status)
         finally:
             if store is not None:
@@ -106,9 +106,22 @@ class Daemon:
     ) -> None:
         config = self.config
         self.store = store
-        leases = LeaseManager(config, store, workspace, self.offload, self.metrics)
+        leases = LeaseManager(config, store, workspace, self.offload, self.metrics, self.clock)
+        # First of all, before the merge queue settles landings: the store's leases get
+        # their TTL back and any handoff caught mid-gate is put back.
+        recovered = await leases.recover()
+        if recovered:
+            log.warning(
+                "gating_interrupted", handoffs=recovered, detail="these will be gated again"
+            )
         merges = MergeQueue(
-            config, store, workspace, self.offload, self.metrics, on_change=self._changed
+            config,
+            store,
+            workspace,
+            self.offload,
+            self.metrics,
+            on_change=self._changed,
+            clock=self.clock,
         )
         self.leases, self.merges = leases, merges
         self.server = SocketServer(config, self, inherited=self._inherited_socket)
@@ -121,7 +134,10 @@ class Daemon:
             merges,
             sessions=lambda: list(self.server.sessions.values()),
             on_change=self._changed,
-            warnings=EarlyWarnings(store, workspace, self.offload, config.integration_branch),
+            warnings=EarlyWarnings(
+                store, workspace, self.offload, config.integration_branch, clock=self.clock
+            ),
+            clock=self.clock,
         )
         self._refresh_needed = anyio.Event()
         await merges.reconcile_landings()
@@ -240,8 +256,11 @@ class Daemon:
                 if getattr(self.config, f.name) != getattr(new, f.name)
             ]
             agents_before = agent_reach.agents_of(self.config)
-            for part in (self, self.leases, self.merges, self.server, self.handlers):
-                part.config = new
+            self.reconfigure(new)
+            self.leases.reconfigure(new)
+            self.merges.reconfigure(new)
+            self.server.reconfigure(new)
+            self.handlers.reconfigure(new)
             self.pool.reconfigure(new)
             if agent_reach.agents_of(new) != agents_before:
                 await anyio.to_thread.run_sync(
@@ -262,7 +281,7 @@ class Daemon:
             # call hung on a stalled disk would otherwise leave every request waiting
             # behind it while the pings went on.
             await self.offload.db(_nothing)
-            stuck = self.merges.stuck_for(time.monotonic())
+            stuck = self.merges.stuck_for(self.clock.monotonic())
             if stuck is None:
                 systemd.notify("WATCHDOG=1")
                 self._watchdog_withheld = False
@@ -291,7 +310,7 @@ class Daemon:
                 await self._refresh_needed.wait()
             self._refresh_needed = anyio.Event()
             # The same cheap, index-only read a scrape makes.
-            snapshot = await self.offload.db(self.store.metrics_snapshot, now=time.time())
+            snapshot = await self.offload.db(self.store.metrics_snapshot, now=self.clock.now())
             self._announce(snapshot)
 
     def _announce(self, snapshot: dict[str, Any]) -> None:
@@ -315,7 +334,8 @@ class Daemon:
         cursor = self.metrics.state_cursor or 0
 
         def read() -> tuple[dict[str, Any], list[tuple[int, float, str, str]]]:
-            return self.store.metrics_snapshot(now=time.time()), self.store.state_changes(cursor)
+            now = self.clock.now()
+            return self.store.metrics_snapshot(now=now), self.store.state_changes(cursor)
 
         snapshot, changes = await self.offload.db(read)
         self.metrics.set_store_snapshot(StoreSnapshot(**snapshot))
@@ -344,7 +364,7 @@ class Daemon:
 
         live, recent, fetched = await self.offload.db(read)
         records = self._records.records(recent, fetched)
-        return build_board(status, live + recent, records, now=time.time())
+        return build_board(status, live + recent, records, now=self.clock.now())
 
     def _readiness(self) -> dict[str, bool]:
         """``/readyz``: started and not stopping, store open, socket listening, merge

@@ -11,7 +11,6 @@ its request into: a heartbeat's reply never waits for git.
 from __future__ import annotations
 
 import re
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from orchestrator.blocking import Offload
+from orchestrator.clock import SYSTEM_CLOCK, Clock
 from orchestrator.git.workspace import GitError, Workspace
 from orchestrator.handoff import template as handoff_model
 from orchestrator.observe import logs
@@ -59,9 +59,15 @@ class EarlyWarnings:
     """Checks heads from heartbeats and sends each new conflict once."""
 
     def __init__(
-        self, store: Store, workspace: Workspace, offload: Offload, integration_branch: str
+        self,
+        store: Store,
+        workspace: Workspace,
+        offload: Offload,
+        integration_branch: str,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
+        self.clock = clock
         self.workspace = workspace
         self.offload = offload
         self.integration_branch = integration_branch
@@ -103,7 +109,7 @@ class EarlyWarnings:
     async def _check_request(self, request: _Request) -> list[ConflictWarning]:
         try:
             lease = await self.offload.db(
-                self.store.lease, request.lease_id, request.token, now=time.time()
+                self.store.lease, request.lease_id, request.token, now=self.clock.now()
             )
         except LeaseNotHeld:
             return []  # ended since the heartbeat: no one to warn
@@ -126,7 +132,7 @@ class EarlyWarnings:
             # fetch that did not bring it (a made-up head, a broken repository), that
             # lease waits PEEK_INTERVAL_S before the next (a later heartbeat tries again).
             last = self._peeked.get(lease_id)
-            if last is not None and time.monotonic() - float(last[0]) < PEEK_INTERVAL_S:
+            if last is not None and self.clock.monotonic() - float(last[0]) < PEEK_INTERVAL_S:
                 return found
             branch = handoff_model.branch_name(handoff)
             try:
@@ -134,7 +140,7 @@ class EarlyWarnings:
             except GitError:
                 have = False
             if not have:
-                _remember(self._peeked, lease_id, (time.monotonic(),))
+                _remember(self._peeked, lease_id, (self.clock.monotonic(),))
                 log.debug("warning_check_skipped", lease=lease_id, reason="head not in lease")
                 return found
         _remember(self._checked, lease_id, key)

@@ -8,7 +8,6 @@ moved meanwhile, the candidate is rebuilt and gated again; nothing unvalidated l
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import anyio
 
 from orchestrator.blocking import Offload
+from orchestrator.clock import SYSTEM_CLOCK, Clock
 from orchestrator.config import Config, GateConfig
 from orchestrator.daemon.ports import gate_range
 from orchestrator.git.copy_files import copy_untracked
@@ -83,7 +83,8 @@ class _Entry:
     """None when every gate passed; the failed run, or the error of its gating."""
     settled: bool = False
     """Those built on it were discarded after it failed."""
-    started: float = field(default_factory=time.monotonic)
+    started: float = 0.0
+    """When its gating began, on the queue's monotonic clock."""
     members: list[tuple[MergeJob, MergeResult]] = field(default_factory=list)
     """A batch's handoffs ahead of ``job``, each merged on the one before; ``job``'s
     candidate (the batch's tip) is the one gated. Empty for a handoff gated alone."""
@@ -112,8 +113,10 @@ class MergeQueue:
         offload: Offload,
         metrics: Metrics,
         on_change: Callable[[], None],
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
+        self.clock = clock
         self.store = store
         self.workspace = workspace
         self.offload = offload
@@ -139,6 +142,11 @@ class MergeQueue:
         # someone else moved it.
         self._known_tip: str | None = None
         self.moved_outside: OutsideMove | None = None
+
+    def reconfigure(self, new: Config) -> None:
+        """A reloaded config: gates, window and pausing are read afresh on the next pass."""
+        self.config = new
+        self.wake()
 
     def wake(self) -> None:
         """A report arrived or a handoff was retried: look at the queue again."""
@@ -180,7 +188,7 @@ class MergeQueue:
                     await anyio.sleep(BLOCKED_RETRY_S)
                     try:
                         await self.reconcile_landings()
-                        await self.offload.db(self.store.recover_gating, now=time.time())
+                        await self.offload.db(self.store.recover_gating, now=self.clock.now())
                     except StoreFull:
                         continue
                     break
@@ -226,7 +234,7 @@ class MergeQueue:
             if self.blocked_reason == PAUSED:
                 self.blocked_reason = None
             self._focus = None
-            self._busy_since = time.monotonic()
+            self._busy_since = self.clock.monotonic()
             try:
                 took = await self.integrate()
             except StoreFull:
@@ -252,7 +260,7 @@ class MergeQueue:
                         culprit.name,
                         detail=f"merge failed: {type(exc).__name__}: {exc}; fix it and "
                         "`orchestrator retry` the handoff",
-                        now=time.time(),
+                        now=self.clock.now(),
                     )
                 await anyio.sleep(1.0)
                 took = True
@@ -263,7 +271,9 @@ class MergeQueue:
                 # back to the queue in its place, at no cost to its attempts.
                 with anyio.CancelScope(shield=True):
                     for name in owned:
-                        await self.offload.db(self.store.return_to_queue, name, now=time.time())
+                        await self.offload.db(
+                            self.store.return_to_queue, name, now=self.clock.now()
+                        )
                     self.on_change()
             if not took:
                 with anyio.move_on_after(5.0):  # also a safety net against a missed wake-up
@@ -278,7 +288,7 @@ class MergeQueue:
         train = [e for e in self._train if e.job.name in wanted]
         in_train = [j.name for e in train for j in e.jobs]
         order = in_train + [n for n in queue if n not in set(in_train)]
-        head_elapsed = time.monotonic() - train[0].started if train else 0.0
+        head_elapsed = self.clock.monotonic() - train[0].started if train else 0.0
         return landing_etas(
             order,
             history,
@@ -309,7 +319,7 @@ class MergeQueue:
                     attempt=attempt,
                     base=base,
                     commit=candidate,
-                    now=time.time(),
+                    now=self.clock.now(),
                 )
                 self.metrics.merge_finished("merged")
                 self.metrics.handoff_merged(cycle, attempt)
@@ -333,9 +343,9 @@ class MergeQueue:
                     self.store.landing_superseded,
                     name,
                     detail="the daemon stopped before this candidate landed",
-                    now=time.time(),
+                    now=self.clock.now(),
                 )
-                await self.offload.db(self.store.return_to_queue, name, now=time.time())
+                await self.offload.db(self.store.return_to_queue, name, now=self.clock.now())
                 log.warning(
                     "landing_not_done",
                     handoff=name,
@@ -413,7 +423,7 @@ class MergeQueue:
         hold_fill = False
         while True:
             self._progress = anyio.Event()
-            self._busy_since = time.monotonic()
+            self._busy_since = self.clock.monotonic()
             while True:
                 await self._settle_failures(train)
                 if not (train and train[0].done):
@@ -458,7 +468,9 @@ class MergeQueue:
             ):
                 if any(e.failed and not e.settled for e in train):
                     break  # settle it first: building on a failed candidate is wasted
-                jobs = await self.offload.db(self.store.next_merge_jobs, limit=1, now=time.time())
+                jobs = await self.offload.db(
+                    self.store.next_merge_jobs, limit=1, now=self.clock.now()
+                )
                 if not jobs:
                     break
                 took = True
@@ -477,7 +489,7 @@ class MergeQueue:
                 batch = [job]
                 if size > 1:
                     batch += await self.offload.db(
-                        self.store.next_merge_jobs, limit=size - 1, now=time.time()
+                        self.store.next_merge_jobs, limit=size - 1, now=self.clock.now()
                     )
                     for other in batch[1:]:
                         self._batch_hint.pop(other.name, None)
@@ -485,11 +497,15 @@ class MergeQueue:
                         self.metrics.merge_started(other.name)
                 built, leftover = await self._build_batch(batch, base, speculative=base != expected)
                 for other in leftover:  # clashed within the batch: it joins a later one
-                    await self.offload.db(self.store.return_to_queue, other.name, now=time.time())
+                    await self.offload.db(
+                        self.store.return_to_queue, other.name, now=self.clock.now()
+                    )
                     self.current.discard(other.name)
                 if not isinstance(built, _Entry):
                     if built is _STOPPED:
-                        await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
+                        await self.offload.db(
+                            self.store.return_to_queue, job.name, now=self.clock.now()
+                        )
                         hold_fill = True
                     self.current.discard(job.name)
                     continue
@@ -522,7 +538,7 @@ class MergeQueue:
             for job in entry.jobs:
                 if entry.members:
                     self._batch_hint[job.name] = len(entry.members) + 1  # same grouping
-                await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
+                await self.offload.db(self.store.return_to_queue, job.name, now=self.clock.now())
                 self.current.discard(job.name)
 
     async def _build_batch(
@@ -588,7 +604,13 @@ class MergeQueue:
         candidate = result.candidate
         assert candidate is not None
         bound.info("candidate_built", candidate=candidate, base=result.base)
-        return _Entry(job=job, result=result, candidate=candidate, bound=bound)
+        return _Entry(
+            job=job,
+            result=result,
+            candidate=candidate,
+            bound=bound,
+            started=self.clock.monotonic(),
+        )
 
     async def _land(self, entry: _Entry, expected: str) -> bool:
         """Move the branch to the head's gated candidate (a batch's tip: one commit per
@@ -607,7 +629,7 @@ class MergeQueue:
                     attempt=member.attempt,
                     base=result.base,
                     candidate=result.candidate,
-                    now=time.time(),
+                    now=self.clock.now(),
                 )
                 recorded.append(member)
         except InvalidTransition as exc:
@@ -624,7 +646,7 @@ class MergeQueue:
             await self._supersede(recorded, detail)
             bound.warning("integration_moved", expected=expected, detail=detail)
             for member in recorded:
-                await self.offload.db(self.store.return_to_queue, member.name, now=time.time())
+                await self.offload.db(self.store.return_to_queue, member.name, now=self.clock.now())
             return False
         self._known_tip = entry.candidate
         for member, result in chain:
@@ -641,7 +663,7 @@ class MergeQueue:
         if known is None or known == tip:
             return
         count = (self.moved_outside.count if self.moved_outside else 0) + 1
-        self.moved_outside = OutsideMove(count=count, old=known, new=tip, at=time.time())
+        self.moved_outside = OutsideMove(count=count, old=known, new=tip, at=self.clock.now())
         self.metrics.integration_moved_outside()
         log.warning(
             "integration_moved_outside",
@@ -656,7 +678,7 @@ class MergeQueue:
     async def _supersede(self, jobs: list[MergeJob], detail: str) -> None:
         for job in jobs:
             await self.offload.db(
-                self.store.landing_superseded, job.name, detail=detail, now=time.time()
+                self.store.landing_superseded, job.name, detail=detail, now=self.clock.now()
             )
 
     async def _bisect(self, entry: _Entry, result: GateResult) -> None:
@@ -675,7 +697,7 @@ class MergeQueue:
         )
         for job in jobs:
             self._batch_hint[job.name] = half
-            await self.offload.db(self.store.return_to_queue, job.name, now=time.time())
+            await self.offload.db(self.store.return_to_queue, job.name, now=self.clock.now())
             self.current.discard(job.name)
 
     def _message(self, job: MergeJob) -> str:
@@ -900,7 +922,7 @@ class MergeQueue:
                     bound.error("merge_blocked", reason=reason, locks=[str(p) for p in exc.locks])
                 self.blocked_reason = reason
                 await anyio.sleep(BLOCKED_RETRY_S)
-                self._busy_since = time.monotonic()  # another git's lock is not a wedge
+                self._busy_since = self.clock.monotonic()  # another git's lock is not a wedge
                 continue
             except IntegrationTreeDirty as exc:
                 await self.offload.db(self.store.end_ref_move, job.name)  # a cancel may win
@@ -912,7 +934,7 @@ class MergeQueue:
                     bound.error("merge_blocked", reason=reason, path=str(exc.path))
                 self.blocked_reason = reason
                 await anyio.sleep(BLOCKED_RETRY_S)
-                self._busy_since = time.monotonic()  # waiting for a person is not a wedge
+                self._busy_since = self.clock.monotonic()  # waiting for a person is not a wedge
                 continue
             if self.blocked_reason is not None:
                 bound.info("merge_unblocked")
@@ -926,7 +948,7 @@ class MergeQueue:
             attempt=job.attempt,
             base=base,
             commit=commit,
-            now=time.time(),
+            now=self.clock.now(),
         )
         self.metrics.merge_finished("merged")
         self.metrics.handoff_merged(cycle, job.attempt)
@@ -1024,7 +1046,7 @@ class MergeQueue:
             feedback=Feedback(reason=result, detail=detail, log=log),
             conflicts=conflicts,
             hold=hold,
-            now=time.time(),
+            now=self.clock.now(),
         )
         self.metrics.merge_finished(result)
         self.on_change()
