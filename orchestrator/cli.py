@@ -340,7 +340,7 @@ def _run(args: argparse.Namespace) -> int:
         elif args.markdown:
             from orchestrator.handoff.completed import completed_document
 
-            document = completed_document(result)
+            document = completed_document(_detail(result))
             # On a terminal the agent-written parts must not reach it raw; into a pipe or
             # file the document goes as it is.
             if sys.stdout.isatty():
