@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,16 @@ from orchestrator import config as config_module
 from orchestrator.agent.client import Client, ConnectionLost
 from orchestrator.observe import logs
 from orchestrator.observe.terminal import visible
-from orchestrator.protocol.jsonrpc import RpcError
+from orchestrator.protocol.jsonrpc import RpcError, rfc3339
+from orchestrator.protocol.records import HandoffDetail, HandoffSummary, NeedsInput
+from orchestrator.store.states import State
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+
+
+class UnreadableReply(RuntimeError):
+    """The daemon's reply is not the record this CLI reads (a daemon of another version)."""
 
 
 def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
@@ -167,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConnectionLost as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except UnreadableReply as exc:
+        print(f"error: {visible(str(exc))}", file=sys.stderr)
+        return 1
     except RpcError as exc:
         print(f"error {exc.code}: {visible(exc.message)}", file=sys.stderr)
         errors = (exc.data or {}).get("errors") if isinstance(exc.data, dict) else None
@@ -213,6 +222,23 @@ async def _control(socket: Path, method: str, params: dict[str, Any]) -> Any:
 
 def _call(args: argparse.Namespace, method: str, params: dict[str, Any]) -> Any:
     return anyio.run(_control, _socket_path(args), method, params)
+
+
+def _handoffs(args: argparse.Namespace) -> list[HandoffSummary]:
+    """Every handoff, as ``handoff.list`` summarizes it."""
+    wire = _call(args, "handoff.list", {})
+    try:
+        return [HandoffSummary.from_wire(h) for h in wire["handoffs"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UnreadableReply(f"the daemon's handoff.list result cannot be read: {exc}") from exc
+
+
+def _detail(wire: Any) -> HandoffDetail:
+    """A ``handoff.get`` result as its record."""
+    try:
+        return HandoffDetail.from_wire(wire)
+    except ValueError as exc:
+        raise UnreadableReply(f"the daemon's handoff.get result cannot be read: {exc}") from exc
 
 
 def _print_json(value: Any) -> None:
@@ -305,7 +331,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(result)
         else:
-            print(format_status(result, _call(args, "handoff.list", {})["handoffs"]))
+            print(format_status(result, _handoffs(args)))
         return 0
     if command == "show":
         result = _call(args, "handoff.get", {"name": args.name})
@@ -314,15 +340,15 @@ def _run(args: argparse.Namespace) -> int:
         elif args.markdown:
             from orchestrator.handoff.completed import completed_document
 
-            document = completed_document(result)
+            document = completed_document(_detail(result))
             # On a terminal the agent-written parts must not reach it raw; into a pipe or
             # file the document goes as it is.
             if sys.stdout.isatty():
                 document = visible(document, keep_newlines=True)
             print(document, end="")
         else:
-            states = {h["name"]: h["state"] for h in _call(args, "handoff.list", {})["handoffs"]}
-            print(format_record(result, states))
+            states = {h.name: str(h.state) for h in _handoffs(args)}
+            print(format_record(_detail(result), states))
         return 0
     if command in ("cancel", "retry"):
         _call(args, f"handoff.{command}", {"name": args.name})
@@ -431,7 +457,7 @@ def _check_environment(cfg: config_module.Config) -> list[str]:
     return problems
 
 
-def format_status(status: dict[str, Any], handoffs: list[dict[str, Any]]) -> str:
+def format_status(status: dict[str, Any], handoffs: Sequence[HandoffSummary]) -> str:
     """The human view of ``status`` plus the handoff list; every string from the daemon
     (much of it agent-written) has its control characters made visible."""
     v = _visible
@@ -458,29 +484,27 @@ def format_status(status: dict[str, Any], handoffs: list[dict[str, Any]]) -> str
         )
     if handoffs:
         lines.append("")
-        width = max(len(v(h["name"])) for h in handoffs)
+        width = max(len(v(h.name)) for h in handoffs)
         for h in handoffs:
-            progress = h.get("progress") or {}
+            progress = h.progress
             extra = ""
-            if progress.get("percent") is not None:
-                extra = f"  {progress['percent']:.0f}%"
-            if progress.get("message"):
-                extra += f" {v(progress['message'])}"
+            if progress is not None and progress.percent is not None:
+                extra = f"  {progress.percent:.0f}%"
+            if progress is not None and progress.message:
+                extra += f" {v(progress.message)}"
             lines.append(
-                f"{v(h['name']):<{width}}  {v(h['state']):<9}  {v(h['priority']):<6}  "
-                f"attempt {h['attempt']}{extra}"
+                f"{v(h.name):<{width}}  {v(str(h.state)):<9}  {v(h.priority):<6}  "
+                f"attempt {h.attempt}{extra}"
             )
-            if h.get("needsInput"):
-                lines.append(f"{'':<{width}}  asks: {_question_text(h['needsInput'])}")
+            if h.needs_input is not None:
+                lines.append(f"{'':<{width}}  asks: {_question_text(h.needs_input)}")
     return "\n".join(lines)
 
 
-def _question_text(needs_input: dict[str, Any]) -> str:
+def _question_text(needs_input: NeedsInput) -> str:
     """A waiting question on one line, its choices after it; agent-written, so made visible."""
-    from orchestrator.observe.terminal import visible
-
-    text = visible(str(needs_input.get("question", "")))
-    choices = needs_input.get("choices")
+    text = visible(needs_input.question)
+    choices = needs_input.choices
     if choices:
         text += " [" + " | ".join(visible(str(c)) for c in choices) + "]"
     return text
@@ -499,59 +523,62 @@ def _eta(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-def format_record(record: dict[str, Any], states: dict[str, str] | None = None) -> str:
+def format_record(record: HandoffDetail, states: Mapping[str, str] | None = None) -> str:
     """The human view of ``handoff.get``; ``states`` (name to state) explains a wait.
     Every string from the daemon has its control characters made visible."""
     states = states or {}
     v = _visible
+    summary = record.summary
     lines = [
-        f"{v(record['name'])}: {v(record['title'])}",
-        f"  state {v(record['state'])}, priority {v(record['priority'])}, "
-        f"attempt {record['attempt']}",
+        f"{v(summary.name)}: {v(summary.title)}",
+        f"  state {v(str(summary.state))}, priority {v(summary.priority)}, "
+        f"attempt {summary.attempt}",
     ]
-    if record.get("dependencies"):
+    if summary.dependencies:
         lines.append(
             "  depends on "
             + ", ".join(
-                f"{v(d)} ({v(states[d])})" if d in states else v(d) for d in record["dependencies"]
+                f"{v(d)} ({v(states[d])})" if d in states else v(d) for d in summary.dependencies
             )
         )
-        stuck = [d for d in record["dependencies"] if states.get(d) in ("failed", "cancelled")]
-        if record["state"] == "waiting" and stuck:
+        stuck = [
+            d for d in summary.dependencies if states.get(d) in (State.FAILED, State.CANCELLED)
+        ]
+        if summary.state is State.WAITING and stuck:
             lines.append(
                 f"  waits until {', '.join(map(v, stuck))} is retried and merged "
                 f"(orchestrator retry {v(stuck[0])}), or cancel this one"
             )
-    if record.get("detail"):
-        lines.append(f"  {v(record['detail'])}")
-    if record.get("needsInput"):
+    if record.detail:
+        lines.append(f"  {v(record.detail)}")
+    if summary.needs_input is not None:
         lines.append(
-            f"  WAITING FOR AN ANSWER (asked {record['needsInput'].get('askedAt')}): "
-            f"{_question_text(record['needsInput'])}"
+            f"  WAITING FOR AN ANSWER (asked {rfc3339(summary.needs_input.asked_at)}): "
+            f"{_question_text(summary.needs_input)}"
         )
-        lines.append(f"    answer with: orchestrator answer {record['name']} TEXT")
-    if record.get("conflicts"):
-        lines.append("  conflicts: " + ", ".join(map(v, record["conflicts"])))
-    if record.get("mergeCommit"):
-        lines.append(f"  merged as {v(record['mergeCommit'])}")
-    if record.get("etaS") is not None:
-        lines.append(f"  expected to land in ~{_eta(record['etaS'])}")
-    for lease in record.get("leases", []):
+        lines.append(f"    answer with: orchestrator answer {summary.name} TEXT")
+    if record.conflicts:
+        lines.append("  conflicts: " + ", ".join(map(v, record.conflicts)))
+    if record.merge_commit:
+        lines.append(f"  merged as {v(record.merge_commit)}")
+    if record.eta_s is not None:
+        lines.append(f"  expected to land in ~{_eta(record.eta_s)}")
+    for lease in record.leases:
         # No token: handoff.get never carries one (only the lease's holder sees it).
         lines.append(
-            f"  lease {v(lease['id'])} by {v(lease['worker'])} "
-            f"(attempt {lease['attempt']}): {v(lease['endReason'] or 'active')}"
+            f"  lease {v(lease.id)} by {v(lease.worker)} "
+            f"(attempt {lease.attempt}): {v(lease.end_reason or 'active')}"
         )
-    for gate in record.get("gates", []):
-        verdict = "passed" if gate["exitStatus"] == 0 and not gate["timedOut"] else "FAILED"
+    for gate in record.gates:
+        verdict = "passed" if gate.passed else "FAILED"
         lines.append(
-            f"  gate {v(gate['gate'])} on {v(gate['candidate'])[:12]}: {verdict} "
-            f"in {gate['durationS']:.1f} s"
+            f"  gate {v(gate.gate)} on {v(gate.candidate)[:12]}: {verdict} "
+            f"in {gate.duration_s:.1f} s"
         )
-    for report in record.get("reports", []):
+    for report in record.reports:
         lines.append(
-            f"  report (attempt {report['attempt']}): {v(report['status'])} - "
-            f"{v(report.get('summary') or '')}"
+            f"  report (attempt {report.attempt}): {v(report.report.status)} - "
+            f"{v(report.report.summary or '')}"
         )
     return "\n".join(lines)
 

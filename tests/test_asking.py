@@ -237,17 +237,22 @@ def test_the_metrics_count_who_waits_and_for_how_long(tmp_path: Path) -> None:
 
 def test_a_question_is_shown_with_its_control_characters_made_visible() -> None:
     from orchestrator.cli import format_record, format_status
+    from orchestrator.protocol.records import HandoffDetail, HandoffSummary
 
     needs = {"question": "Delete\x1b[2J everything?", "choices": ["yes\r", "no"],
              "askedAt": "2026-12-04T10:00:00.000Z"}
     status = {"integrationBranch": "main", "integrationTip": "0" * 40, "counts": {},
               "workers": [], "leases": [], "mergeQueue": [], "needsInput": 1}
-    handoff = {"name": "h", "state": "leased", "priority": "HIGH", "attempt": 1,
-               "progress": None, "needsInput": needs}
-    shown = format_status(status, [handoff])
+    handoff = {"name": "h", "title": "t", "state": "leased", "priority": "HIGH", "attempt": 1,
+               "dependencies": [], "progress": None, "updatedAt": "2026-12-04T10:00:00.000Z",
+               "needsInput": needs}
+    shown = format_status(status, [HandoffSummary.from_wire(handoff)])
     assert "waiting for an answer: 1" in shown
     assert "\x1b" not in shown and "\r" not in shown
     assert "asks: Delete␛[2J everything? [yes␍ | no]" in shown
-    record = format_record({"name": "h", "title": "t", "state": "leased", "priority": "HIGH",
-                            "attempt": 1, "needsInput": needs})
+    record = format_record(HandoffDetail.from_wire({
+        **handoff, "body": "", "labels": [], "detail": None, "feedback": None,
+        "submittedAt": "2026-12-04T09:00:00.000Z", "mergedAt": None, "mergeCommit": None,
+        "conflicts": [], "leases": [], "reports": [], "gates": [], "merges": []}))
     assert "\x1b" not in record and "orchestrator answer h TEXT" in record
+    assert "(asked 2026-12-04T10:00:00.000Z)" in record

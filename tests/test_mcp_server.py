@@ -24,6 +24,7 @@ pytest.importorskip("mcp", reason="the MCP SDK is the optional extra orchestrato
 from orchestrator.agent import channel
 from orchestrator.agent.asking import Asking
 from orchestrator.agent.channel import LeaseChannel
+from orchestrator.protocol.lease_grant import LeasedHandoff, LeaseGrant
 
 pytestmark = pytest.mark.slow
 
@@ -157,8 +158,14 @@ async def test_another_uid_cannot_use_a_lease_channel(tmp_path: Path) -> None:
             asked.append(method)
             return {}
 
-        lease = {"id": "l-1", "token": 1, "worktree": str(tmp_path), "branch": "b",
-                 "attempt": 1, "handoff": {"name": "h", "body": handoff_doc("h")}}
+        lease = LeaseGrant(
+            id="l-1", token=1, worktree=str(tmp_path), branch="b", base_commit="0" * 40,
+            integration_commit=None, attempt=1, expires_at=0.0,
+            handoff=LeasedHandoff(
+                name="h", title="h", priority="HIGH", dependencies=(), labels=(),
+                body=handoff_doc("h"), phases=(), success_metrics=(), feedback=None,
+            ),
+        )
         chan = LeaseChannel(
             lease=lease, asking=Asking("l-1", 1, files / "answer.txt"), call=daemon_call,
             progress_file=files / "progress", report_file=files / "report.md",

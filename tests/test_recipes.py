@@ -193,7 +193,7 @@ CHECKS = {
 def test_every_line_of_the_recorded_output_parses(agent: str) -> None:
     lines = (SAMPLES / f"{agent}.jsonl").read_text().splitlines()
     derived = [progress_of_line(RECIPES[agent], line) for line in lines]
-    assert derived[0] is not None and "started" in derived[0]["message"]
+    assert derived[0] is not None and "started" in (derived[0].message or "")
     assert sum(p is not None for p in derived) >= 3
     # Banners and other non-JSON lines say nothing.
     assert progress_of_line(RECIPES[agent], "Loaded cached credentials.") is None

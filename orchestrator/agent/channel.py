@@ -34,6 +34,8 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from orchestrator.agent.asking import Asking
 from orchestrator.handoff import template as handoff_model
 from orchestrator.protocol.jsonrpc import RpcError
+from orchestrator.protocol.lease_grant import LeaseGrant
+from orchestrator.protocol.records import Progress
 
 MAX_REQUEST_BYTES = 1024 * 1024
 # A request is sent at once after connecting; a silent peer is dropped after this.
@@ -49,7 +51,7 @@ class ChannelError(Exception):
 class LeaseChannel:
     """What the channel acts on: one lease, as the worker holds it."""
 
-    lease: dict[str, Any]
+    lease: LeaseGrant
     asking: Asking
     call: Callable[[str, dict[str, Any]], Awaitable[Any]]
     progress_file: Path
@@ -110,36 +112,38 @@ class LeaseChannel:
 
     def _handoff(self) -> dict[str, Any]:
         lease = self.lease
+        feedback = lease.handoff.feedback
         return {
-            "handoff": lease["handoff"],
-            "feedback": lease["handoff"].get("feedback"),
-            "worktree": lease["worktree"],
-            "branch": lease["branch"],
-            "baseCommit": lease.get("baseCommit"),
-            "integrationCommit": lease.get("integrationCommit"),
-            "attempt": lease.get("attempt"),
+            "handoff": lease.handoff.to_wire(),
+            "feedback": None if feedback is None else feedback.to_wire(),
+            "worktree": lease.worktree,
+            "branch": lease.branch,
+            "baseCommit": lease.base_commit,
+            "integrationCommit": lease.integration_commit,
+            "attempt": lease.attempt,
         }
 
     def _progress(self, request: dict[str, Any]) -> dict[str, Any]:
-        progress: dict[str, Any] = {}
         percent = request.get("percent")
         if percent is not None:
             if isinstance(percent, bool) or not isinstance(percent, (int, float)):
                 raise ChannelError("percent must be a number from 0 to 100")
             if not 0 <= percent <= 100:
                 raise ChannelError(f"percent must be from 0 to 100, not {percent}")
-            progress["percent"] = percent
+        texts: dict[str, str | None] = {}
         for key in ("phase", "message"):
             value = request.get(key)
-            if value is not None:
-                if not isinstance(value, str):
-                    raise ChannelError(f"{key} must be a string")
-                progress[key] = value[:2000]
-        if not progress:
+            if value is not None and not isinstance(value, str):
+                raise ChannelError(f"{key} must be a string")
+            texts[key] = None if value is None else value[:2000]
+        progress = Progress(percent=percent, phase=texts["phase"], message=texts["message"])
+        said = {k: v for k, v in progress.to_wire().items() if v is not None}
+        if not said:
             raise ChannelError("give at least one of percent, phase, message")
-        # The heartbeat sends the progress file's last line.
+        # The heartbeat sends the progress file's last line (what was said, nothing more:
+        # the worker lays it over what the agent CLI's output said).
         with self.progress_file.open("a", encoding="utf-8") as out:
-            out.write(json.dumps(progress, ensure_ascii=False) + "\n")
+            out.write(json.dumps(said, ensure_ascii=False) + "\n")
         return {}
 
     async def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -155,7 +159,7 @@ class LeaseChannel:
         return {"answer": await self.asking.wait()}
 
     def _report(self, request: dict[str, Any]) -> dict[str, Any]:
-        markdown = render_report(self.lease["handoff"]["body"], request)
+        markdown = render_report(self.lease.handoff.body, request)
         partial = self.report_file.with_name(self.report_file.name + ".partial")
         partial.write_text(markdown, encoding="utf-8")
         os.replace(partial, self.report_file)

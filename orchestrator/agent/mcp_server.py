@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from orchestrator.agent import channel
+from orchestrator.protocol.lease_grant import LeasedHandoff
 
 SOCKET_ENV = "ORCHESTRATOR_AGENT_SOCKET"
 # Quick requests; asking a person has no limit (the person may take hours).
@@ -79,13 +80,18 @@ def build_server(socket_path: Path) -> Any:
         """The handoff to work on (its markdown), where to work, and feedback from an
         earlier attempt (a failed gate's log or a conflict) if there is any."""
         found = await ask_worker({"op": "handoff"}, REQUEST_TIMEOUT_S)
-        handoff = found["handoff"]
+        try:
+            handoff = LeasedHandoff.from_wire(found["handoff"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ToolError(f"the worker sent a handoff this server cannot read: {exc}") from exc
         parts = [
-            handoff["body"],
+            handoff.body,
             f"Worktree: {found['worktree']} (branch {found['branch']}, attempt {found['attempt']})",
         ]
-        if found.get("feedback"):
-            parts.append("Feedback from the last attempt:\n" + json.dumps(found["feedback"]))
+        if handoff.feedback is not None:
+            parts.append(
+                "Feedback from the last attempt:\n" + json.dumps(handoff.feedback.to_wire())
+            )
         return "\n\n".join(parts)
 
     @server.tool()

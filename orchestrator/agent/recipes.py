@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.protocol.records import Feedback, Progress
+
 SERVER_NAME = "orchestrator"
 MAX_MESSAGE_CHARS = 200
 
@@ -78,20 +80,18 @@ class RecipeContext:
     files: Path  # the lease's private directory (configs and prompt files go here)
     channel: Path  # the lease's channel socket
     body: str  # the handoff markdown
-    feedback: dict[str, Any] | None
+    feedback: Feedback | None
     extra_args: tuple[str, ...] = ()
 
     def prompt(self, preamble: str) -> str:
         text = preamble + self.body
-        if self.feedback:
+        if self.feedback is not None:
             text += (
                 "\n\nThis is a retry. Feedback from the last attempt "
-                "(repair this rather than start over):\n" + json.dumps(self.feedback, indent=2)
+                "(repair this rather than start over):\n"
+                + json.dumps(self.feedback.to_wire(), indent=2)
             )
         return text
-
-
-Progress = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -265,21 +265,22 @@ def _short(text: Any) -> str | None:
     return line[:MAX_MESSAGE_CHARS] or None
 
 
+def _said(message: str) -> Progress:
+    return Progress(percent=None, phase=None, message=message)
+
+
 def _message(text: Any, phase: str | None = None) -> Progress | None:
     message = _short(text)
     if message is None:
         return None
-    progress: Progress = {"message": message}
-    if phase is not None:
-        progress["phase"] = phase
-    return progress
+    return Progress(percent=None, phase=phase, message=message)
 
 
 def claude_progress(event: dict[str, Any]) -> Progress | None:
     """Claude Code ``stream-json``: system init, assistant/user messages, result."""
     kind = event.get("type")
     if kind == "system" and event.get("subtype") == "init":
-        return {"message": f"claude started ({event.get('model') or 'default model'})"}
+        return _said(f"claude started ({event.get('model') or 'default model'})")
     if kind == "assistant":
         content = (event.get("message") or {}).get("content") or []
         for block in reversed(content):
@@ -302,11 +303,11 @@ def codex_progress(event: dict[str, Any]) -> Progress | None:
     """Codex ``exec --json``: thread/turn lifecycle and items (commands, edits, messages)."""
     kind = event.get("type")
     if kind == "thread.started":
-        return {"message": "codex started"}
+        return _said("codex started")
     if kind == "turn.failed":
         return _message(f"codex turn failed: {(event.get('error') or {}).get('message')}")
     if kind == "turn.completed":
-        return {"message": "codex turn completed"}
+        return _said("codex turn completed")
     if kind == "error":
         return _message(f"codex error: {event.get('message')}")
     if kind not in ("item.started", "item.completed"):
@@ -327,10 +328,11 @@ def codex_progress(event: dict[str, Any]) -> Progress | None:
         items = [i for i in item.get("items") or [] if isinstance(i, dict)]
         if items:
             done = sum(1 for i in items if i.get("completed"))
-            return {
-                "percent": round(100 * done / len(items)),
-                "message": f"{done} of {len(items)} planned steps done",
-            }
+            return Progress(
+                percent=round(100 * done / len(items)),
+                phase=None,
+                message=f"{done} of {len(items)} planned steps done",
+            )
     return None
 
 
@@ -338,7 +340,7 @@ def gemini_progress(event: dict[str, Any]) -> Progress | None:
     """Gemini CLI ``stream-json``: init, message, tool_use, tool_result, error, result."""
     kind = event.get("type")
     if kind == "init":
-        return {"message": f"gemini started ({event.get('model') or 'default model'})"}
+        return _said(f"gemini started ({event.get('model') or 'default model'})")
     if kind == "message" and event.get("role") == "assistant":
         return _message(event.get("content"))
     if kind == "tool_use":
@@ -355,7 +357,7 @@ def opencode_progress(event: dict[str, Any]) -> Progress | None:
     kind = event.get("type")
     part = event.get("part") or {}
     if kind == "step_start":
-        return {"message": "opencode step started"}
+        return _said("opencode step started")
     if kind == "tool_use":
         state = part.get("state") or {}
         title = state.get("title") or _tool_input(state.get("input"))

@@ -23,6 +23,8 @@ from typing import Any
 
 import anyio
 
+from orchestrator.protocol.lease_grant import LeaseGrant
+
 # How much of a failed setup's output the release reason quotes.
 TAIL_BYTES = 2000
 TERM_GRACE_S = 5.0
@@ -38,24 +40,12 @@ class SetupSpec:
     timeout_s: float
 
     @classmethod
-    def from_lease(cls, lease: dict[str, Any]) -> SetupSpec | None:
-        """The lease's setup, or None when it has none (or an older daemon sent it)."""
-        raw = lease.get("setup")
-        if not isinstance(raw, dict):
+    def from_lease(cls, lease: LeaseGrant) -> SetupSpec | None:
+        """The lease's setup, or None when it has none (an older daemon sends none)."""
+        setup = lease.setup
+        if setup is None:
             return None
-        command = raw.get("command")
-        if not isinstance(command, list) or not command:
-            return None
-        if not all(isinstance(a, str) for a in command):
-            return None
-        keep = raw.get("keep")
-        timeout = raw.get("timeoutS")
-        return cls(
-            command=tuple(command),
-            needed=raw.get("needed") is not False,
-            keep=tuple(k for k in keep if isinstance(k, str)) if isinstance(keep, list) else (),
-            timeout_s=float(timeout) if isinstance(timeout, (int, float)) else 900.0,
-        )
+        return cls(setup.command, setup.needed, setup.keep, setup.timeout_s)
 
 
 @dataclass(frozen=True)

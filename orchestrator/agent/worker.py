@@ -38,6 +38,8 @@ from orchestrator.protocol.jsonrpc import (
     SHUTTING_DOWN,
     RpcError,
 )
+from orchestrator.protocol.lease_grant import LeaseGrant
+from orchestrator.protocol.records import Progress, Report
 
 log = logs.get("worker")
 
@@ -178,10 +180,19 @@ async def run_worker(options: WorkerOptions) -> int:
                     await anyio.sleep(min(30.0, 0.5 * 2**failures))
                     continue
                 failures = 0
-                lease = result.get("lease")
-                if lease is None:
+                wire = result.get("lease")
+                if wire is None:
                     if options.exit_when_idle:
                         break
+                    continue
+                try:
+                    lease = LeaseGrant.from_wire(wire)
+                except ValueError as exc:
+                    # A daemon this worker cannot understand: the lease lapses after its
+                    # TTL; asking again at once would only take the next one the same way.
+                    failures = min(failures + 1, 6)
+                    log.error("lease_unreadable", error=str(exc))
+                    await anyio.sleep(min(30.0, 0.5 * 2**failures))
                     continue
                 await _work_on(link, options, lease)
                 done += 1
@@ -222,39 +233,38 @@ def _dump_tasks() -> None:
 
 @dataclass
 class _Run:
-    lease: dict[str, Any]
+    lease: LeaseGrant
     files: Path
     channel: LeaseChannel
     process: Process | None = None
     revoked: bool = False
     # Progress read from a recipe's CLI output, and when (monotonic).
-    stream_progress: dict[str, Any] | None = None
+    stream_progress: Progress | None = None
     stream_progress_at: float = 0.0
     # When the report in flight was sent (monotonic), None when none is: a heartbeat sent
     # meanwhile would reach a lease the report just released and be refused for nothing.
     report_sent_at: float | None = None
 
 
-def _channel(link: Link, lease: dict[str, Any], files: Path) -> LeaseChannel:
+def _channel(link: Link, lease: LeaseGrant, files: Path) -> LeaseChannel:
     return LeaseChannel(
         lease=lease,
-        asking=Asking(lease["id"], lease["token"], files / "answer.txt"),
+        asking=Asking(lease.id, lease.token, files / "answer.txt"),
         call=link.call,
         progress_file=files / "progress",
         report_file=files / "report.md",
     )
 
 
-async def _work_on(link: Link, options: WorkerOptions, lease: dict[str, Any]) -> None:
-    handoff = lease["handoff"]
-    bound = log.bind(handoff=handoff["name"], lease=lease["id"], attempt=lease["attempt"])
-    bound.info("lease_acquired", worktree=lease["worktree"], branch=lease["branch"])
+async def _work_on(link: Link, options: WorkerOptions, lease: LeaseGrant) -> None:
+    bound = log.bind(handoff=lease.handoff.name, lease=lease.id, attempt=lease.attempt)
+    bound.info("lease_acquired", worktree=lease.worktree, branch=lease.branch)
     interval = float(link.server_info.get("heartbeatIntervalS", 15))
     agent_done = False
     with tempfile.TemporaryDirectory(prefix="orchestrator-worker-") as tmp:
         files = Path(tmp)
         run = _Run(lease=lease, files=files, channel=_channel(link, lease, files))
-        link.channels[lease["id"]] = run.channel
+        link.channels[lease.id] = run.channel
         try:
             # Heartbeats cover the whole lease, report included: building the report and
             # waiting for the reply must not let the lease lapse.
@@ -283,7 +293,7 @@ async def _work_on(link: Link, options: WorkerOptions, lease: dict[str, Any]) ->
                         await _report(link, run, exit_status, bound)
                 tg.cancel_scope.cancel()
         finally:
-            link.channels.pop(lease["id"], None)
+            link.channels.pop(lease.id, None)
             if not agent_done and not run.revoked:
                 # Stopped by a signal: hand the work back now rather than after the TTL.
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -305,7 +315,7 @@ async def _set_up(link: Link, run: _Run, env: dict[str, str], bound: Any) -> boo
         bound.info("workspace_setup_skipped", reason="kept paths match the cache key")
         return True
     bound.info("workspace_setup_started", command=list(spec.command))
-    outcome = await run_setup(spec, Path(run.lease["worktree"]), env)
+    outcome = await run_setup(spec, Path(run.lease.worktree), env)
     if outcome.status == 0:
         bound.info("workspace_setup_done")
         return True
@@ -318,7 +328,7 @@ async def _set_up(link: Link, run: _Run, env: dict[str, str], bound: Any) -> boo
 
 async def _report(link: Link, run: _Run, exit_status: int, bound: Any) -> None:
     lease = run.lease
-    params = {"leaseId": lease["id"], "token": lease["token"]}
+    params = {"leaseId": lease.id, "token": lease.token}
     rejected = 0
     troubles = 0
     while True:
@@ -330,8 +340,8 @@ async def _report(link: Link, run: _Run, exit_status: int, bound: Any) -> None:
             return
         try:
             run.report_sent_at = time.monotonic()
-            await link.call("handoff.report", {**params, "report": report})
-            bound.info("reported", status=report["status"], head=report["head"])
+            await link.call("handoff.report", {**params, "report": report.to_wire()})
+            bound.info("reported", status=report.status, head=report.head)
             return
         except RpcError as exc:
             run.report_sent_at = None
@@ -356,11 +366,11 @@ async def _report(link: Link, run: _Run, exit_status: int, bound: Any) -> None:
             return
 
 
-async def _release(link: Link, lease: dict[str, Any], reason: str, bound: Any) -> None:
+async def _release(link: Link, lease: LeaseGrant, reason: str, bound: Any) -> None:
     try:
         await link.call(
             "lease.release",
-            {"leaseId": lease["id"], "token": lease["token"], "reason": reason[:500]},
+            {"leaseId": lease.id, "token": lease.token, "reason": reason[:500]},
         )
         bound.info("lease_released", reason=reason[:200])
     except RpcError:
@@ -369,31 +379,31 @@ async def _release(link: Link, lease: dict[str, Any], reason: str, bound: Any) -
 
 def _agent_env(run: _Run) -> dict[str, str]:
     lease = run.lease
-    handoff = lease["handoff"]
+    handoff = lease.handoff
     handoff_file = run.files / "handoff.md"
-    handoff_file.write_text(handoff["body"], encoding="utf-8")
+    handoff_file.write_text(handoff.body, encoding="utf-8")
     feedback_file = run.files / "feedback.json"
-    if handoff.get("feedback"):
-        feedback_file.write_text(json.dumps(handoff["feedback"], indent=2), encoding="utf-8")
+    if handoff.feedback is not None:
+        feedback_file.write_text(json.dumps(handoff.feedback.to_wire(), indent=2), encoding="utf-8")
     ports: dict[str, str] = {}
-    if isinstance(lease.get("portBase"), int):
+    if lease.ports is not None:
         # Ports of this lease's own (no other live lease or gate has them): for dev
         # servers and tests that listen.
-        ports["ORCHESTRATOR_PORT_BASE"] = str(lease["portBase"])
-        ports["ORCHESTRATOR_PORT_COUNT"] = str(lease.get("portCount") or 1)
+        ports["ORCHESTRATOR_PORT_BASE"] = str(lease.ports.base)
+        ports["ORCHESTRATOR_PORT_COUNT"] = str(lease.ports.count or 1)
     return {
-        **git_env_for_lease(Path(lease["worktree"]), dict(os.environ), run.files),
+        **git_env_for_lease(Path(lease.worktree), dict(os.environ), run.files),
         **ports,
-        "ORCHESTRATOR_HANDOFF": handoff["name"],
+        "ORCHESTRATOR_HANDOFF": handoff.name,
         "ORCHESTRATOR_HANDOFF_FILE": str(handoff_file),
-        "ORCHESTRATOR_WORKTREE": lease["worktree"],
-        "ORCHESTRATOR_BRANCH": lease["branch"],
-        "ORCHESTRATOR_BASE_COMMIT": lease["baseCommit"],
+        "ORCHESTRATOR_WORKTREE": lease.worktree,
+        "ORCHESTRATOR_BRANCH": lease.branch,
+        "ORCHESTRATOR_BASE_COMMIT": lease.base_commit,
         # origin/<integration branch> in the worktree is at this commit; older daemons
         # do not send it.
-        "ORCHESTRATOR_INTEGRATION_COMMIT": lease.get("integrationCommit") or "",
-        "ORCHESTRATOR_ATTEMPT": str(lease["attempt"]),
-        "ORCHESTRATOR_LEASE_ID": lease["id"],
+        "ORCHESTRATOR_INTEGRATION_COMMIT": lease.integration_commit or "",
+        "ORCHESTRATOR_ATTEMPT": str(lease.attempt),
+        "ORCHESTRATOR_LEASE_ID": lease.id,
         "ORCHESTRATOR_FEEDBACK_FILE": str(feedback_file),
         "ORCHESTRATOR_REPORT_FILE": str(run.files / "report.md"),
         "ORCHESTRATOR_PROGRESS_FILE": str(run.files / "progress"),
@@ -450,15 +460,15 @@ def _config_quote(value: str) -> str:
 async def _run_agent(options: WorkerOptions, run: _Run, env: dict[str, str], bound: Any) -> int:
     lease = run.lease
     command = list(options.command)
-    stdin_text: str | None = lease["handoff"]["body"]
+    stdin_text: str | None = lease.handoff.body
     recipe = options.recipe
     if recipe is not None:
         invocation = recipe.invocation(
             RecipeContext(
                 files=run.files,
                 channel=run.files / "agent.sock",
-                body=lease["handoff"]["body"],
-                feedback=lease["handoff"].get("feedback"),
+                body=lease.handoff.body,
+                feedback=lease.handoff.feedback,
                 extra_args=tuple(options.command),
             )
         )
@@ -472,7 +482,7 @@ async def _run_agent(options: WorkerOptions, run: _Run, env: dict[str, str], bou
         # into a worktree that a later attempt owns.
         process = await anyio.open_process(
             [sys.executable, "-m", "orchestrator.deathsig", *command],
-            cwd=lease["worktree"],
+            cwd=lease.worktree,
             env=env,
             stdin=-1,
             # A recipe's CLI output is read for progress (and passed on to stderr).
@@ -531,22 +541,22 @@ async def _run_agent(options: WorkerOptions, run: _Run, env: dict[str, str], bou
 async def _heartbeat(link: Link, run: _Run, interval: float, bound: Any) -> None:
     lease = run.lease
     while True:
-        if lease["id"] not in link.revoked:
+        if lease.id not in link.revoked:
             with anyio.move_on_after(interval):
                 await link.revoked_event.wait()
-        if lease["id"] in link.revoked:
+        if lease.id in link.revoked:
             await _revoked(run)
             return
         sent = run.report_sent_at
         if sent is not None and time.monotonic() - sent < interval:
             continue  # the report is the lease's last word; beat again only if it is slow
-        params: dict[str, Any] = {"leaseId": lease["id"], "token": lease["token"]}
+        params: dict[str, Any] = {"leaseId": lease.id, "token": lease.token}
         progress = _current_progress(run)
         if progress is not None:
-            params["progress"] = progress
+            params["progress"] = progress.to_wire()
         if "warnings" in link.server_info.get("capabilities", ()):
             # The branch's tip, for early conflict warnings (PROTOCOL.md).
-            head = await anyio.to_thread.run_sync(_branch_tip, Path(lease["worktree"]))
+            head = await anyio.to_thread.run_sync(_branch_tip, Path(lease.worktree))
             if head is not None:
                 params["head"] = head
         try:
@@ -593,7 +603,7 @@ def _branch_tip(worktree: Path) -> str | None:
         return None
 
 
-def _current_progress(run: _Run) -> dict[str, Any] | None:
+def _current_progress(run: _Run) -> Progress | None:
     """What the agent said last (progress file or MCP tool) merged with what its CLI's
     output says, the newer on top: a stream message does not erase a percent."""
     path = run.files / "progress"
@@ -601,18 +611,27 @@ def _current_progress(run: _Run) -> dict[str, Any] | None:
     if run.stream_progress is None:
         return written
     if written is None:
-        return dict(run.stream_progress)
+        return run.stream_progress
     try:
         age = time.time() - path.stat().st_mtime
     except OSError:
         age = 0.0
     written_at = time.monotonic() - age
     if written_at >= run.stream_progress_at:
-        return {**run.stream_progress, **written}
-    return {**written, **run.stream_progress}
+        return _on_top(written, run.stream_progress)
+    return _on_top(run.stream_progress, written)
 
 
-def _read_progress(path: Path) -> dict[str, Any] | None:
+def _on_top(newer: Progress, older: Progress) -> Progress:
+    """``newer`` with what it leaves unsaid taken from ``older``."""
+    return Progress(
+        percent=newer.percent if newer.percent is not None else older.percent,
+        phase=newer.phase if newer.phase is not None else older.phase,
+        message=newer.message if newer.message is not None else older.message,
+    )
+
+
+def _read_progress(path: Path) -> Progress | None:
     """The agent's last progress line: JSON, or ``PERCENT[%] [message]``."""
     try:
         lines = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
@@ -624,15 +643,25 @@ def _read_progress(path: Path) -> dict[str, Any] | None:
     try:
         value = json.loads(last)
         if isinstance(value, dict):
-            return {k: value[k] for k in ("percent", "phase", "message") if k in value}
+            percent = value.get("percent")
+            phase, message = value.get("phase"), value.get("message")
+            # A field of the wrong type is left out: the daemon would refuse the whole
+            # heartbeat for it, and the lease would lapse.
+            return Progress(
+                percent=percent
+                if isinstance(percent, int | float) and not isinstance(percent, bool)
+                else None,
+                phase=phase if isinstance(phase, str) else None,
+                message=message if isinstance(message, str) else None,
+            )
     except ValueError:
         pass
     head, _, rest = last.partition(" ")
     try:
         percent = max(0, min(100, int(float(head.rstrip("%")))))
-        return {"percent": percent, "message": rest.strip() or None}
+        return Progress(percent=percent, phase=None, message=rest.strip() or None)
     except ValueError:
-        return {"message": last[:500]}
+        return Progress(percent=None, phase=None, message=last[:500])
 
 
 def open_worktree(worktree: Path, branch: str) -> pygit2.Repository:
@@ -686,19 +715,19 @@ def commit_leftovers(repo: pygit2.Repository, message: str, worker_name: str) ->
     return str(oid)
 
 
-def _build_report(run: _Run, exit_status: int) -> dict[str, Any]:
+def _build_report(run: _Run, exit_status: int) -> Report:
     lease = run.lease
-    worktree = Path(lease["worktree"])
-    name = lease["handoff"]["name"]
-    repo = open_worktree(worktree, lease["branch"])
+    worktree = Path(lease.worktree)
+    name = lease.handoff.name
+    repo = open_worktree(worktree, lease.branch)
     commit_leftovers(
         repo,
-        f"{name}: work left uncommitted by the agent (attempt {lease['attempt']})",
+        f"{name}: work left uncommitted by the agent (attempt {lease.attempt})",
         worker_name=os.environ.get("ORCHESTRATOR_WORKER_NAME", "worker"),
     )
     head = str(repo.head.target)
     commits = []
-    base = lease["baseCommit"]
+    base = lease.base_commit
     walker = repo.walk(repo.head.target, pygit2.enums.SortMode.TOPOLOGICAL)
     if base:
         walker.hide(base)
@@ -706,53 +735,57 @@ def _build_report(run: _Run, exit_status: int) -> dict[str, Any]:
         commits.append(
             f"{str(commit.id)[:10]} {commit.message.splitlines()[0] if commit.message else ''}"
         )
-    report: dict[str, Any] = {
-        "status": "completed" if exit_status == 0 else "failed",
-        "summary": "",
-        "head": head,
-        "phases": [],
-        "metrics": [],
-    }
+    status = "completed" if exit_status == 0 else "failed"
+    summary = ""
+    markdown: str | None = None
+    phases: tuple[dict[str, Any], ...] = ()
+    metrics: tuple[dict[str, Any], ...] = ()
     report_file = run.files / "report.md"
     problems = ""
     if report_file.is_file():
-        text = report_file.read_text(encoding="utf-8", errors="replace")
-        report["markdown"] = text
+        markdown = report_file.read_text(encoding="utf-8", errors="replace")
         try:
-            doc = handoff_model.parse(text)
+            doc = handoff_model.parse(markdown)
         except handoff_model.HandoffError as exc:
             problems = f" (its report file did not parse: {str(exc).splitlines()[0]})"
         else:
-            status = doc.status.strip().upper()
-            if status in ("FAILED", "FALLIDO"):
-                report["status"] = "failed"
-            elif status in ("BLOCKED", "BLOQUEADO"):
-                report["status"] = "blocked"
+            said = doc.status.strip().upper()
+            if said in ("FAILED", "FALLIDO"):
+                status = "failed"
+            elif said in ("BLOCKED", "BLOQUEADO"):
+                status = "blocked"
             elif doc.completion_summary is not None or doc.completed_phases:
-                report["status"] = "completed" if exit_status == 0 else "failed"
-            report["summary"] = doc.completion_summary or ""
-            report["phases"] = [
+                status = "completed" if exit_status == 0 else "failed"
+            summary = doc.completion_summary or ""
+            phases = tuple(
                 {
                     "name": p.name,
                     "done": p.done,
                     "objectives": [{"text": o.text, "done": o.done} for o in p.objectives],
                 }
                 for p in doc.completed_phases
-            ]
-            report["metrics"] = [
+            )
+            metrics = tuple(
                 {"name": m.name, "result": m.result, "achieved": m.achieved}
                 for m in doc.metrics_achieved
-            ]
-    if exit_status == 0 and not commits and "markdown" not in report:
+            )
+    if exit_status == 0 and not commits and markdown is None:
         # Nothing changed and nothing said: "completed" would merge an empty change and
         # release every handoff that depends on this one.
-        report["status"] = "failed"
-        report["summary"] = "The agent exited 0 without committing or changing anything."
-    if not report["summary"]:
+        status = "failed"
+        summary = "The agent exited 0 without committing or changing anything."
+    if not summary:
         verb = "finished" if exit_status == 0 else f"exited with status {exit_status}"
         listing = "; ".join(commits[:5]) if commits else "no commits"
-        report["summary"] = f"The agent {verb}{problems}. Commits: {listing}."
-    return report
+        summary = f"The agent {verb}{problems}. Commits: {listing}."
+    return Report(
+        status=status,
+        head=head,
+        summary=summary,
+        markdown=markdown,
+        phases=phases,
+        metrics=metrics,
+    )
 
 
 def default_name() -> str:

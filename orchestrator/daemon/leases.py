@@ -26,7 +26,8 @@ from orchestrator.handoff import template as handoff_model
 from orchestrator.observe import logs
 from orchestrator.observe.metrics import Metrics
 from orchestrator.protocol.asking import Question
-from orchestrator.protocol.jsonrpc import INTERNAL_ERROR, REPORT_REJECTED, RpcError, rfc3339
+from orchestrator.protocol.jsonrpc import INTERNAL_ERROR, REPORT_REJECTED, RpcError
+from orchestrator.protocol.lease_grant import LeasedHandoff, LeaseGrant, LeasePorts, LeaseSetup
 from orchestrator.protocol.records import LeaseRecord, Progress, Report
 from orchestrator.store.sqlite import Expired, Grant, LeaseNotHeld, Store, StoreFull
 from orchestrator.store.states import State
@@ -119,7 +120,7 @@ class LeaseManager:
             with anyio.move_on_after(remaining):
                 await changed.wait()
         try:
-            return await self._prepare(session, grant)
+            return (await self._prepare(session, grant)).to_wire()
         except BaseException as exc:
             # The worker will never hear of this lease (its connection went away, or git
             # failed): give the handoff straight back rather than waiting out the TTL.
@@ -141,7 +142,7 @@ class LeaseManager:
                 ) from exc
             raise
 
-    async def _prepare(self, session: Session, grant: Grant) -> dict[str, Any]:
+    async def _prepare(self, session: Session, grant: Grant) -> LeaseGrant:
         branch = handoff_model.branch_name(grant.handoff)
 
         workspace = self.config.workspace
@@ -194,36 +195,31 @@ class LeaseManager:
             base=base,
             integration=integration,
         )
-        handoff = dict(grant.wire)
-        handoff["feedback"] = grant.feedback
-        extra: dict[str, Any] = {}
-        if ports is not None:
-            # portBase .. portBase + portCount - 1: ports no other live lease or gate uses.
-            extra["portBase"] = ports.base
-            extra["portCount"] = ports.count
-        if workspace.setup:
-            # Run by the worker, as the agent's uid, in the worktree before the agent: the
-            # daemon never runs a command in a directory an agent writes.
-            extra["setup"] = {
-                "command": list(workspace.setup),
-                "needed": setup_needed,
-                "keep": list(workspace.keep),
-                "timeoutS": workspace.setup_timeout_s,
-            }
-        return {
-            "id": grant.lease_id,
-            "token": grant.token,
-            "handoff": handoff,
-            "worktree": worktree,
-            "branch": branch,
+        return LeaseGrant(
+            id=grant.lease_id,
+            token=grant.token,
+            handoff=LeasedHandoff.from_wire({**grant.wire, "feedback": grant.feedback}),
+            worktree=worktree,
+            branch=branch,
             # Where the handoff branch stood (first attempt: the integration tip; a
             # retry: the earlier attempts' commits) and where the integration branch is.
-            "baseCommit": base,
-            "integrationCommit": integration,
-            "attempt": grant.attempt,
-            "expiresAt": rfc3339(expires),
-            **extra,
-        }
+            base_commit=base,
+            integration_commit=integration,
+            attempt=grant.attempt,
+            expires_at=expires,
+            # portBase .. portBase + portCount - 1: ports no other live lease or gate uses.
+            ports=None if ports is None else LeasePorts(ports.base, ports.count),
+            # Run by the worker, as the agent's uid, in the worktree before the agent: the
+            # daemon never runs a command in a directory an agent writes.
+            setup=LeaseSetup(
+                command=tuple(workspace.setup),
+                needed=setup_needed,
+                keep=tuple(workspace.keep),
+                timeout_s=workspace.setup_timeout_s,
+            )
+            if workspace.setup
+            else None,
+        )
 
     async def expire_forever(self) -> None:
         """Expire leases that missed their heartbeats; runs for the daemon's lifetime."""

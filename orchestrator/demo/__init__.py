@@ -30,6 +30,8 @@ from orchestrator.demo import sample
 from orchestrator.handoff.completed import completed_document
 from orchestrator.observe import logs
 from orchestrator.observe.terminal import visible
+from orchestrator.protocol.records import HandoffDetail, HandoffSummary, Progress
+from orchestrator.store.states import State
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "handoffs"
 DEMO_TIMEOUT_S = 240.0
@@ -236,39 +238,40 @@ async def _watch(client: Client, names: list[str]) -> bool:
     start = time.monotonic()
     width = max(len(n) for n in names)
     while time.monotonic() - start < DEMO_TIMEOUT_S:
-        handoffs = (await client.call("handoff.list", {}))["handoffs"]
+        listed = (await client.call("handoff.list", {}))["handoffs"]
+        handoffs = [HandoffSummary.from_wire(h) for h in listed]
         for h in handoffs:
-            progress = h.get("progress") or {}
-            key = (h["state"], h["attempt"], progress.get("percent"), progress.get("message"))
-            if seen.get(h["name"]) == key:
+            progress = h.progress or Progress(None, None, None)
+            key = (h.state, h.attempt, progress.percent, progress.message)
+            if seen.get(h.name) == key:
                 continue
-            seen[h["name"]] = key
-            stamp = f"   {time.monotonic() - start:5.1f}s  {h['name']:<{width}}"
-            record = await client.call("handoff.get", {"name": h["name"]})
-            for merge in record["merges"][merges_seen.get(h["name"], 0) :]:
-                if merge["result"] in ("gate_failed", "conflict"):
-                    _say(f"{stamp}  {merge['result']:<9} {visible(merge['detail'] or '')}")
-                    gate_log = [g for g in record["gates"] if g["candidate"] == merge["candidate"]]
+            seen[h.name] = key
+            stamp = f"   {time.monotonic() - start:5.1f}s  {h.name:<{width}}"
+            record = HandoffDetail.from_wire(await client.call("handoff.get", {"name": h.name}))
+            for merge in record.merges[merges_seen.get(h.name, 0) :]:
+                if merge.result in ("gate_failed", "conflict"):
+                    _say(f"{stamp}  {merge.result:<9} {visible(merge.detail or '')}")
+                    gate_log = [g for g in record.gates if g.candidate == merge.candidate]
                     if gate_log:
-                        last = gate_log[-1]["outputTail"].strip().splitlines()[-1:]
+                        last = gate_log[-1].output_tail.strip().splitlines()[-1:]
                         _say(f"{'':>{len(stamp)}}  gate log ends: {visible(' '.join(last))}")
-            merges_seen[h["name"]] = len(record["merges"])
+            merges_seen[h.name] = len(record.merges)
             extra = ""
-            if h["state"] == "leased" and progress.get("message"):
-                extra = f"  {int(progress.get('percent') or 0):>3}% {visible(progress['message'])}"
-            elif h["state"] == "leased" and record.get("feedback"):
-                extra = f"  (with feedback: {visible(str(record['feedback']['reason']))})"
-            elif h["state"] == "merged":
-                extra = f"  as {record['mergeCommit'][:12]}"
-            _say(f"{stamp}  {h['state']:<9} attempt {h['attempt']}{extra}")
-        states = {h["state"] for h in handoffs}
-        if states == {"merged"}:
+            if h.state is State.LEASED and progress.message:
+                extra = f"  {int(progress.percent or 0):>3}% {visible(progress.message)}"
+            elif h.state is State.LEASED and record.feedback is not None:
+                extra = f"  (with feedback: {visible(record.feedback.reason)})"
+            elif h.state is State.MERGED:
+                extra = f"  as {(record.merge_commit or '')[:12]}"
+            _say(f"{stamp}  {h.state:<9} attempt {h.attempt}{extra}")
+        states = {h.state for h in handoffs}
+        if states == {State.MERGED}:
             return True
-        if states & {"failed", "cancelled"} and not states & {
-            "queued",
-            "leased",
-            "reported",
-            "gating",
+        if states & {State.FAILED, State.CANCELLED} and not states & {
+            State.QUEUED,
+            State.LEASED,
+            State.REPORTED,
+            State.GATING,
         }:
             return False
         await anyio.sleep(0.1)
@@ -281,7 +284,7 @@ async def _finale(client: Client, root: Path, names: list[str], port: int | None
     history = _git(root / "repo", "log", "--first-parent", "--format=   %h %s", "main")
     _say(visible(history.rstrip(), keep_newlines=True))
     for name in names:
-        record = await client.call("handoff.get", {"name": name})
+        record = HandoffDetail.from_wire(await client.call("handoff.get", {"name": name}))
         _say(f"\n== {name}: rendered report\n")
         _say(visible(completed_document(record).rstrip(), keep_newlines=True))
     if port:

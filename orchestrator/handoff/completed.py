@@ -4,9 +4,10 @@ with the integration result (merge commit, gates, durations) as its own section.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from orchestrator.handoff import template as handoff_model
+from orchestrator.protocol.jsonrpc import rfc3339
+from orchestrator.protocol.records import HandoffDetail
 
 STATUS_WORDS = {
     "merged": "COMPLETED",
@@ -16,13 +17,14 @@ STATUS_WORDS = {
 }
 
 
-def completed_document(record: dict[str, Any]) -> str:
+def completed_document(record: HandoffDetail) -> str:
     """Render a ``handoff.get`` record back in the handoff template."""
-    spec = handoff_model.parse(record["body"])
-    reports = [r for r in record.get("reports", [])]
-    status = STATUS_WORDS.get(record["state"], record["state"].upper())
-    if reports:
-        last = reports[-1]
+    spec = handoff_model.parse(record.body)
+    state = str(record.state)
+    status = STATUS_WORDS.get(state, state.upper())
+    if record.reports:
+        last = record.reports[-1].report
+        # A report's phases and metrics are the worker's JSON, kept as it sent them.
         phases = [
             handoff_model.CompletedPhase(
                 name=str(p.get("name", "")),
@@ -32,17 +34,17 @@ def completed_document(record: dict[str, Any]) -> str:
                     for o in p.get("objectives") or []
                 ),
             )
-            for p in last.get("phases") or []
+            for p in last.phases or ()
         ]
         metrics = [
             handoff_model.MetricResult(
                 str(m.get("name", "")), str(m.get("result", "")), bool(m.get("achieved"))
             )
-            for m in last.get("metrics") or []
+            for m in last.metrics or ()
         ]
         spec = handoff_model.complete(
             spec,
-            summary=str(last.get("summary") or "(no summary)"),
+            summary=last.summary or "(no summary)",
             phases=phases,
             metrics=metrics,
             status=status,
@@ -55,27 +57,26 @@ def completed_document(record: dict[str, Any]) -> str:
     return handoff_model.render(spec)
 
 
-def _integration(record: dict[str, Any]) -> str:
-    lines = [f"**State**: {record['state']} (attempt {record['attempt']})"]
-    if record.get("mergeCommit"):
-        lines.append(f"**Merge commit**: {record['mergeCommit']}")
-    if record.get("mergedAt"):
-        lines.append(f"**Merged at**: {record['mergedAt']}")
-    if record.get("detail"):
-        lines.append(f"**Detail**: {record['detail']}")
-    if record.get("conflicts"):
-        lines.append("**Conflicts**: " + ", ".join(record["conflicts"]))
-    gates = record.get("gates") or []
-    if gates:
+def _integration(record: HandoffDetail) -> str:
+    lines = [f"**State**: {record.state} (attempt {record.summary.attempt})"]
+    if record.merge_commit:
+        lines.append(f"**Merge commit**: {record.merge_commit}")
+    if record.merged_at is not None:
+        lines.append(f"**Merged at**: {rfc3339(record.merged_at)}")
+    if record.detail:
+        lines.append(f"**Detail**: {record.detail}")
+    if record.conflicts:
+        lines.append("**Conflicts**: " + ", ".join(record.conflicts))
+    if record.gates:
         lines.append("**Gates**:")
-        for gate in gates:
+        for gate in record.gates:
             verdict = (
                 "passed"
-                if gate["exitStatus"] == 0 and not gate["timedOut"]
-                else ("timed out" if gate["timedOut"] else f"failed (exit {gate['exitStatus']})")
+                if gate.passed
+                else ("timed out" if gate.timed_out else f"failed (exit {gate.exit_status})")
             )
             lines.append(
-                f"- {gate['gate']} on {gate['candidate'][:12]} (attempt {gate['attempt']}): "
-                f"{verdict} in {gate['durationS']:.2f} s"
+                f"- {gate.gate} on {gate.candidate[:12]} (attempt {gate.attempt}): "
+                f"{verdict} in {gate.duration_s:.2f} s"
             )
     return "\n".join(lines)
