@@ -21,14 +21,7 @@ Why it is shaped this way (see DESIGN.md, "Where speed comes from"):
   runs with no hooks, fsmonitor, filters or config the agent could have written
   (``orchestrator.git.untrusted``).
 
-Layout of ``worktrees_dir``::
-
-    <name>/          the repository leased to the handoff <name>
-    .pool/<id>/      idle lease repositories
-    .state/<key>/    the daemon's index of each of them (``L-<name>``, ``P-<id>``)
-    .build/          git dirs being written, renamed into a lease when complete
-    .trash/          what is being deleted (old ``.git`` dirs, discarded directories)
-    .gate/           the gate worktree, detached at the candidate being validated
+The layout of ``worktrees_dir`` is in ``orchestrator.git.worktrees_dir``.
 """
 
 from __future__ import annotations
@@ -42,27 +35,40 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pygit2
 from pygit2.enums import RepositoryOpenFlag, SortMode
 
 from orchestrator.config import WorkspaceConfig
 from orchestrator.git import lease_access, warm
+from orchestrator.git.command import GIT_TIMEOUT_S, UNTRUSTED_GIT_TIMEOUT_S, GitError, run_git
 from orchestrator.git.untrusted import (
-    HARDENED_CONFIG,
-    hardened_env,
     is_plain_dir,
     open_dir_nofollow,
     read_regular_nofollow,
     write_new_nofollow,
 )
+from orchestrator.git.worktrees_dir import (
+    BUILD_DIR,
+    GATE_DIR,
+    POOL_DIR,
+    STATE_DIR,
+    TRASH_DIR,
+    assert_inside,
+    is_inside,
+    listdir,
+    make_writable_and_retry,
+    remove_special_files,
+)
 from orchestrator.observe import logs
 
 __all__ = [
+    "GIT_TIMEOUT_S",
+    "UNTRUSTED_GIT_TIMEOUT_S",
     "GitError",
     "IntegrationLocked",
     "IntegrationTreeDirty",
@@ -71,6 +77,7 @@ __all__ = [
     "MergeStrategy",
     "Workspace",
     "conflict_detail",
+    "remove_special_files",
 ]
 
 log = logs.get("git")
@@ -81,12 +88,6 @@ _STRATEGIES: tuple[str, ...] = ("merge", "squash", "ff-only")
 # How many clean merges "auto" times with both backends before it keeps the faster one.
 _CALIBRATION_MERGES = 3
 
-POOL_DIR = ".pool"
-GATE_DIR = ".gate"
-# The daemon's own bookkeeping next to the lease directories (see checkout_for_lease).
-STATE_DIR = ".state"
-BUILD_DIR = ".build"
-TRASH_DIR = ".trash"
 # Where the daemon imports each lease's reported branch (fetched from its repository).
 LEASE_REF_PREFIX = "refs/orchestrator/leases/"
 # Where a lease's branch is brought, unreported, for an early conflict warning.
@@ -95,20 +96,6 @@ PEEK_REF_PREFIX = "refs/orchestrator/peek/"
 PUSH_REFUSED_URL = "/dev/null/orchestrator-lease-repositories-cannot-push"
 # A git index bigger than this is no index an agent's checkout needs; it is not copied.
 MAX_INDEX_BYTES = 1 << 30
-
-# Variables that would point our git subprocesses at some other repository, index or
-# object store (they are set, for instance, when the daemon is started from a git hook).
-_GIT_LOCATION_ENV = (
-    "GIT_DIR",
-    "GIT_WORK_TREE",
-    "GIT_INDEX_FILE",
-    "GIT_OBJECT_DIRECTORY",
-    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
-    "GIT_COMMON_DIR",
-    "GIT_NAMESPACE",
-    "GIT_PREFIX",
-    "GIT_QUARANTINE_PATH",
-)
 
 # State an interrupted merge/rebase/cherry-pick/bisect leaves in a worktree's admin dir.
 # A reused worktree must start clean, and `git checkout -f` does not remove all of it
@@ -133,18 +120,6 @@ _IN_PROGRESS_STATE = (
     "BISECT_FIRST_PARENT",
     "refs/bisect",
 )
-
-
-# No single git command the daemon runs should take this long, even on a huge checkout.
-GIT_TIMEOUT_S = 1800.0
-# For git reading a directory an agent can write: whatever it planted there (a FIFO that
-# appears between our sweep and git's open, say) holds the daemon's one git lane for at
-# most this long.
-UNTRUSTED_GIT_TIMEOUT_S = 120.0
-
-
-class GitError(RuntimeError):
-    """A git operation failed; the message says what went wrong and what to do."""
 
 
 class IntegrationTreeDirty(GitError):
@@ -518,7 +493,7 @@ class Workspace:
 
     def pool_size(self) -> int:
         """How many idle directories the pool holds."""
-        return len(_listdir(self._pool_dir))
+        return len(listdir(self._pool_dir))
 
     def _salvage(self, name: str, branch: str, tip: str) -> str:
         """Take the commits an unreported attempt left on ``branch`` in the lease
@@ -879,7 +854,7 @@ class Workspace:
         known for those released since the daemon started; the others rank by age.)
         """
         best: tuple[bool, bool, float, str] | None = None
-        for slot in _listdir(self._pool_dir):
+        for slot in listdir(self._pool_dir):
             path = self._pool_dir / slot
             if not self._intact(path):
                 self._discard(path, _pool_key(slot))
@@ -927,13 +902,13 @@ class Workspace:
         self._empty_trash()
 
     def _empty_trash(self) -> None:
-        for entry in _listdir(self._trash_dir):
+        for entry in listdir(self._trash_dir):
             target = self._trash_dir / entry
             try:
                 if target.is_symlink() or not target.is_dir():
                     target.unlink(missing_ok=True)
                 else:
-                    shutil.rmtree(target, onerror=_make_writable_and_retry)
+                    shutil.rmtree(target, onerror=make_writable_and_retry)
             except OSError as exc:
                 # e.g. an agent of another uid made a directory of its own unwritable:
                 # it is out of the way here, and nothing waits for it.
@@ -1100,7 +1075,7 @@ class Workspace:
 
     def lease_worktree_names(self) -> list[str]:
         """Names of the worktrees currently laid out for leases (``worktrees_dir/<name>``)."""
-        return sorted(e for e in _listdir(self.worktrees_dir) if not e.startswith("."))
+        return sorted(e for e in listdir(self.worktrees_dir) if not e.startswith("."))
 
     def clear_idle_locks(self) -> list[Path]:
         """Delete ``index.lock``/``HEAD.lock`` in the daemon's idle gate checkouts;
@@ -1111,7 +1086,7 @@ class Workspace:
         lease directories need nothing: each gets a new ``.git`` when it is leased."""
         removed: list[Path] = []
         paths = [
-            self.worktrees_dir / e for e in _listdir(self.worktrees_dir) if e.startswith(GATE_DIR)
+            self.worktrees_dir / e for e in listdir(self.worktrees_dir) if e.startswith(GATE_DIR)
         ]
         for path in paths:
             admin = self._adopt(path)
@@ -1342,14 +1317,14 @@ class Workspace:
         Cheap (a few small files per directory); run on startup and before each lease.
         Lease directories themselves are not read: their ``.git`` is the agent's.
         """
-        for entry in _listdir(self.worktrees_dir):
+        for entry in listdir(self.worktrees_dir):
             if entry.startswith(GATE_DIR):
                 self._adopt(self.worktrees_dir / entry)
         self._prune_registrations()
-        for entry in _listdir(self._build_dir):
+        for entry in listdir(self._build_dir):
             shutil.rmtree(self._build_dir / entry, ignore_errors=True)
         self._empty_trash()
-        for key in _listdir(self._state_dir):
+        for key in listdir(self._state_dir):
             where = (
                 self.worktrees_dir / key[2:]
                 if key.startswith("L-")
@@ -1510,23 +1485,11 @@ class Workspace:
                 "start with '.' or '-'"
             )
         path = self.worktrees_dir / name
-        self._assert_inside(path)
+        assert_inside(self.worktrees_dir, path)
         return path
 
-    def _assert_inside(self, path: Path) -> None:
-        resolved = path.resolve()
-        if resolved == self.worktrees_dir or self.worktrees_dir not in resolved.parents:
-            raise GitError(
-                f"refusing to touch {path}: it resolves to {resolved}, outside the "
-                f"worktrees directory {self.worktrees_dir}"
-            )
-
     def _owns(self, path: Path) -> bool:
-        try:
-            self._assert_inside(path)
-        except GitError:
-            return False
-        return True
+        return is_inside(self.worktrees_dir, path)
 
     def _admin_of(self, path: Path) -> Path | None:
         """The admin dir that ``path/.git`` names, if it is one of this repository's."""
@@ -1603,7 +1566,7 @@ class Workspace:
         worktree at their path.
         """
         root = os.path.realpath(self.worktrees_dir)
-        for entry in _listdir(self._admin_root):
+        for entry in listdir(self._admin_root):
             admin = self._admin_root / entry
             try:
                 recorded = Path((admin / "gitdir").read_text(encoding="utf-8").strip())
@@ -1647,8 +1610,8 @@ class Workspace:
                 raise GitError(f"refusing to remove {path}: outside {self.worktrees_dir}")
             path.unlink(missing_ok=True)
             return
-        self._assert_inside(path)
-        shutil.rmtree(path, onerror=_make_writable_and_retry)
+        assert_inside(self.worktrees_dir, path)
+        shutil.rmtree(path, onerror=make_writable_and_retry)
 
     def _wt_git(self, path: Path, admin: Path, *args: str) -> subprocess.CompletedProcess[str]:
         # Name both directories explicitly: if the worktree's .git file were broken, plain
@@ -1668,50 +1631,14 @@ class Workspace:
         untrusted: bool = False,
         index: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run git. ``untrusted``: the command reads a directory an agent can write, so it
-        runs with no hooks, no fsmonitor and no system or global config (see
-        orchestrator.git.untrusted), and a shorter time limit. The integration
-        repository's own hooks (its owner's) run as usual on commands that only touch it."""
-        limit = UNTRUSTED_GIT_TIMEOUT_S if untrusted else GIT_TIMEOUT_S
-        env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCATION_ENV}
-        if untrusted:
-            env = hardened_env(env)
-        env["LC_ALL"] = "C"
-        env["GIT_TERMINAL_PROMPT"] = "0"
-        if index is not None:
-            env["GIT_INDEX_FILE"] = str(index)
-        if not optional_locks:
-            # Reading someone else's checkout must not take its index.lock, or their own
-            # git commands could fail while we look.
-            env["GIT_OPTIONAL_LOCKS"] = "0"
-        try:
-            result = subprocess.run(
-                ["git", *(HARDENED_CONFIG if untrusted else ()), *args],
-                cwd=cwd,
-                env=env,
-                capture_output=True,
-                text=True,
-                errors="surrogateescape",
-                check=False,
-                timeout=limit,
-            )
-        except FileNotFoundError as exc:
-            raise GitError(
-                f"cannot run git in {cwd}: {exc}; install git or fix the daemon's PATH"
-            ) from exc
-        except subprocess.TimeoutExpired:
-            # Every lease and merge waits on the one git lane: a hung git must not stall
-            # the daemon for good.
-            raise GitError(
-                f"`git {' '.join(args)}` in {cwd} did not finish within {limit:g} s "
-                "(a stuck lock, a hook, or a network filesystem?)"
-            ) from None
-        if check and result.returncode != 0:
-            raise GitError(
-                f"`git {' '.join(args)}` failed in {cwd} (exit {result.returncode}): "
-                f"{result.stderr.strip() or result.stdout.strip()}"
-            )
-        return result
+        return run_git(
+            *args,
+            cwd=cwd,
+            check=check,
+            optional_locks=optional_locks,
+            untrusted=untrusted,
+            index=index,
+        )
 
 
 def conflict_detail(integration_branch: str, commit: str, paths: Sequence[str]) -> str:
@@ -1740,31 +1667,6 @@ def _identity_section(repo: pygit2.Repository) -> str:
     return "[user]\n" + "".join(lines) if lines else ""
 
 
-_SPECIAL_FILE_TYPES = frozenset((stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK))
-
-
-def remove_special_files(root: Path) -> list[str]:
-    """Remove every FIFO, socket and device file under ``root`` (symlinks are not
-    followed; a linked worktree's ``.git`` file stays); their paths, relative to ``root``.
-
-    Left by code a gate or an agent ran, such a file where git reads (``.gitattributes``,
-    ``.gitignore``, ``.git/packed-refs``) makes git block forever on open."""
-    removed: list[str] = []
-    # By directory fd, never by path: an agent that swaps a directory for a symlink while
-    # we walk must not make us unlink a socket or FIFO elsewhere (the daemon's own socket).
-    for directory, _dirs, files, dir_fd in os.fwalk(root, follow_symlinks=False):
-        for name in files:
-            try:
-                mode = os.lstat(name, dir_fd=dir_fd).st_mode
-            except FileNotFoundError:
-                continue
-            if stat.S_IFMT(mode) in _SPECIAL_FILE_TYPES:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=dir_fd)
-                removed.append(os.path.relpath(os.path.join(directory, name), root))
-    return removed
-
-
 def _common_dir(git_dir: Path) -> Path:
     try:
         rel = (git_dir / "commondir").read_text(encoding="utf-8").strip()
@@ -1776,13 +1678,6 @@ def _common_dir(git_dir: Path) -> Path:
 def _check_branch_name(branch: str) -> None:
     if branch.startswith("-") or not pygit2.reference_is_valid_name(f"refs/heads/{branch}"):
         raise GitError(f"{branch!r} is not a valid branch name")
-
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
-    except FileNotFoundError:
-        return []
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -1802,18 +1697,6 @@ def _write_atomic(path: Path, text: str) -> None:
             raise
     finally:
         os.close(dir_fd)
-
-
-def _make_writable_and_retry(
-    func: Callable[..., Any], target: str, _exc: Any
-) -> None:  # pragma: no cover - only with read-only files (e.g. Go's module cache)
-    parent = os.path.dirname(target)
-    for p in (parent, target):
-        if os.path.islink(p):
-            continue  # chmod would follow it, to whatever file it names
-        with contextlib.suppress(OSError):
-            os.chmod(p, os.stat(p).st_mode | stat.S_IWUSR | stat.S_IRUSR | stat.S_IXUSR)
-    func(target)
 
 
 def _lease_key(name: str) -> str:
