@@ -41,11 +41,17 @@ from pathlib import Path
 from typing import Literal
 
 import pygit2
-from pygit2.enums import RepositoryOpenFlag, SortMode
+from pygit2.enums import RepositoryOpenFlag
 
 from orchestrator.config import WorkspaceConfig
 from orchestrator.git import lease_access, warm
 from orchestrator.git.command import GIT_TIMEOUT_S, UNTRUSTED_GIT_TIMEOUT_S, GitError, run_git
+from orchestrator.git.integration import (
+    IntegrationLocked,
+    IntegrationRepository,
+    IntegrationTreeDirty,
+    check_branch_name,
+)
 from orchestrator.git.untrusted import (
     is_plain_dir,
     open_dir_nofollow,
@@ -122,43 +128,6 @@ _IN_PROGRESS_STATE = (
 )
 
 
-class IntegrationTreeDirty(GitError):
-    """A working tree with the integration branch checked out has local changes.
-
-    Advancing the branch under it would leave it showing the new commit's changes
-    reversed, so nothing was changed.
-    """
-
-    def __init__(self, path: Path, changes: Sequence[str] = ()) -> None:
-        self.path = path
-        self.changes = tuple(changes)
-        shown = ", ".join(self.changes[:10])
-        if len(self.changes) > 10:
-            shown += f", ... ({len(self.changes)} in all)"
-        super().__init__(
-            f"the working tree at {path} has the integration branch checked out and "
-            f"local changes ({shown or 'unknown'}); the branch was not advanced. "
-            "Commit or stash those changes (or check out another branch there) and the "
-            "merge queue will continue."
-        )
-
-
-class IntegrationLocked(GitError):
-    """Another git process holds a lock the branch update needs (the branch's ref lock,
-    or the index lock of a checkout of the integration branch); nothing was changed.
-
-    Not a failure of the handoff: the merge waits until the lock is gone."""
-
-    def __init__(self, locks: Sequence[Path]) -> None:
-        self.locks = tuple(locks)
-        super().__init__(
-            "locked by another git process: "
-            + ", ".join(str(p) for p in self.locks)
-            + "; the merge waits until it finishes (if no git process is running there, "
-            "the lock is stale: delete the file)"
-        )
-
-
 @dataclass(frozen=True)
 class MergeResult:
     """Outcome of :meth:`Workspace.merge_candidate`."""
@@ -171,15 +140,6 @@ class MergeResult:
     """The integration tip the candidate was built on."""
     detail: str = ""
     """Why there is no candidate, e.g. ``already merged`` or ``not a fast-forward: ...``."""
-
-
-@dataclass(frozen=True)
-class _Checkout:
-    """A working tree reported by ``git worktree list``."""
-
-    path: Path
-    branch: str | None  # full ref name, None when detached
-    bare: bool
 
 
 class Workspace:
@@ -207,23 +167,12 @@ class Workspace:
             )
         self._merge_backend: MergeBackend = merge_backend
         self._merge_seconds: dict[str, list[float]] = {"pygit2": [], "git": []}
-        self.repo_path = Path(repo_path).resolve()
-        try:
-            self._repo = pygit2.Repository(str(self.repo_path), RepositoryOpenFlag.NO_SEARCH)
-        except (pygit2.GitError, KeyError) as exc:
-            raise GitError(
-                f"{self.repo_path} is not a git repository ({exc}); set repository.path to "
-                "the repository's working tree or its .git directory"
-            ) from exc
-        self._common_dir = _common_dir(Path(self._repo.path))
-        self._admin_root = self._common_dir / "worktrees"
+        self._integration = IntegrationRepository(repo_path, integration_branch)
+        self.repo_path = self._integration.repo_path
         self.integration_branch = integration_branch
-        if self.branch_tip(integration_branch) is None:
-            raise GitError(
-                f"the integration branch {integration_branch!r} does not exist in "
-                f"{self.repo_path}; create it (git branch {integration_branch} <commit>) or "
-                "set repository.integration_branch to an existing branch"
-            )
+        self._repo = self._integration.repo
+        self._common_dir = self._integration.common_dir
+        self._admin_root = self._common_dir / "worktrees"
         self.worktrees_dir = Path(worktrees_dir)
         try:
             self.worktrees_dir.mkdir(parents=True, exist_ok=True)
@@ -255,92 +204,69 @@ class Workspace:
         self.recover()
 
     # ------------------------------------------------------------------ refs and commits
+    # (orchestrator.git.integration)
 
     @property
     def git_dir(self) -> Path:
         """The integration repository's (common) git dir: what agents fetch from and
         borrow objects of."""
-        return self._common_dir
+        return self._integration.git_dir
+
+    @property
+    def common_dir(self) -> Path:
+        """The integration repository's git dir (objects, refs): what gates must not write."""
+        return self._integration.common_dir
 
     def integration_tip(self) -> str:
         """The sha the integration branch points to."""
-        tip = self.branch_tip(self.integration_branch)
-        if tip is None:
-            raise GitError(
-                f"the integration branch {self.integration_branch!r} was deleted from "
-                f"{self.repo_path}; recreate it to let the merge queue continue"
-            )
-        return tip
+        return self._integration.integration_tip()
 
     def branch_tip(self, branch: str) -> str | None:
         """The sha ``refs/heads/<branch>`` points to, or None if there is no such branch."""
-        _check_branch_name(branch)
-        ref = self._repo.references.get(f"refs/heads/{branch}")
-        if ref is None:
-            return None
-        try:
-            return str(ref.resolve().target)
-        except (KeyError, pygit2.GitError):
-            return None
+        return self._integration.branch_tip(branch)
 
     def ensure_branch(self, branch: str, start: str) -> str:
-        """Create ``refs/heads/<branch>`` at ``start`` unless it exists; return its tip.
-
-        An existing branch is left where it is: it holds the commits of earlier attempts.
-        """
-        tip = self.branch_tip(branch)
-        if tip is not None:
-            return tip
-        commit = self._commit(start)
-        try:
-            self._repo.branches.local.create(branch, commit)
-        except pygit2.AlreadyExistsError:
-            pass  # created by someone else since we looked; theirs wins
-        except (pygit2.GitError, ValueError) as exc:
-            raise GitError(f"cannot create branch {branch!r} at {start!r}: {exc}") from exc
-        tip = self.branch_tip(branch)
-        if tip is None:
-            raise GitError(f"branch {branch!r} vanished right after it was created")
-        return tip
+        """Create ``refs/heads/<branch>`` at ``start`` unless it exists; return its tip."""
+        return self._integration.ensure_branch(branch, start)
 
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
         """True if ``ancestor`` is ``descendant`` or one of its ancestors."""
-        a = self._commit(ancestor).id
-        d = self._commit(descendant).id
-        return a == d or bool(self._repo.descendant_of(d, a))
+        return self._integration.is_ancestor(ancestor, descendant)
 
     def reachable(self, commits: Iterable[str], tip: str) -> set[str]:
-        """Those of ``commits`` (full ids) that ``tip`` contains, in one walk of history.
-
-        For many commits at once: asking :meth:`is_ancestor` of each costs a walk per
-        commit, so after months of merges a start-up would spend minutes on it."""
-        wanted = set(commits)
-        found: set[str] = set()
-        if not wanted:
-            return found
-        for commit in self._repo.walk(self._commit(tip).id, SortMode.NONE):
-            sha = str(commit.id)
-            if sha in wanted:
-                found.add(sha)
-                if len(found) == len(wanted):
-                    break
-        return found
+        """Those of ``commits`` (full ids) that ``tip`` contains, in one walk of history."""
+        return self._integration.reachable(commits, tip)
 
     def commits_between(
         self, base: str, head: str, *, limit: int | None = None
     ) -> list[tuple[str, str]]:
         """``(sha, subject)`` of commits reachable from ``head`` but not ``base``, newest first."""
-        head_id = self._commit(head).id
-        base_id = self._commit(base).id
-        walker = self._repo.walk(head_id, SortMode.TOPOLOGICAL | SortMode.TIME)
-        walker.hide(base_id)
-        out: list[tuple[str, str]] = []
-        for commit in walker:
-            if limit is not None and len(out) >= limit:
-                break
-            lines = commit.message.splitlines()
-            out.append((str(commit.id), lines[0] if lines else ""))
-        return out
+        return self._integration.commits_between(base, head, limit=limit)
+
+    def has_commit(self, rev: str) -> bool:
+        """Whether ``rev`` names a commit of the integration repository."""
+        return self._integration.has_commit(rev)
+
+    def tree_of(self, commit: str) -> str:
+        """The id of ``commit``'s tree: what a gate sees, whatever the commit's message."""
+        return self._integration.tree_of(commit)
+
+    def advance_integration(self, expected: str, new: str, message: str) -> bool:
+        """Move the integration branch from ``expected`` to ``new`` (compare-and-swap);
+        see :meth:`IntegrationRepository.advance_integration`."""
+        return self._integration.advance_integration(expected, new, message)
+
+    def integration_locks(self, checkouts: Sequence[Path] | None = None) -> list[Path]:
+        """Lock files that stop the integration branch (or a checkout of it) from moving."""
+        return self._integration.integration_locks(checkouts)
+
+    def finish_interrupted_update(self, old: str, new: str) -> list[Path]:
+        """Finish bringing checkouts of the integration branch from ``old`` to ``new``
+        after the daemon died between moving the branch and updating them."""
+        return self._integration.finish_interrupted_update(old, new)
+
+    def _commit(self, rev: str) -> pygit2.Commit:
+        return self._integration.commit(rev)
 
     # ------------------------------------------------------------------ leased repositories
 
@@ -547,21 +473,13 @@ class Workspace:
         our repository then has ``head``."""
         if self.has_commit(head):
             return True
-        _check_branch_name(branch)
+        check_branch_name(branch)
         path = self._lease_path(name)
         if not self._intact(path):
             return False
         if not self._fetch_lease_branch(path, branch, f"{PEEK_REF_PREFIX}{name}"):
             return False
         return self.has_commit(head)
-
-    def has_commit(self, rev: str) -> bool:
-        """Whether ``rev`` names a commit of the integration repository."""
-        try:
-            self._commit(rev)
-        except GitError:
-            return False
-        return True
 
     def import_lease_head(
         self, name: str, branch: str, head: str, *, untracked_ok: Sequence[str] = ()
@@ -577,7 +495,7 @@ class Workspace:
         ``copy_files``) whose files do not count as uncommitted changes.
         """
         path = self._lease_path(name)
-        _check_branch_name(branch)
+        check_branch_name(branch)
         if not self._intact(path):
             return (
                 f"the lease's repository {path} is broken (its .git is not a directory the "
@@ -995,84 +913,6 @@ class Workspace:
         candidate = self._repo.create_commit(None, sig, sig, message, tree, parents)
         return MergeResult(str(candidate), (), base)
 
-    def advance_integration(self, expected: str, new: str, message: str) -> bool:
-        """Move the integration branch from ``expected`` to ``new`` (compare-and-swap).
-
-        Returns False, changing nothing, if the branch no longer points at ``expected``.
-        Working trees that have the branch checked out are kept in step, as git's
-        ``receive.denyCurrentBranch=updateInstead`` does: if one has local changes (or
-        untracked files the update would overwrite) :class:`IntegrationTreeDirty` is raised
-        and nothing changes; otherwise it is moved to ``new`` after the branch.
-        """
-        new_id = str(self._commit(new).id)
-        if self.branch_tip(self.integration_branch) != expected:
-            return False
-        ref = f"refs/heads/{self.integration_branch}"
-        checkouts = [c.path for c in self._checkouts() if c.branch == ref and not c.bare]
-        # Checked before anything moves: with the ref lock held update-ref would fail (and
-        # the handoff with it), with an index lock held the branch would move but its
-        # checkout could not follow, and then look dirty.
-        locks = self.integration_locks(checkouts)
-        if locks:
-            raise IntegrationLocked(locks)
-        for tree in checkouts:
-            changes = self._blocking_changes(tree, expected, new_id)
-            if changes:
-                raise IntegrationTreeDirty(tree, changes)
-        result = self._git(
-            "update-ref", "-m", message, ref, new_id, expected, cwd=self.repo_path, check=False
-        )
-        if result.returncode != 0:
-            if self.branch_tip(self.integration_branch) != expected:
-                return False
-            raise GitError(
-                f"could not move {ref} from {expected[:12]} to {new_id[:12]}: "
-                f"{result.stderr.strip()}; if a stale {ref}.lock is left in "
-                f"{self._common_dir} by a killed git process, remove it"
-            )
-        for tree in checkouts:
-            # The same two-tree update updateInstead uses: it refuses, instead of
-            # overwriting, anything the user touched since the check above.
-            done = self._git("read-tree", "-m", "-u", expected, new_id, cwd=tree, check=False)
-            if done.returncode != 0:
-                log.warning(
-                    "integration_checkout_not_updated",
-                    branch=self.integration_branch,
-                    commit=new_id,
-                    checkout=str(tree),
-                    error=done.stderr.strip(),
-                    remedy=f"run `git reset --keep {new_id}` there",
-                )
-        return True
-
-    def integration_locks(self, checkouts: Sequence[Path] | None = None) -> list[Path]:
-        """Lock files that stop the integration branch (or a checkout of it) from moving.
-
-        They may belong to a live git process (a person's ``git commit``) or be stale,
-        left by a killed one: the daemon cannot tell, so it never deletes them."""
-        if checkouts is None:
-            ref = f"refs/heads/{self.integration_branch}"
-            checkouts = [c.path for c in self._checkouts() if c.branch == ref and not c.bare]
-        candidates = [self._common_dir / "refs" / "heads" / f"{self.integration_branch}.lock"]
-        for tree in checkouts:
-            git_dir = self._git_dir_of(tree)
-            if git_dir is not None:
-                candidates.append(git_dir / "index.lock")
-        return [p for p in candidates if os.path.lexists(p)]
-
-    def _git_dir_of(self, tree: Path) -> Path | None:
-        dotgit = tree / ".git"
-        if dotgit.is_dir():
-            return dotgit
-        try:
-            text = dotgit.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            return None
-        if not text.startswith("gitdir:"):
-            return None
-        target = Path(text[len("gitdir:") :].strip())
-        return target if target.is_absolute() else tree / target
-
     def lease_worktree_names(self) -> list[str]:
         """Names of the worktrees currently laid out for leases (``worktrees_dir/<name>``)."""
         return sorted(e for e in listdir(self.worktrees_dir) if not e.startswith("."))
@@ -1094,30 +934,6 @@ class Workspace:
                 removed += self._clear_locks(admin)
         return removed
 
-    def finish_interrupted_update(self, old: str, new: str) -> list[Path]:
-        """Finish bringing checkouts of the integration branch from ``old`` to ``new`` after
-        the daemon died between moving the branch and updating them.
-
-        Such a checkout looks dirty (its files are still ``old``'s), which would block
-        merging for good. Only a checkout whose index is still exactly ``old``'s tree is
-        touched, with the same two-tree update as :meth:`advance_integration`, which
-        refuses to overwrite anything a person changed; anything else is left alone.
-        """
-        ref = f"refs/heads/{self.integration_branch}"
-        old_tree = str(self._commit(old).tree_id)
-        new_id = str(self._commit(new).id)
-        fixed = []
-        for checkout in self._checkouts():
-            if checkout.branch != ref or checkout.bare:
-                continue
-            index = self._git("write-tree", cwd=checkout.path, check=False)
-            if index.returncode != 0 or index.stdout.strip() != old_tree:
-                continue
-            done = self._git("read-tree", "-m", "-u", old, new_id, cwd=checkout.path, check=False)
-            if done.returncode == 0:
-                fixed.append(checkout.path)
-        return fixed
-
     # ------------------------------------------------------------------ gate worktree
 
     def conflicting_paths(self, ours: str, theirs: str) -> tuple[str, ...]:
@@ -1134,15 +950,6 @@ class Workspace:
         for entries in conflicts:
             paths.update(e.path for e in entries if e is not None)
         return tuple(sorted(paths))
-
-    def tree_of(self, commit: str) -> str:
-        """The id of ``commit``'s tree: what a gate sees, whatever the commit's message."""
-        return str(self._commit(commit).tree_id)
-
-    @property
-    def common_dir(self) -> Path:
-        """The integration repository's git dir (objects, refs): what gates must not write."""
-        return self._common_dir
 
     def gate_checkout(
         self, commit: str, *, slot: int = 0, keep: Sequence[str] = (), key: str | None = None
@@ -1337,15 +1144,6 @@ class Workspace:
 
     # ------------------------------------------------------------------ internals
 
-    def _commit(self, rev: str) -> pygit2.Commit:
-        try:
-            obj = self._repo.revparse_single(rev)
-            commit = obj.peel(pygit2.Commit)
-        except (KeyError, ValueError, pygit2.GitError) as exc:
-            raise GitError(f"{rev!r} does not name a commit in {self.repo_path}") from exc
-        assert isinstance(commit, pygit2.Commit)
-        return commit
-
     @property
     def merge_backend(self) -> MergeBackend:
         """The backend merges use: ``auto`` until calibration has picked one."""
@@ -1432,46 +1230,6 @@ class Workspace:
                 break
             names.add(token)
         return None, tuple(sorted(names))
-
-    def _checkouts(self) -> list[_Checkout]:
-        out = self._git("worktree", "list", "--porcelain", "-z", cwd=self.repo_path).stdout
-        found: list[_Checkout] = []
-        for record in out.split("\0\0"):
-            fields = [f for f in record.split("\0") if f]
-            if not fields or not fields[0].startswith("worktree "):
-                continue
-            path = Path(fields[0][len("worktree ") :])
-            branch = next((f[len("branch ") :] for f in fields if f.startswith("branch ")), None)
-            bare = "bare" in fields
-            if bare or path.is_dir():
-                found.append(_Checkout(path, branch, bare))
-        return found
-
-    def _blocking_changes(self, tree: Path, old: str, new: str) -> list[str]:
-        """What in ``tree`` stops it from being moved from ``old`` to ``new``."""
-        status = self._git(
-            "status",
-            "--porcelain=v1",
-            "-z",
-            "--untracked-files=no",
-            "--no-renames",
-            cwd=tree,
-            optional_locks=False,
-        ).stdout
-        changed = sorted({e[3:] for e in status.split("\0") if len(e) > 3})
-        if changed:
-            return changed
-        # Untracked files are the user's business unless the update would overwrite them;
-        # a dry run of the very update we will make tells exactly which.
-        dry = self._git("read-tree", "-m", "-u", "-n", old, new, cwd=tree, check=False)
-        if dry.returncode == 0:
-            return []
-        blocked = [
-            line.split("'")[1]
-            for line in dry.stderr.splitlines()
-            if "would be" in line and line.count("'") >= 2
-        ]
-        return blocked or [dry.stderr.strip() or "git read-tree refused the update"]
 
     def _lease_path(self, name: str) -> Path:
         if (
@@ -1665,19 +1423,6 @@ def _identity_section(repo: pygit2.Repository) -> str:
         if value and not any(c in value for c in '\n\0"\\'):
             lines.append(f'\t{key} = "{value}"\n')
     return "[user]\n" + "".join(lines) if lines else ""
-
-
-def _common_dir(git_dir: Path) -> Path:
-    try:
-        rel = (git_dir / "commondir").read_text(encoding="utf-8").strip()
-    except OSError:
-        return git_dir.resolve()
-    return (git_dir / rel).resolve()
-
-
-def _check_branch_name(branch: str) -> None:
-    if branch.startswith("-") or not pygit2.reference_is_valid_name(f"refs/heads/{branch}"):
-        raise GitError(f"{branch!r} is not a valid branch name")
 
 
 def _write_atomic(path: Path, text: str) -> None:
