@@ -75,6 +75,7 @@ class Merger:
         self._merge_seconds: dict[str, list[float]] = {"pygit2": [], "git": []}
         self._integration = integration
         self._repo = integration.repo
+        self.repo_path = integration.repo_path
         self.integration_branch = integration.integration_branch
 
     @property
@@ -243,7 +244,7 @@ class Merger:
             "--no-messages",
             ours,
             theirs,
-            cwd=self._integration.repo_path,
+            cwd=self.repo_path,
             check=False,
         )
         if result.returncode not in (0, 1):
