@@ -22,7 +22,7 @@ from harness import (
     write_config,
 )
 
-from orchestrator.git import workspace as workspace_module
+from orchestrator.git import gate_checkouts
 from orchestrator.git.workspace import Workspace
 
 
@@ -252,7 +252,7 @@ def test_a_symlink_named_like_a_daemon_temp_file_is_never_written_through(
     # the gate worktree's .git file is rewritten by the daemon when it is re-linked
     gate = ws.gate_checkout("main")
     (gate / ".git.orchestrator-tmp").symlink_to(outside)
-    workspace_module._write_atomic(gate / ".git", (gate / ".git").read_text())
+    gate_checkouts._write_atomic(gate / ".git", (gate / ".git").read_text())
     assert outside.read_text() == "untouched\n"
     assert (gate / ".git.orchestrator-tmp").is_symlink()
 

@@ -1,5 +1,17 @@
 """Git plumbing for the daemon: branches, a pool of lease repositories, in-memory merges.
 
+``Workspace`` is the one object the rest of the daemon holds; it composes the parts, each
+in a module of its own, and passes each what it needs (the integration repository, the
+resolved ``worktrees_dir``), never another part's fields:
+
+* ``orchestrator.git.integration``: the integration repository, its refs and commits, and
+  the compare-and-swap that lands a candidate on the integration branch;
+* ``orchestrator.git.merging``: building candidates in the object database, the backends;
+* ``orchestrator.git.lease_repos``: the lease repositories and their pool;
+* ``orchestrator.git.gate_checkouts``: the gate worktrees;
+* ``orchestrator.git.worktrees_dir``: the layout of ``worktrees_dir`` and what clears it;
+* ``orchestrator.git.command``: running git, and ``GitError``.
+
 Everything here is blocking and meant to run in a worker thread. The caller runs one git
 operation at a time per repository, so there is no locking here.
 
@@ -20,49 +32,42 @@ Why it is shaped this way (see DESIGN.md, "Where speed comes from"):
   two on big trees. On directories an agent can write (leases, the gate worktree) it
   runs with no hooks, fsmonitor, filters or config the agent could have written
   (``orchestrator.git.untrusted``).
-
-Layout of ``worktrees_dir``::
-
-    <name>/          the repository leased to the handoff <name>
-    .pool/<id>/      idle lease repositories
-    .state/<key>/    the daemon's index of each of them (``L-<name>``, ``P-<id>``)
-    .build/          git dirs being written, renamed into a lease when complete
-    .trash/          what is being deleted (old ``.git`` dirs, discarded directories)
-    .gate/           the gate worktree, detached at the candidate being validated
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
-import shutil
-import stat
-import statistics
-import subprocess
-import tempfile
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
 
 import pygit2
-from pygit2.enums import RepositoryOpenFlag, SortMode
+from pygit2.enums import RepositoryOpenFlag
 
 from orchestrator.config import WorkspaceConfig
-from orchestrator.git import lease_access, warm
-from orchestrator.git.untrusted import (
-    HARDENED_CONFIG,
-    hardened_env,
-    is_plain_dir,
-    open_dir_nofollow,
-    read_regular_nofollow,
-    write_new_nofollow,
+from orchestrator.git import warm
+from orchestrator.git.command import GIT_TIMEOUT_S, UNTRUSTED_GIT_TIMEOUT_S, GitError, run_git
+from orchestrator.git.gate_checkouts import GateCheckouts
+from orchestrator.git.integration import (
+    IntegrationLocked,
+    IntegrationRepository,
+    IntegrationTreeDirty,
 )
-from orchestrator.observe import logs
+from orchestrator.git.lease_repos import LeaseRepositories
+from orchestrator.git.merging import (
+    MergeBackend,
+    Merger,
+    MergeResult,
+    MergeStrategy,
+    conflict_detail,
+)
+from orchestrator.git.worktrees_dir import (
+    is_inside,
+    remove_special_files,
+)
 
 __all__ = [
+    "GIT_TIMEOUT_S",
+    "UNTRUSTED_GIT_TIMEOUT_S",
     "GitError",
     "IntegrationLocked",
     "IntegrationTreeDirty",
@@ -71,140 +76,8 @@ __all__ = [
     "MergeStrategy",
     "Workspace",
     "conflict_detail",
+    "remove_special_files",
 ]
-
-log = logs.get("git")
-
-MergeStrategy = Literal["merge", "squash", "ff-only"]
-MergeBackend = Literal["auto", "pygit2", "git"]
-_STRATEGIES: tuple[str, ...] = ("merge", "squash", "ff-only")
-# How many clean merges "auto" times with both backends before it keeps the faster one.
-_CALIBRATION_MERGES = 3
-
-POOL_DIR = ".pool"
-GATE_DIR = ".gate"
-# The daemon's own bookkeeping next to the lease directories (see checkout_for_lease).
-STATE_DIR = ".state"
-BUILD_DIR = ".build"
-TRASH_DIR = ".trash"
-# Where the daemon imports each lease's reported branch (fetched from its repository).
-LEASE_REF_PREFIX = "refs/orchestrator/leases/"
-# Where a lease's branch is brought, unreported, for an early conflict warning.
-PEEK_REF_PREFIX = "refs/orchestrator/peek/"
-# The push URL of a lease repository's origin: no repository, so `git push` fails at once.
-PUSH_REFUSED_URL = "/dev/null/orchestrator-lease-repositories-cannot-push"
-# A git index bigger than this is no index an agent's checkout needs; it is not copied.
-MAX_INDEX_BYTES = 1 << 30
-
-# Variables that would point our git subprocesses at some other repository, index or
-# object store (they are set, for instance, when the daemon is started from a git hook).
-_GIT_LOCATION_ENV = (
-    "GIT_DIR",
-    "GIT_WORK_TREE",
-    "GIT_INDEX_FILE",
-    "GIT_OBJECT_DIRECTORY",
-    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
-    "GIT_COMMON_DIR",
-    "GIT_NAMESPACE",
-    "GIT_PREFIX",
-    "GIT_QUARANTINE_PATH",
-)
-
-# State an interrupted merge/rebase/cherry-pick/bisect leaves in a worktree's admin dir.
-# A reused worktree must start clean, and `git checkout -f` does not remove all of it
-# (rebase and bisect state survive), which would confuse the next agent.
-_IN_PROGRESS_STATE = (
-    "MERGE_HEAD",
-    "MERGE_MSG",
-    "MERGE_MODE",
-    "AUTO_MERGE",
-    "CHERRY_PICK_HEAD",
-    "REVERT_HEAD",
-    "SQUASH_MSG",
-    "rebase-merge",
-    "rebase-apply",
-    "sequencer",
-    "BISECT_START",
-    "BISECT_LOG",
-    "BISECT_EXPECTED_REV",
-    "BISECT_ANCESTORS_OK",
-    "BISECT_NAMES",
-    "BISECT_TERMS",
-    "BISECT_FIRST_PARENT",
-    "refs/bisect",
-)
-
-
-# No single git command the daemon runs should take this long, even on a huge checkout.
-GIT_TIMEOUT_S = 1800.0
-# For git reading a directory an agent can write: whatever it planted there (a FIFO that
-# appears between our sweep and git's open, say) holds the daemon's one git lane for at
-# most this long.
-UNTRUSTED_GIT_TIMEOUT_S = 120.0
-
-
-class GitError(RuntimeError):
-    """A git operation failed; the message says what went wrong and what to do."""
-
-
-class IntegrationTreeDirty(GitError):
-    """A working tree with the integration branch checked out has local changes.
-
-    Advancing the branch under it would leave it showing the new commit's changes
-    reversed, so nothing was changed.
-    """
-
-    def __init__(self, path: Path, changes: Sequence[str] = ()) -> None:
-        self.path = path
-        self.changes = tuple(changes)
-        shown = ", ".join(self.changes[:10])
-        if len(self.changes) > 10:
-            shown += f", ... ({len(self.changes)} in all)"
-        super().__init__(
-            f"the working tree at {path} has the integration branch checked out and "
-            f"local changes ({shown or 'unknown'}); the branch was not advanced. "
-            "Commit or stash those changes (or check out another branch there) and the "
-            "merge queue will continue."
-        )
-
-
-class IntegrationLocked(GitError):
-    """Another git process holds a lock the branch update needs (the branch's ref lock,
-    or the index lock of a checkout of the integration branch); nothing was changed.
-
-    Not a failure of the handoff: the merge waits until the lock is gone."""
-
-    def __init__(self, locks: Sequence[Path]) -> None:
-        self.locks = tuple(locks)
-        super().__init__(
-            "locked by another git process: "
-            + ", ".join(str(p) for p in self.locks)
-            + "; the merge waits until it finishes (if no git process is running there, "
-            "the lock is stale: delete the file)"
-        )
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    """Outcome of :meth:`Workspace.merge_candidate`."""
-
-    candidate: str | None
-    """sha of the candidate commit (on no branch); None on conflict or nothing to do."""
-    conflicts: tuple[str, ...]
-    """Conflicting paths, sorted; empty on success."""
-    base: str
-    """The integration tip the candidate was built on."""
-    detail: str = ""
-    """Why there is no candidate, e.g. ``already merged`` or ``not a fast-forward: ...``."""
-
-
-@dataclass(frozen=True)
-class _Checkout:
-    """A working tree reported by ``git worktree list``."""
-
-    path: Path
-    branch: str | None  # full ref name, None when detached
-    bare: bool
 
 
 class Workspace:
@@ -226,148 +99,80 @@ class Workspace:
         libgit2 rebuilds the whole tree from a flat index, so on big trees merge-ort is
         many times faster, while on small ones the in-process call saves a process spawn.
         """
-        if merge_backend not in ("auto", "pygit2", "git"):
-            raise ValueError(
-                f"merge_backend must be 'auto', 'pygit2' or 'git', not {merge_backend!r}"
-            )
-        self._merge_backend: MergeBackend = merge_backend
-        self._merge_seconds: dict[str, list[float]] = {"pygit2": [], "git": []}
-        self.repo_path = Path(repo_path).resolve()
-        try:
-            self._repo = pygit2.Repository(str(self.repo_path), RepositoryOpenFlag.NO_SEARCH)
-        except (pygit2.GitError, KeyError) as exc:
-            raise GitError(
-                f"{self.repo_path} is not a git repository ({exc}); set repository.path to "
-                "the repository's working tree or its .git directory"
-            ) from exc
-        self._common_dir = _common_dir(Path(self._repo.path))
-        self._admin_root = self._common_dir / "worktrees"
+        self._integration = IntegrationRepository(repo_path, integration_branch)
+        self._merger = Merger(self._integration, merge_backend)
+        self.repo_path = self._integration.repo_path
         self.integration_branch = integration_branch
-        if self.branch_tip(integration_branch) is None:
-            raise GitError(
-                f"the integration branch {integration_branch!r} does not exist in "
-                f"{self.repo_path}; create it (git branch {integration_branch} <commit>) or "
-                "set repository.integration_branch to an existing branch"
-            )
-        self.worktrees_dir = Path(worktrees_dir)
-        try:
-            self.worktrees_dir.mkdir(parents=True, exist_ok=True)
-            self.worktrees_dir = self.worktrees_dir.resolve()
-            for sub in (POOL_DIR, STATE_DIR, BUILD_DIR, TRASH_DIR):
-                (self.worktrees_dir / sub).mkdir(mode=0o755, exist_ok=True)
-        except OSError as exc:
-            raise GitError(
-                f"cannot create the worktrees directory {worktrees_dir}: {exc}; "
-                "make it writable by the daemon's user"
-            ) from exc
-        self._pool_dir = self.worktrees_dir / POOL_DIR
-        self._state_dir = self.worktrees_dir / STATE_DIR
-        self._build_dir = self.worktrees_dir / BUILD_DIR
-        self._trash_dir = self.worktrees_dir / TRASH_DIR
-        # State key -> (commit, branch) each lease or pool directory was last checked out
-        # at by this daemon: only its own memory, never read back from a directory.
-        self._checked_out: dict[str, tuple[str, str | None]] = {}
-        # State key -> the uid (not the daemon's) a directory was made writable for.
-        self._granted: dict[str, int] = {}
-        self._last_fetch_error = ""
-        # The identity people set on the integration repository (README: agents that
-        # commit need one) is given to each lease repository's config.
-        self._identity = _identity_section(self._repo)
-        self.gate_path = self.worktrees_dir / GATE_DIR
-        # Gate checkout -> its admin dir, as found when it was checked out: a gate or a
-        # setup command may rewrite the checkout's .git file, so it is not read again.
-        self._gate_admins: dict[Path, Path] = {}
+        self._leases = LeaseRepositories(self._integration, worktrees_dir)
+        self.worktrees_dir = self._leases.worktrees_dir
+        self._gates = GateCheckouts(self._integration, self.worktrees_dir)
+        self.gate_path = self._gates.gate_path
         self.recover()
 
     # ------------------------------------------------------------------ refs and commits
+    # (orchestrator.git.integration)
 
     @property
     def git_dir(self) -> Path:
         """The integration repository's (common) git dir: what agents fetch from and
         borrow objects of."""
-        return self._common_dir
+        return self._integration.git_dir
+
+    @property
+    def common_dir(self) -> Path:
+        """The integration repository's git dir (objects, refs): what gates must not write."""
+        return self._integration.common_dir
 
     def integration_tip(self) -> str:
         """The sha the integration branch points to."""
-        tip = self.branch_tip(self.integration_branch)
-        if tip is None:
-            raise GitError(
-                f"the integration branch {self.integration_branch!r} was deleted from "
-                f"{self.repo_path}; recreate it to let the merge queue continue"
-            )
-        return tip
+        return self._integration.integration_tip()
 
     def branch_tip(self, branch: str) -> str | None:
         """The sha ``refs/heads/<branch>`` points to, or None if there is no such branch."""
-        _check_branch_name(branch)
-        ref = self._repo.references.get(f"refs/heads/{branch}")
-        if ref is None:
-            return None
-        try:
-            return str(ref.resolve().target)
-        except (KeyError, pygit2.GitError):
-            return None
+        return self._integration.branch_tip(branch)
 
     def ensure_branch(self, branch: str, start: str) -> str:
-        """Create ``refs/heads/<branch>`` at ``start`` unless it exists; return its tip.
-
-        An existing branch is left where it is: it holds the commits of earlier attempts.
-        """
-        tip = self.branch_tip(branch)
-        if tip is not None:
-            return tip
-        commit = self._commit(start)
-        try:
-            self._repo.branches.local.create(branch, commit)
-        except pygit2.AlreadyExistsError:
-            pass  # created by someone else since we looked; theirs wins
-        except (pygit2.GitError, ValueError) as exc:
-            raise GitError(f"cannot create branch {branch!r} at {start!r}: {exc}") from exc
-        tip = self.branch_tip(branch)
-        if tip is None:
-            raise GitError(f"branch {branch!r} vanished right after it was created")
-        return tip
+        """Create ``refs/heads/<branch>`` at ``start`` unless it exists; return its tip."""
+        return self._integration.ensure_branch(branch, start)
 
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
         """True if ``ancestor`` is ``descendant`` or one of its ancestors."""
-        a = self._commit(ancestor).id
-        d = self._commit(descendant).id
-        return a == d or bool(self._repo.descendant_of(d, a))
+        return self._integration.is_ancestor(ancestor, descendant)
 
     def reachable(self, commits: Iterable[str], tip: str) -> set[str]:
-        """Those of ``commits`` (full ids) that ``tip`` contains, in one walk of history.
-
-        For many commits at once: asking :meth:`is_ancestor` of each costs a walk per
-        commit, so after months of merges a start-up would spend minutes on it."""
-        wanted = set(commits)
-        found: set[str] = set()
-        if not wanted:
-            return found
-        for commit in self._repo.walk(self._commit(tip).id, SortMode.NONE):
-            sha = str(commit.id)
-            if sha in wanted:
-                found.add(sha)
-                if len(found) == len(wanted):
-                    break
-        return found
+        """Those of ``commits`` (full ids) that ``tip`` contains, in one walk of history."""
+        return self._integration.reachable(commits, tip)
 
     def commits_between(
         self, base: str, head: str, *, limit: int | None = None
     ) -> list[tuple[str, str]]:
         """``(sha, subject)`` of commits reachable from ``head`` but not ``base``, newest first."""
-        head_id = self._commit(head).id
-        base_id = self._commit(base).id
-        walker = self._repo.walk(head_id, SortMode.TOPOLOGICAL | SortMode.TIME)
-        walker.hide(base_id)
-        out: list[tuple[str, str]] = []
-        for commit in walker:
-            if limit is not None and len(out) >= limit:
-                break
-            lines = commit.message.splitlines()
-            out.append((str(commit.id), lines[0] if lines else ""))
-        return out
+        return self._integration.commits_between(base, head, limit=limit)
+
+    def has_commit(self, rev: str) -> bool:
+        """Whether ``rev`` names a commit of the integration repository."""
+        return self._integration.has_commit(rev)
+
+    def tree_of(self, commit: str) -> str:
+        """The id of ``commit``'s tree: what a gate sees, whatever the commit's message."""
+        return self._integration.tree_of(commit)
+
+    def advance_integration(self, expected: str, new: str, message: str) -> bool:
+        """Move the integration branch from ``expected`` to ``new`` (compare-and-swap);
+        see :meth:`IntegrationRepository.advance_integration`."""
+        return self._integration.advance_integration(expected, new, message)
+
+    def integration_locks(self, checkouts: Sequence[Path] | None = None) -> list[Path]:
+        """Lock files that stop the integration branch (or a checkout of it) from moving."""
+        return self._integration.integration_locks(checkouts)
+
+    def finish_interrupted_update(self, old: str, new: str) -> list[Path]:
+        """Finish bringing checkouts of the integration branch from ``old`` to ``new``
+        after the daemon died between moving the branch and updating them."""
+        return self._integration.finish_interrupted_update(old, new)
 
     # ------------------------------------------------------------------ leased repositories
+    # (orchestrator.git.lease_repos)
 
     def checkout_for_lease(
         self,
@@ -379,261 +184,47 @@ class Workspace:
         warm_up: WorkspaceConfig | None = None,
     ) -> Path:
         """Return ``worktrees_dir/<name>``: a repository of its own with ``branch`` checked
-        out and nothing else in its working tree.
-
-        Its ``.git`` is a directory the daemon writes afresh for every lease: HEAD attached
-        to ``refs/heads/<branch>`` at the branch tip, ``origin/<integration branch>`` at
-        the integration tip, a remote ``origin`` to fetch newer tips from, and the
-        integration repository's objects borrowed through ``objects/info/alternates``
-        (read-only: git never writes into an alternate). Nothing the last holder of the
-        directory did to its ``.git`` (config, hooks, refs) survives.
-
-        A directory of that name is reused (a retry continues where the last attempt
-        stopped); otherwise an idle pooled directory is renamed into place; only when the
-        pool is empty is a fresh checkout made. Reuse rewrites only the files that differ,
-        using an index the daemon keeps for each directory (not the agent's). A directory
-        an agent broke (``.git`` not a directory, changed owner, modes) is discarded.
-
-        ``integration`` (default: the integration tip now) is the commit
-        ``origin/<integration branch>`` names there. ``owner_uid``: the uid that will
-        work there, when it is not the daemon's: it gets write access by POSIX ACLs (see
-        orchestrator.git.lease_access); a directory an earlier lease of another uid had
-        is not reused for it.
-
-        ``warm_up`` (``[workspace]``): its ``keep`` paths survive the clean while the
-        directory's recorded cache key is the one of ``branch``'s tip; see
-        :meth:`lease_warm_up`.
-        """
-        path = self._lease_path(name)
-        if branch == self.integration_branch:
-            raise GitError(
-                f"refusing to lease the integration branch {branch!r}: agents work on their "
-                "own branches and only the merge queue advances the integration branch"
-            )
-        tip = self.branch_tip(branch)
-        if tip is None:
-            raise GitError(
-                f"branch {branch!r} does not exist in {self.repo_path}; create it with "
-                "ensure_branch() before leasing a worktree for it"
-            )
-        holder = self._lease_holding(branch)
-        if holder is not None and holder != name:
-            raise GitError(
-                f"branch {branch!r} is already checked out for the lease {holder!r}; release "
-                "that one first"
-            )
-        key = _lease_key(name)
-        origin = integration if integration is not None else self.integration_tip()
-        uid = owner_uid if owner_uid is not None and owner_uid != os.geteuid() else None
-        reused = False
-        if os.path.lexists(path) and not self._intact(path):
-            self._discard(path, key)
-        if os.path.lexists(path):
-            reused = True
-            # An earlier attempt that never reported (its worker died, its lease
-            # expired) may have committed: that work continues, not from scratch.
-            tip = self._salvage(name, branch, tip)
-        else:
-            slot = self._take_pool_slot(tip, uid)
-            if slot is not None:
-                self._rename_slot(self._pool_dir / slot, _pool_key(slot), path, key)
-                reused = True
-        if not reused:
-            path.mkdir(mode=0o700)
-        spare: Sequence[str] = ()
-        # Kept and copied paths are never the agent's work: its `git add -A` skips them.
-        exclude = (*warm_up.keep, *warm_up.copy_files) if warm_up is not None else ()
-        if warm_up is not None and warm_up.keep:
-            if warm.read_stamp(self._state_dir / key) == warm.cache_key(self._repo, tip, warm_up):
-                spare = warm_up.keep
-            else:
-                warm.write_stamp(self._state_dir / key, None)
-        try:
-            self._populate(path, key, branch, tip, origin, uid, spare=spare, exclude=exclude)
-        except (GitError, OSError) as exc:
-            if not reused:
-                raise
-            # Whatever the agent did to it (unreadable files, odd modes, ACLs), a fresh
-            # directory is the way back.
-            log.info("lease_directory_replaced", path=str(path), error=str(exc))
-            self._discard(path, key)
-            path.mkdir(mode=0o700)
-            self._populate(path, key, branch, tip, origin, uid, exclude=exclude)
-        return path
+        out and nothing else in its working tree; see
+        :meth:`LeaseRepositories.checkout_for_lease`."""
+        return self._leases.checkout_for_lease(
+            name, branch, integration=integration, owner_uid=owner_uid, warm_up=warm_up
+        )
 
     def lease_warm_up(self, name: str, workspace: WorkspaceConfig) -> bool:
-        """Whether ``[workspace] setup`` must run in the lease directory ``name`` (just
-        checked out): its kept paths were not built for the key of what is checked out
-        there, or one is missing. The key is recorded now: the worker runs setup before
-        the agent (as the agent's uid, never the daemon), and removes the kept paths
-        when setup fails, so the next lease of the directory builds them again."""
-        key = _lease_key(name)
-        at = self._checked_out.get(key)
-        if at is None:
-            raise GitError(f"the lease directory {name!r} was not checked out by this daemon")
-        want = warm.cache_key(self._repo, at[0], workspace)
-        state = self._state_dir / key
-        path = self._lease_path(name)
-        needed = warm.read_stamp(state) != want or not all(
-            os.path.lexists(path / kept) for kept in workspace.keep
-        )
-        warm.write_stamp(state, want)
-        return needed
+        """Whether ``[workspace] setup`` must run in the lease directory ``name``."""
+        return self._leases.lease_warm_up(name, workspace)
 
     def release_worktree(self, name: str) -> None:
-        """Put the directory of the lease ``name`` back in the pool.
-
-        Nothing in it is touched (the next lease rebuilds its ``.git`` anyway); a broken
-        one is deleted instead. A missing directory is not an error.
-        """
-        path = self._lease_path(name)
-        key = _lease_key(name)
-        if not os.path.lexists(path):
-            self._drop_state(key)
-            return
-        if not self._intact(path):
-            self._discard(path, key)
-            return
-        slot = secrets.token_hex(6)
-        self._rename_slot(path, key, self._pool_dir / slot, _pool_key(slot))
-        self._empty_trash()
+        """Put the directory of the lease ``name`` back in the pool."""
+        self._leases.release_worktree(name)
 
     def warm_pool(self, size: int) -> int:
-        """Create idle directories (at the integration tip) until the pool holds ``size``.
-
-        Lets the daemon pay for full checkouts at startup instead of on the first leases.
-        Returns how many were created.
-        """
-        self.recover()
-        have = self.pool_size()
-        tip = self.integration_tip()
-        created = 0
-        while have + created < size:
-            slot = secrets.token_hex(6)
-            path = self._pool_dir / slot
-            path.mkdir(mode=0o700)
-            self._populate(path, _pool_key(slot), None, tip, tip)
-            created += 1
-        return created
+        """Create idle directories (at the integration tip) until the pool holds ``size``;
+        returns how many were created."""
+        self._gates.recover()
+        return self._leases.warm_pool(size)
 
     def pool_size(self) -> int:
         """How many idle directories the pool holds."""
-        return len(_listdir(self._pool_dir))
-
-    def _salvage(self, name: str, branch: str, tip: str) -> str:
-        """Take the commits an unreported attempt left on ``branch`` in the lease
-        directory ``name`` (fetched as a report's are, see :meth:`import_lease_head`).
-        Our branch moves to them only if they build on it; returns its tip."""
-        path = self._lease_path(name)
-        if not self._intact(path) or not is_plain_dir(path / ".git"):
-            return tip
-        ref = f"{LEASE_REF_PREFIX}{name}"
-        fetched = self._fetch_lease_branch(path, branch, ref)
-        got = self._repo.references.get(ref) if fetched else None
-        if got is None:
-            return tip
-        left = str(got.target)
-        if left == tip or not self.is_ancestor(tip, left):
-            return tip
-        log.info("unreported_commits_kept", lease=name, branch=branch, old=tip, new=left)
-        self._repo.references.create(f"refs/heads/{branch}", got.target, force=True)
-        return left
-
-    def _fetch_lease_branch(self, path: Path, branch: str, ref: str) -> bool:
-        # git looks for <url>/.git before <url> itself: a .git/.git the agent made would
-        # send the fetch to a repository of its choosing.
-        if os.path.lexists(path / ".git" / ".git"):
-            self._last_fetch_error = f"{path / '.git' / '.git'} exists; remove it"
-            return False
-        # A FIFO where upload-pack reads (packed-refs, a ref) would block the fetch.
-        removed = remove_special_files(path / ".git")
-        if removed:
-            log.warning("lease_special_files_removed", path=str(path), files=removed[:10])
-        result = self._git(
-            "fetch",
-            "--quiet",
-            "--no-tags",
-            "--no-recurse-submodules",
-            "--no-write-fetch-head",
-            "--no-auto-gc",
-            str(path / ".git"),
-            f"+refs/heads/{branch}:{ref}",
-            cwd=self.repo_path,
-            check=False,
-            untrusted=True,
-        )
-        self._last_fetch_error = result.stderr.strip()
-        return result.returncode == 0
+        return self._leases.pool_size()
 
     def peek_lease_head(self, name: str, branch: str, head: str) -> bool:
-        """Make ``head``, a lease's current tip it has not reported, mergeable here for an
-        early conflict warning: fetched from the lease repository (as a report's head is,
-        running nothing it configures) into ``refs/orchestrator/peek/<name>``. True when
-        our repository then has ``head``."""
-        if self.has_commit(head):
-            return True
-        _check_branch_name(branch)
-        path = self._lease_path(name)
-        if not self._intact(path):
-            return False
-        if not self._fetch_lease_branch(path, branch, f"{PEEK_REF_PREFIX}{name}"):
-            return False
-        return self.has_commit(head)
-
-    def has_commit(self, rev: str) -> bool:
-        """Whether ``rev`` names a commit of the integration repository."""
-        try:
-            self._commit(rev)
-        except GitError:
-            return False
-        return True
+        """Make ``head``, a lease's unreported tip, mergeable here for an early conflict
+        warning; True when our repository then has ``head``."""
+        return self._leases.peek_lease_head(name, branch, head)
 
     def import_lease_head(
         self, name: str, branch: str, head: str, *, untracked_ok: Sequence[str] = ()
     ) -> str:
-        """Take the reported ``head`` from the lease repository ``name`` into ours.
+        """Take the reported ``head`` from the lease repository ``name`` into ours; returns
+        why the report does not match, or "" when it does."""
+        return self._leases.import_lease_head(name, branch, head, untracked_ok=untracked_ok)
 
-        ``refs/heads/<branch>`` of the lease repository is fetched (by our repository,
-        with our configuration: nothing the lease repository configures runs) into
-        ``refs/orchestrator/leases/<name>``; it must be ``head``, and the lease's working
-        tree must have no uncommitted changes. Then our ``refs/heads/<branch>`` is moved to
-        ``head``: it is where the next attempt starts. Returns why the report does not
-        match, or "" when it does. ``untracked_ok``: paths (``[workspace] keep`` and
-        ``copy_files``) whose files do not count as uncommitted changes.
-        """
-        path = self._lease_path(name)
-        _check_branch_name(branch)
-        if not self._intact(path):
-            return (
-                f"the lease's repository {path} is broken (its .git is not a directory the "
-                "daemon made); the next attempt gets a fresh one"
-            )
-        ref = f"{LEASE_REF_PREFIX}{name}"
-        if not self._fetch_lease_branch(path, branch, ref):
-            return (
-                f"could not take {branch} from the lease's repository: "
-                f"{self._last_fetch_error[:300] or 'git fetch failed'}; commit your work on "
-                f"{branch} there and report its tip"
-            )
-        got = self._repo.references.get(ref)
-        tip = str(got.target) if got is not None else ""
-        if tip != head:
-            return (
-                f"head {head[:12]} is not the tip of {branch} ({tip[:12]}); "
-                "commit your work on the branch and report its tip"
-            )
-        try:
-            dirty = self._lease_dirty(path, head, untracked_ok)
-        except GitError as exc:
-            return f"could not read the lease's working tree: {exc}"
-        if dirty:
-            shown = ", ".join(dirty[:10]) + (" ..." if len(dirty) > 10 else "")
-            return f"the worktree has uncommitted changes ({shown}); commit or remove them"
-        try:
-            self._repo.references.create(f"refs/heads/{branch}", pygit2.Oid(hex=head), force=True)
-        except (pygit2.GitError, ValueError) as exc:
-            raise GitError(f"cannot move {branch} to {head}: {exc}") from exc
-        return ""
+    def lease_worktree_names(self) -> list[str]:
+        """Names of the worktrees currently laid out for leases (``worktrees_dir/<name>``)."""
+        return self._leases.lease_worktree_names()
+
+    # ------------------------------------------------------------------ any checkout
 
     def dirty_paths(self, path: Path) -> list[str]:
         """Uncommitted changes in the working tree at ``path``: modified, staged, untracked.
@@ -645,7 +236,7 @@ class Workspace:
         path = Path(path)
         if not os.path.lexists(path / ".git"):
             raise GitError(f"{path} is not a git working tree (it has no .git)")
-        out = self._git(
+        out = run_git(
             "status",
             "--porcelain=v1",
             "-z",
@@ -653,7 +244,7 @@ class Workspace:
             "--no-renames",
             "--ignore-submodules=all",
             cwd=path,
-            optional_locks=self._owns(path),
+            optional_locks=is_inside(self.worktrees_dir, path),
             untrusted=True,
         ).stdout
         return sorted({entry[3:] for entry in out.split("\0") if len(entry) > 3})
@@ -674,272 +265,8 @@ class Workspace:
         finally:
             repo.free()
 
-    # Lease-repository internals. Layout: worktrees_dir/<name>/ and .pool/<id>/ are
-    # directories agents (may) write; .state/ (the daemon's index of each directory,
-    # and the commit and branch it was handed out at), .build/ (git dirs being made)
-    # and .trash/ are the daemon's own.
-
-    def _intact(self, path: Path) -> bool:
-        """``path`` is still a directory the daemon can reuse: a real directory it owns
-        with full access, holding a real ``.git`` directory (not a file or symlink)."""
-        try:
-            info = os.lstat(path)
-        except OSError:
-            return False
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-            return False
-        if info.st_mode & 0o700 != 0o700:
-            return False
-        return is_plain_dir(path / ".git") or not os.path.lexists(path / ".git")
-
-    def _populate(
-        self,
-        path: Path,
-        key: str,
-        branch: str | None,
-        tip: str,
-        integration: str,
-        uid: int | None = None,
-        *,
-        spare: Sequence[str] = (),
-        exclude: Sequence[str] = (),
-    ) -> None:
-        """Check ``tip`` out in ``path`` with a ``.git`` made from scratch; ``uid`` (not
-        the daemon's) gets write access to all of it; ``spare``: kept paths the clean
-        leaves alone."""
-        granted = self._granted.get(key)
-        if granted is not None and granted != uid:
-            # Files the earlier uid created are its own: only a new directory is clean.
-            raise GitError(f"{path} was handed to uid {granted}; a new one is made for {uid}")
-        if uid is not None and granted is None:
-            # Inherited (default ACL) by every file git writes from now on; what is there
-            # already (a reused directory the daemon knows nothing of) gets it too.
-            try:
-                lease_access.grant(path, uid)
-            except lease_access.ForeignFiles as exc:
-                raise GitError(f"{exc}; a new directory is made for uid {uid}") from exc
-            self._granted[key] = uid
-        build = Path(tempfile.mkdtemp(prefix="git-", dir=self._build_dir))
-        try:
-            self._write_git_dir(build, branch, tip, integration, exclude)
-            state = self._state_dir / key
-            state.mkdir(exist_ok=True)
-            index = state / "index"
-            # The git dir is ours and named explicitly, and the index is the daemon's own
-            # copy, so git reads no config, hook or index the agent wrote; .git entries in
-            # the work tree are never touched. checkout -f (not read-tree, which keeps
-            # stale stat data and so rehashes every file the next time) rewrites what
-            # differs or was touched; no reflog is worth the writes here.
-            target = [branch] if branch else ["--detach", tip]
-            self._lease_git(
-                build,
-                path,
-                "-c",
-                "core.logAllRefUpdates=false",
-                "checkout",
-                "-f",
-                "-q",
-                *target,
-                "--",
-                index=index,
-            )
-            self._lease_git(
-                build, path, "clean", "-ffdxq", *warm.clean_excludes(spare), index=index
-            )
-            shutil.copyfile(index, build / "index")
-            if uid is not None:
-                lease_access.grant(build, uid)
-            self._checked_out[key] = (tip, branch)
-            dir_fd = open_dir_nofollow(path)
-            try:
-                if os.path.lexists(path / ".git"):
-                    os.rename(".git", self._trash_dir / build.name, src_dir_fd=dir_fd)
-                os.rename(build, ".git", dst_dir_fd=dir_fd)
-            finally:
-                os.close(dir_fd)
-        except BaseException:
-            shutil.rmtree(build, ignore_errors=True)
-            raise
-        # The old .git waits in the trash: deleting it (the agent's objects too) is left
-        # to release_worktree and recover, off the path of a lease being granted.
-
-    def _write_git_dir(
-        self,
-        build: Path,
-        branch: str | None,
-        tip: str,
-        integration: str,
-        exclude: Sequence[str] = (),
-    ) -> None:
-        integ = self.integration_branch
-        objects = self._common_dir / "objects"
-        # As few entries as git needs (each costs a syscall now and one when it is
-        # thrown away): git makes the rest on demand.
-        for sub in ("objects/info", "refs"):
-            (build / sub).mkdir(parents=True, exist_ok=True)
-        head = f"ref: refs/heads/{branch}\n" if branch else f"{tip}\n"
-        refs = {f"refs/remotes/origin/{integ}": integration}
-        if branch:
-            refs[f"refs/heads/{branch}"] = tip
-        packed = "# pack-refs with: peeled fully-peeled sorted \n" + "".join(
-            f"{sha} {ref}\n" for ref, sha in sorted(refs.items())
-        )
-        # pushurl: a plain `git push` fails at once with a clear message; the real
-        # guarantee is that the agent's uid cannot write the integration repository.
-        config = (
-            "[core]\n\trepositoryformatversion = 0\n\tfilemode = true\n\tbare = false\n"
-            "\tlogallrefupdates = true\n"
-            '[remote "origin"]\n'
-            f"\turl = {self._common_dir}\n"
-            f"\tfetch = +refs/heads/{integ}:refs/remotes/origin/{integ}\n"
-            f"\tpushurl = {PUSH_REFUSED_URL}\n"
-            f"{self._identity}"
-        )
-        files = {
-            "HEAD": head,
-            "config": config,
-            "packed-refs": packed,
-            "objects/info/alternates": f"{objects}\n",
-        }
-        if exclude:
-            (build / "info").mkdir(exist_ok=True)
-            files["info/exclude"] = "".join(f"/{p}\n" for p in exclude)
-        for rel, text in files.items():
-            (build / rel).write_text(text, encoding="utf-8")
-
-    def _lease_dirty(self, path: Path, head: str, untracked_ok: Sequence[str] = ()) -> list[str]:
-        """Uncommitted changes in the lease at ``path`` against ``head``, read with a
-        git dir of ours and a copy of the agent's index (its stat data saves rehashing
-        every file); the agent's config, hooks and fsmonitor play no part. FIFOs, sockets
-        and devices in it go first (git cannot commit them, and one named .gitignore would
-        block git's read of it)."""
-        removed = remove_special_files(path)
-        if removed:
-            log.warning("lease_special_files_removed", path=str(path), files=removed[:10])
-        build = Path(tempfile.mkdtemp(prefix="status-", dir=self._build_dir))
-        try:
-            self._write_git_dir(build, None, head, head)
-            index: bytes | None = None
-            with contextlib.suppress(OSError):
-                dir_fd = open_dir_nofollow(path)
-                try:
-                    git_fd = open_dir_nofollow(".git", dir_fd)
-                    try:
-                        index = read_regular_nofollow(git_fd, "index", MAX_INDEX_BYTES)
-                    finally:
-                        os.close(git_fd)
-                finally:
-                    os.close(dir_fd)
-            if index is not None:
-                (build / "index").write_bytes(index)
-            else:
-                self._lease_git(build, path, "read-tree", head)
-            out = self._lease_git(
-                build,
-                path,
-                "status",
-                "--porcelain=v1",
-                "-z",
-                "--untracked-files=all",
-                "--no-renames",
-                "--ignore-submodules=all",
-                "--",
-                ":(top)",
-                *(f":(top,exclude){p}" for p in untracked_ok),
-            ).stdout
-        finally:
-            shutil.rmtree(build, ignore_errors=True)
-        return sorted({entry[3:] for entry in out.split("\0") if len(entry) > 3})
-
-    def _lease_git(
-        self, git_dir: Path, work_tree: Path, *args: str, index: Path | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return self._git(
-            f"--git-dir={git_dir}",
-            f"--work-tree={work_tree}",
-            *args,
-            cwd=git_dir,
-            untrusted=True,
-            index=index,
-        )
-
-    def _lease_holding(self, branch: str) -> str | None:
-        """The lease directory this daemon checked ``branch`` out in, if it is still there."""
-        for key, (_, held) in self._checked_out.items():
-            if held == branch and key.startswith("L-"):
-                if os.path.lexists(self.worktrees_dir / key[2:]):
-                    return key[2:]
-        return None
-
-    def _take_pool_slot(self, want: str | None, uid: int | None = None) -> str | None:
-        """An idle directory: one already at ``want`` if any, else the latest released.
-
-        The latest released one is most likely close to the current integration tip, and
-        its files are the likeliest to still be in the page cache. (What each is at is
-        known for those released since the daemon started; the others rank by age.)
-        """
-        best: tuple[bool, bool, float, str] | None = None
-        for slot in _listdir(self._pool_dir):
-            path = self._pool_dir / slot
-            if not self._intact(path):
-                self._discard(path, _pool_key(slot))
-                continue
-            at = self._checked_out.get(_pool_key(slot))
-            try:
-                released = os.stat(self._state_dir / _pool_key(slot)).st_mtime
-            except OSError:
-                released = 0.0
-            # A directory made writable for another uid would only be discarded.
-            same_uid = self._granted.get(_pool_key(slot)) == uid
-            rank = (same_uid, at is not None and at[0] == want, released, slot)
-            if best is None or rank > best:
-                best = rank
-        return best[3] if best is not None else None
-
-    def _rename_slot(self, src: Path, src_key: str, dst: Path, dst_key: str) -> None:
-        # The directory first: a crash after it leaves the index under the old key, and
-        # the next checkout of dst is a full one (correct, only slower).
-        os.rename(src, dst)
-        self._drop_state(dst_key)
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(self._state_dir / src_key, self._state_dir / dst_key)
-        at = self._checked_out.pop(src_key, None)
-        if at is not None:
-            self._checked_out[dst_key] = at
-        uid = self._granted.pop(src_key, None)
-        if uid is not None:
-            self._granted[dst_key] = uid
-
-    def _drop_state(self, key: str) -> None:
-        self._checked_out.pop(key, None)
-        self._granted.pop(key, None)
-        shutil.rmtree(self._state_dir / key, ignore_errors=True)
-
-    def _discard(self, path: Path, key: str) -> None:
-        """Delete a lease or pool directory, never following anything in it."""
-        log.info("lease_directory_discarded", path=str(path))
-        self._drop_state(key)
-        if not os.path.lexists(path):
-            return
-        # Renamed out of the way first, so a half-deleted directory never looks usable.
-        doomed = self._trash_dir / f"{path.name}-{secrets.token_hex(4)}"
-        os.rename(path, doomed)
-        self._empty_trash()
-
-    def _empty_trash(self) -> None:
-        for entry in _listdir(self._trash_dir):
-            target = self._trash_dir / entry
-            try:
-                if target.is_symlink() or not target.is_dir():
-                    target.unlink(missing_ok=True)
-                else:
-                    shutil.rmtree(target, onerror=_make_writable_and_retry)
-            except OSError as exc:
-                # e.g. an agent of another uid made a directory of its own unwritable:
-                # it is out of the way here, and nothing waits for it.
-                log.warning("trash_not_emptied", path=str(target), error=str(exc))
-
     # ------------------------------------------------------------------ merging
+    # (orchestrator.git.merging)
 
     def merge_candidate(
         self,
@@ -952,380 +279,58 @@ class Workspace:
         head: str | None = None,
         onto: str | None = None,
     ) -> MergeResult:
-        """Build the commit that merging ``branch`` would produce, without any checkout.
-
-        ``head`` (a commit on the branch, e.g. the one a report named) is merged instead of
-        the branch tip when given, so commits nobody reported can never slip in. ``onto``
-        (a candidate ahead in the queue) replaces the integration tip as the base, for
-        speculative gating.
-
-        The candidate sits on top of the current integration tip and is on no branch;
-        :meth:`advance_integration` publishes it once the gates pass.
-
-        * ``merge``: a merge commit with parents ``[tip, branch tip]``;
-        * ``squash``: one commit with parent ``[tip]`` holding the merged tree;
-        * ``ff-only``: the branch tip itself, if it contains the integration tip.
-
-        A branch already contained in the tip (or, for ``squash``, whose changes all are)
-        gives no candidate and detail ``already merged``; conflicts give no candidate and
-        the conflicting paths; ``ff-only`` on a diverged branch and unrelated histories
-        give no candidate, no paths, and the reason in ``detail``.
-        """
-        if strategy not in _STRATEGIES:
-            raise ValueError(f"unknown merge strategy {strategy!r}; use one of {_STRATEGIES}")
-        base = onto if onto is not None else self.integration_tip()
-        theirs = head if head is not None else self.branch_tip(branch)
-        if theirs is None:
-            raise GitError(f"branch {branch!r} does not exist; nothing to merge")
-        if head is not None and not isinstance(self._repo.get(head), pygit2.Commit):
-            raise GitError(f"commit {head} of {branch!r} is missing from the repository")
-        base_id = pygit2.Oid(hex=base)
-        theirs_id = pygit2.Oid(hex=theirs)
-        if theirs == base or self._repo.descendant_of(base_id, theirs_id):
-            return MergeResult(None, (), base, "already merged")
-        if strategy == "ff-only":
-            if self._repo.descendant_of(theirs_id, base_id):
-                return MergeResult(theirs, (), base)
-            return MergeResult(
-                None,
-                (),
-                base,
-                f"not a fast-forward: {branch} ({theirs[:12]}) does not contain "
-                f"{self.integration_branch} ({base[:12]}); rebase it onto "
-                f"{self.integration_branch}",
-            )
-        # pygit2 returns None here (its stub says Oid) when there is no common commit.
-        merge_base: pygit2.Oid | None = self._repo.merge_base(base_id, theirs_id)
-        if merge_base is None:
-            return MergeResult(
-                None,
-                (),
-                base,
-                f"unrelated histories: {branch} shares no commit with {self.integration_branch}",
-            )
-        tree, conflicts = self._merge_trees(base_id, theirs_id)
-        if conflicts:
-            detail = conflict_detail(self.integration_branch, base, conflicts)
-            return MergeResult(None, conflicts, base, detail)
-        assert tree is not None
-        base_commit = self._commit(base)
-        if strategy == "squash" and tree == base_commit.tree_id:
-            # Its changes are all on the integration branch already (e.g. cherry-picked);
-            # an empty squash commit would only add noise.
-            return MergeResult(None, (), base, "already merged")
-        parents = [base_id, theirs_id] if strategy == "merge" else [base_id]
-        sig = pygit2.Signature(author_name, author_email)
-        if not message.endswith("\n"):
-            message += "\n"
-        candidate = self._repo.create_commit(None, sig, sig, message, tree, parents)
-        return MergeResult(str(candidate), (), base)
-
-    def advance_integration(self, expected: str, new: str, message: str) -> bool:
-        """Move the integration branch from ``expected`` to ``new`` (compare-and-swap).
-
-        Returns False, changing nothing, if the branch no longer points at ``expected``.
-        Working trees that have the branch checked out are kept in step, as git's
-        ``receive.denyCurrentBranch=updateInstead`` does: if one has local changes (or
-        untracked files the update would overwrite) :class:`IntegrationTreeDirty` is raised
-        and nothing changes; otherwise it is moved to ``new`` after the branch.
-        """
-        new_id = str(self._commit(new).id)
-        if self.branch_tip(self.integration_branch) != expected:
-            return False
-        ref = f"refs/heads/{self.integration_branch}"
-        checkouts = [c.path for c in self._checkouts() if c.branch == ref and not c.bare]
-        # Checked before anything moves: with the ref lock held update-ref would fail (and
-        # the handoff with it), with an index lock held the branch would move but its
-        # checkout could not follow, and then look dirty.
-        locks = self.integration_locks(checkouts)
-        if locks:
-            raise IntegrationLocked(locks)
-        for tree in checkouts:
-            changes = self._blocking_changes(tree, expected, new_id)
-            if changes:
-                raise IntegrationTreeDirty(tree, changes)
-        result = self._git(
-            "update-ref", "-m", message, ref, new_id, expected, cwd=self.repo_path, check=False
+        """Build the commit that merging ``branch`` would produce, without any checkout;
+        see :meth:`Merger.merge_candidate`."""
+        return self._merger.merge_candidate(
+            branch,
+            strategy=strategy,
+            message=message,
+            author_name=author_name,
+            author_email=author_email,
+            head=head,
+            onto=onto,
         )
-        if result.returncode != 0:
-            if self.branch_tip(self.integration_branch) != expected:
-                return False
-            raise GitError(
-                f"could not move {ref} from {expected[:12]} to {new_id[:12]}: "
-                f"{result.stderr.strip()}; if a stale {ref}.lock is left in "
-                f"{self._common_dir} by a killed git process, remove it"
-            )
-        for tree in checkouts:
-            # The same two-tree update updateInstead uses: it refuses, instead of
-            # overwriting, anything the user touched since the check above.
-            done = self._git("read-tree", "-m", "-u", expected, new_id, cwd=tree, check=False)
-            if done.returncode != 0:
-                log.warning(
-                    "integration_checkout_not_updated",
-                    branch=self.integration_branch,
-                    commit=new_id,
-                    checkout=str(tree),
-                    error=done.stderr.strip(),
-                    remedy=f"run `git reset --keep {new_id}` there",
-                )
-        return True
-
-    def integration_locks(self, checkouts: Sequence[Path] | None = None) -> list[Path]:
-        """Lock files that stop the integration branch (or a checkout of it) from moving.
-
-        They may belong to a live git process (a person's ``git commit``) or be stale,
-        left by a killed one: the daemon cannot tell, so it never deletes them."""
-        if checkouts is None:
-            ref = f"refs/heads/{self.integration_branch}"
-            checkouts = [c.path for c in self._checkouts() if c.branch == ref and not c.bare]
-        candidates = [self._common_dir / "refs" / "heads" / f"{self.integration_branch}.lock"]
-        for tree in checkouts:
-            git_dir = self._git_dir_of(tree)
-            if git_dir is not None:
-                candidates.append(git_dir / "index.lock")
-        return [p for p in candidates if os.path.lexists(p)]
-
-    def _git_dir_of(self, tree: Path) -> Path | None:
-        dotgit = tree / ".git"
-        if dotgit.is_dir():
-            return dotgit
-        try:
-            text = dotgit.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            return None
-        if not text.startswith("gitdir:"):
-            return None
-        target = Path(text[len("gitdir:") :].strip())
-        return target if target.is_absolute() else tree / target
-
-    def lease_worktree_names(self) -> list[str]:
-        """Names of the worktrees currently laid out for leases (``worktrees_dir/<name>``)."""
-        return sorted(e for e in _listdir(self.worktrees_dir) if not e.startswith("."))
-
-    def clear_idle_locks(self) -> list[Path]:
-        """Delete ``index.lock``/``HEAD.lock`` in the daemon's idle gate checkouts;
-        returns what was deleted.
-
-        Only the daemon runs git there, one call at a time, and this runs at start-up
-        before any: such a lock was left by a git process killed with the daemon. Pooled
-        lease directories need nothing: each gets a new ``.git`` when it is leased."""
-        removed: list[Path] = []
-        paths = [
-            self.worktrees_dir / e for e in _listdir(self.worktrees_dir) if e.startswith(GATE_DIR)
-        ]
-        for path in paths:
-            admin = self._adopt(path)
-            if admin is not None:
-                removed += self._clear_locks(admin)
-        return removed
-
-    def finish_interrupted_update(self, old: str, new: str) -> list[Path]:
-        """Finish bringing checkouts of the integration branch from ``old`` to ``new`` after
-        the daemon died between moving the branch and updating them.
-
-        Such a checkout looks dirty (its files are still ``old``'s), which would block
-        merging for good. Only a checkout whose index is still exactly ``old``'s tree is
-        touched, with the same two-tree update as :meth:`advance_integration`, which
-        refuses to overwrite anything a person changed; anything else is left alone.
-        """
-        ref = f"refs/heads/{self.integration_branch}"
-        old_tree = str(self._commit(old).tree_id)
-        new_id = str(self._commit(new).id)
-        fixed = []
-        for checkout in self._checkouts():
-            if checkout.branch != ref or checkout.bare:
-                continue
-            index = self._git("write-tree", cwd=checkout.path, check=False)
-            if index.returncode != 0 or index.stdout.strip() != old_tree:
-                continue
-            done = self._git("read-tree", "-m", "-u", old, new_id, cwd=checkout.path, check=False)
-            if done.returncode == 0:
-                fixed.append(checkout.path)
-        return fixed
-
-    # ------------------------------------------------------------------ gate worktree
 
     def conflicting_paths(self, ours: str, theirs: str) -> tuple[str, ...]:
-        """The paths a three-way merge of ``theirs`` into ``ours`` would conflict in, by
-        an in-memory merge that writes nothing; empty when it merges cleanly or the two
-        share no history. :class:`GitError` when either commit is missing."""
-        ours_id, theirs_id = self._commit(ours).id, self._commit(theirs).id
-        if self._repo.merge_base(ours_id, theirs_id) is None:
-            return ()
-        conflicts = self._repo.merge_commits(ours_id, theirs_id).conflicts
-        if conflicts is None:
-            return ()
-        paths: set[str] = set()
-        for entries in conflicts:
-            paths.update(e.path for e in entries if e is not None)
-        return tuple(sorted(paths))
-
-    def tree_of(self, commit: str) -> str:
-        """The id of ``commit``'s tree: what a gate sees, whatever the commit's message."""
-        return str(self._commit(commit).tree_id)
+        """The paths a three-way merge of ``theirs`` into ``ours`` would conflict in."""
+        return self._merger.conflicting_paths(ours, theirs)
 
     @property
-    def common_dir(self) -> Path:
-        """The integration repository's git dir (objects, refs): what gates must not write."""
-        return self._common_dir
+    def merge_backend(self) -> MergeBackend:
+        """The backend merges use: ``auto`` until calibration has picked one."""
+        return self._merger.merge_backend
+
+    # ------------------------------------------------------------------ gate worktree
+    # (orchestrator.git.gate_checkouts)
 
     def gate_checkout(
         self, commit: str, *, slot: int = 0, keep: Sequence[str] = (), key: str | None = None
     ) -> Path:
-        """Return the gate worktree, detached at ``commit`` with exactly its files.
-
-        Created once, then moved by diff; untracked and ignored files are removed so build
-        leftovers of an earlier gate run cannot leak into this one. ``slot`` > 0 selects
-        another gate worktree (``.gate-<slot>``), for gating speculative candidates in
-        parallel. ``keep`` (``[workspace] keep``) spares those paths, but only while
-        ``key`` is the one they were built for (:mod:`orchestrator.git.warm`); otherwise
-        everything goes and the recorded key is forgotten.
-        """
-        if slot < 0:
-            raise ValueError(f"gate slot must be >= 0, not {slot}")
-        sha = str(self._commit(commit).id)
-        path = self.gate_path if slot == 0 else self.worktrees_dir / f"{GATE_DIR}-{slot}"
-        admin = self._adopt_or_discard(path)
-        if admin is None:
-            self.recover()
-            return self._fresh_gate_checkout(path, sha)
-        self._gate_admins[path] = admin
-        self._clear_stale_state(admin)
-        # A gate may leave a FIFO (or socket, or device) where git reads, such as a
-        # .gitattributes: git would block on it forever, holding the daemon's git lane.
-        # Plain code removes them before git looks at the checkout.
-        removed = remove_special_files(path)
-        if removed:
-            log.warning("gate_special_files_removed", path=str(path), files=removed[:10])
-        # A gate runs the agents' code: it may have marked tracked files skip-worktree or
-        # assume-unchanged (so checkout leaves its rewritten copies alone) or turned on
-        # sparse checkout. Clear every such flag before checking out, then prove the result.
-        flagged = self._index_flagged(path, admin)
-        # One flag per call: update-index applies only the last of several such options.
-        for option in ("--no-skip-worktree", "--no-assume-unchanged"):
-            for start in range(0, len(flagged), 500):
-                batch = flagged[start : start + 500]
-                self._gate_git(path, admin, "update-index", option, "--", *batch)
-        self._gate_git(path, admin, "checkout", "-f", "-q", "--detach", sha, "--")
-        spared: Sequence[str] = ()
-        if keep and key is not None and warm.read_stamp(admin) == key:
-            spared = keep
-        else:
-            warm.write_stamp(admin, None)
-        self._gate_git(path, admin, "clean", "-ffdxq", *warm.clean_excludes(spared))
-        problem = self._gate_differs(path, admin, sha, spared)
-        if problem is None:
-            return path
-        # Whatever the last gate did to this checkout, a fresh one starts from git alone.
-        log.warning("gate_checkout_replaced", path=str(path), commit=sha, reason=problem)
-        self._remove_tree(path)
-        self._prune_registrations()
-        return self._fresh_gate_checkout(path, sha)
-
-    def _fresh_gate_checkout(self, path: Path, sha: str) -> Path:
-        """A new gate worktree at ``path``, detached at ``sha``, no kept paths, verified."""
-        self._git("worktree", "add", "-q", "--detach", str(path), sha, cwd=self.repo_path)
-        admin = self._adopt(path)
-        if admin is None:
-            raise GitError(f"git worktree add did not register {path}")
-        warm.write_stamp(admin, None)
-        self._gate_admins[path] = admin
-        return self._gate_verified(path, admin, sha)
-
-    def _gate_verified(self, path: Path, admin: Path, sha: str) -> Path:
-        problem = self._gate_differs(path, admin, sha)
-        if problem is not None:
-            raise GitError(
-                f"refusing to gate {sha[:12]}: the gate checkout {path} is not exactly that "
-                f"commit even when freshly made ({problem}); check the repository's "
-                "filters and attributes (.gitattributes, git config filter.*)"
-            )
-        return path
-
-    # Config that decides which files git looks at. The agents' code a gate runs can set it
-    # in the gate worktree's git dir; the daemon's own checks must see every file anyway.
-    _GATE_GIT_CONFIG = (
-        "core.sparseCheckout=false",
-        "core.sparseCheckoutCone=false",
-        "core.fsmonitor=false",
-        "core.untrackedCache=false",
-        "core.splitIndex=false",
-        "index.sparse=false",
-        "status.showUntrackedFiles=all",
-    )
-
-    def _gate_git(self, path: Path, admin: Path, *args: str) -> subprocess.CompletedProcess[str]:
-        overrides = [part for item in self._GATE_GIT_CONFIG for part in ("-c", item)]
-        return self._wt_git(path, admin, *overrides, *args)
-
-    def _index_flagged(self, path: Path, admin: Path) -> list[str]:
-        """Paths of the gate worktree's index marked skip-worktree or assume-unchanged."""
-        out = self._gate_git(path, admin, "ls-files", "-z", "-v").stdout
-        flagged = []
-        for entry in out.split("\0"):
-            if len(entry) < 3:
-                continue
-            tag, name = entry[0], entry[2:]
-            # ls-files -v: "S" skip-worktree, lowercase letters assume-unchanged.
-            if tag == "S" or tag.islower():
-                flagged.append(name)
-        return flagged
-
-    def _gate_differs(
-        self, path: Path, admin: Path, sha: str, spared: Sequence[str] = ()
-    ) -> str | None:
-        """Why the gate worktree is not exactly ``sha``'s tree (``spared``, the kept paths
-        of ``[workspace] keep``, aside), or None when it is."""
-        want_tree = str(self._commit(sha).tree_id)
-        head = self._gate_git(path, admin, "rev-parse", "--verify", "HEAD").stdout.strip()
-        if head != sha:
-            return f"HEAD is {head[:12]}, not {sha[:12]}"
-        flagged = self._index_flagged(path, admin)
-        if flagged:
-            return f"{len(flagged)} path(s) still flagged in the index, e.g. {flagged[0]!r}"
-        tree = self._gate_git(path, admin, "write-tree").stdout.strip()
-        if tree != want_tree:
-            return f"its index holds tree {tree[:12]}, not the commit's {want_tree[:12]}"
-        status = self._gate_git(
-            path,
-            admin,
-            "status",
-            "--porcelain=v1",
-            "-z",
-            "--ignored",
-            "--untracked-files=all",
-            "--",
-            ":(top)",
-            *(f":(top,exclude){kept}" for kept in spared),
-        ).stdout
-        changes = [item for item in status.split("\0") if item]
-        if changes:
-            return f"{len(changes)} path(s) differ from the commit, e.g. {changes[0]!r}"
-        return None
+        """Return the gate worktree, detached at ``commit`` with exactly its files; see
+        :meth:`GateCheckouts.gate_checkout`."""
+        return self._gates.gate_checkout(commit, slot=slot, keep=keep, key=key)
 
     def gate_warm_key(self, path: Path) -> str | None:
         """The cache key the kept paths of the gate checkout at ``path`` were built for."""
-        admin = self._gate_admins.get(path)
-        return warm.read_stamp(admin) if admin is not None else None
+        return self._gates.gate_warm_key(path)
 
     def mark_gate_warm(self, path: Path, key: str) -> None:
         """Record that the kept paths of the gate checkout at ``path`` are built for ``key``
         (after setup succeeded)."""
-        admin = self._gate_admins.get(path)
-        if admin is None:
-            raise GitError(f"{path} is not a gate checkout of {self.repo_path}")
-        warm.write_stamp(admin, key)
+        self._gates.mark_gate_warm(path, key)
 
     def forget_gate_warm(self, path: Path) -> None:
-        """Forget what the kept paths of the gate checkout at ``path`` were built for: the
-        next checkout cleans them and ``setup`` builds them again."""
-        admin = self._gate_admins.get(path)
-        if admin is not None:
-            warm.write_stamp(admin, None)
+        """Forget what the kept paths of the gate checkout at ``path`` were built for."""
+        self._gates.forget_gate_warm(path)
+
+    def clear_idle_locks(self) -> list[Path]:
+        """Delete ``index.lock``/``HEAD.lock`` in the daemon's idle gate checkouts;
+        returns what was deleted."""
+        return self._gates.clear_idle_locks()
 
     def warm_key(self, commit: str, workspace: WorkspaceConfig) -> str:
         """The cache key of ``[workspace]`` kept paths for ``commit``."""
-        return warm.cache_key(self._repo, commit, workspace)
+        return warm.cache_key(self._integration.repo, commit, workspace)
 
     # ------------------------------------------------------------------ crash recovery
 
@@ -1342,483 +347,5 @@ class Workspace:
         Cheap (a few small files per directory); run on startup and before each lease.
         Lease directories themselves are not read: their ``.git`` is the agent's.
         """
-        for entry in _listdir(self.worktrees_dir):
-            if entry.startswith(GATE_DIR):
-                self._adopt(self.worktrees_dir / entry)
-        self._prune_registrations()
-        for entry in _listdir(self._build_dir):
-            shutil.rmtree(self._build_dir / entry, ignore_errors=True)
-        self._empty_trash()
-        for key in _listdir(self._state_dir):
-            where = (
-                self.worktrees_dir / key[2:]
-                if key.startswith("L-")
-                else self._pool_dir / key[2:]
-                if key.startswith("P-")
-                else None
-            )
-            if where is None or not os.path.lexists(where):
-                self._drop_state(key)
-
-    # ------------------------------------------------------------------ internals
-
-    def _commit(self, rev: str) -> pygit2.Commit:
-        try:
-            obj = self._repo.revparse_single(rev)
-            commit = obj.peel(pygit2.Commit)
-        except (KeyError, ValueError, pygit2.GitError) as exc:
-            raise GitError(f"{rev!r} does not name a commit in {self.repo_path}") from exc
-        assert isinstance(commit, pygit2.Commit)
-        return commit
-
-    @property
-    def merge_backend(self) -> MergeBackend:
-        """The backend merges use: ``auto`` until calibration has picked one."""
-        return self._merge_backend
-
-    def _merge_trees(
-        self, ours: pygit2.Oid, theirs: pygit2.Oid
-    ) -> tuple[pygit2.Oid | None, tuple[str, ...]]:
-        if self._merge_backend == "git":
-            return self._merge_tree_git(str(ours), str(theirs))
-        if self._merge_backend == "pygit2":
-            return self._merge_tree_pygit2(ours, theirs)
-        t0 = time.perf_counter()
-        result = self._merge_tree_pygit2(ours, theirs)
-        t1 = time.perf_counter()
-        try:
-            other = self._merge_tree_git(str(ours), str(theirs))
-        except GitError as exc:
-            log.info(
-                "merge_backend_chosen", backend="pygit2", reason=f"git merge-tree unusable: {exc}"
-            )
-            self._merge_backend = "pygit2"
-            return result
-        t2 = time.perf_counter()
-        if result[1] or other[1]:
-            return result  # conflict listings may legitimately differ; time clean merges
-        if result[0] != other[0]:
-            log.warning(
-                "merge_backends_disagree",
-                ours=str(ours),
-                theirs=str(theirs),
-                pygit2_tree=str(result[0]),
-                git_tree=str(other[0]),
-                keeping="pygit2",
-            )
-            self._merge_backend = "pygit2"
-            return result
-        self._merge_seconds["pygit2"].append(t1 - t0)
-        self._merge_seconds["git"].append(t2 - t1)
-        if len(self._merge_seconds["git"]) >= _CALIBRATION_MERGES:
-            pygit2_s = statistics.median(self._merge_seconds["pygit2"])
-            git_s = statistics.median(self._merge_seconds["git"])
-            self._merge_backend = "git" if git_s < pygit2_s else "pygit2"
-            log.info(
-                "merge_backend_chosen",
-                backend=self._merge_backend,
-                pygit2_median_ms=round(pygit2_s * 1000, 1),
-                git_median_ms=round(git_s * 1000, 1),
-            )
-        return result
-
-    def _merge_tree_pygit2(
-        self, ours: pygit2.Oid, theirs: pygit2.Oid
-    ) -> tuple[pygit2.Oid | None, tuple[str, ...]]:
-        index = self._repo.merge_commits(ours, theirs)
-        conflicts = index.conflicts
-        if conflicts is not None:
-            paths: set[str] = set()
-            for entries in conflicts:
-                paths.update(e.path for e in entries if e is not None)
-            return None, tuple(sorted(paths))
-        return index.write_tree(self._repo), ()
-
-    def _merge_tree_git(self, ours: str, theirs: str) -> tuple[pygit2.Oid | None, tuple[str, ...]]:
-        result = self._git(
-            "merge-tree",
-            "--write-tree",
-            "-z",
-            "--name-only",
-            "--no-messages",
-            ours,
-            theirs,
-            cwd=self.repo_path,
-            check=False,
-        )
-        if result.returncode not in (0, 1):
-            raise GitError(f"git merge-tree failed: {result.stderr.strip()}")
-        tokens = result.stdout.split("\0")
-        if result.returncode == 0:
-            return pygit2.Oid(hex=tokens[0].strip()), ()
-        names: set[str] = set()
-        for token in tokens[1:]:
-            if not token:
-                break
-            names.add(token)
-        return None, tuple(sorted(names))
-
-    def _checkouts(self) -> list[_Checkout]:
-        out = self._git("worktree", "list", "--porcelain", "-z", cwd=self.repo_path).stdout
-        found: list[_Checkout] = []
-        for record in out.split("\0\0"):
-            fields = [f for f in record.split("\0") if f]
-            if not fields or not fields[0].startswith("worktree "):
-                continue
-            path = Path(fields[0][len("worktree ") :])
-            branch = next((f[len("branch ") :] for f in fields if f.startswith("branch ")), None)
-            bare = "bare" in fields
-            if bare or path.is_dir():
-                found.append(_Checkout(path, branch, bare))
-        return found
-
-    def _blocking_changes(self, tree: Path, old: str, new: str) -> list[str]:
-        """What in ``tree`` stops it from being moved from ``old`` to ``new``."""
-        status = self._git(
-            "status",
-            "--porcelain=v1",
-            "-z",
-            "--untracked-files=no",
-            "--no-renames",
-            cwd=tree,
-            optional_locks=False,
-        ).stdout
-        changed = sorted({e[3:] for e in status.split("\0") if len(e) > 3})
-        if changed:
-            return changed
-        # Untracked files are the user's business unless the update would overwrite them;
-        # a dry run of the very update we will make tells exactly which.
-        dry = self._git("read-tree", "-m", "-u", "-n", old, new, cwd=tree, check=False)
-        if dry.returncode == 0:
-            return []
-        blocked = [
-            line.split("'")[1]
-            for line in dry.stderr.splitlines()
-            if "would be" in line and line.count("'") >= 2
-        ]
-        return blocked or [dry.stderr.strip() or "git read-tree refused the update"]
-
-    def _lease_path(self, name: str) -> Path:
-        if (
-            not name
-            or name in (".", "..")
-            or name.startswith((".", "-"))
-            or any(c in name for c in "/\\\0")
-        ):
-            raise GitError(
-                f"invalid worktree name {name!r}: use one path component that does not "
-                "start with '.' or '-'"
-            )
-        path = self.worktrees_dir / name
-        self._assert_inside(path)
-        return path
-
-    def _assert_inside(self, path: Path) -> None:
-        resolved = path.resolve()
-        if resolved == self.worktrees_dir or self.worktrees_dir not in resolved.parents:
-            raise GitError(
-                f"refusing to touch {path}: it resolves to {resolved}, outside the "
-                f"worktrees directory {self.worktrees_dir}"
-            )
-
-    def _owns(self, path: Path) -> bool:
-        try:
-            self._assert_inside(path)
-        except GitError:
-            return False
-        return True
-
-    def _admin_of(self, path: Path) -> Path | None:
-        """The admin dir that ``path/.git`` names, if it is one of this repository's."""
-        try:
-            text = (path / ".git").read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            return None
-        if not text.startswith("gitdir:"):
-            return None
-        admin = Path(text[len("gitdir:") :].strip())
-        if not admin.is_absolute():
-            admin = path / admin
-        admin = Path(os.path.realpath(admin))
-        if admin.parent != Path(os.path.realpath(self._admin_root)):
-            return None
-        if not (admin / "gitdir").is_file() or not (admin / "HEAD").is_file():
-            return None
-        return admin
-
-    def _adopt(self, path: Path) -> Path | None:
-        """Admin dir of the worktree at ``path``, re-linking a half-finished move.
-
-        None if ``path`` is not a usable worktree of this repository (no ``.git`` file,
-        its admin entry is gone, or the entry belongs to another live directory).
-        """
-        admin = self._admin_of(path)
-        if admin is None:
-            return None
-        try:
-            recorded = Path((admin / "gitdir").read_text(encoding="utf-8").strip())
-        except (OSError, UnicodeDecodeError):
-            return None
-        here = Path(os.path.realpath(path / ".git"))
-        if Path(os.path.realpath(recorded)) == here:
-            return admin
-        if os.path.lexists(recorded.parent):
-            return None  # a live directory owns that entry; this one is a stray copy
-        # Crash between renaming the directory and rewriting the link (what
-        # `git worktree move` also does in that order): finish the move.
-        log.info("worktree_relinked", path=str(path), recorded=str(recorded))
-        self._write_links(path, admin)
-        return admin
-
-    def _adopt_or_discard(self, path: Path) -> Path | None:
-        """Like _adopt, but a directory there that is not a usable worktree is deleted."""
-        if not os.path.lexists(path):
-            return None
-        admin = self._adopt(path)
-        if admin is None:
-            # Its git metadata is gone (pruned, or the admin entry was deleted): the files
-            # are useless without it, and recreating is the only way back.
-            log.info(
-                "worktree_removed_unregistered", path=str(path), repository=str(self.repo_path)
-            )
-            self._remove_tree(path)
-        return admin
-
-    def _write_links(self, path: Path, admin: Path) -> None:
-        # Both links absolute: git writes absolute ones too, and a relative one in the
-        # worktree's .git file would break on the rename.
-        _write_atomic(admin / "gitdir", f"{path / '.git'}\n")
-        dotgit = f"gitdir: {admin}\n"
-        try:
-            current = (path / ".git").read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            current = ""
-        if current != dotgit:
-            _write_atomic(path / ".git", dotgit)
-
-    def _prune_registrations(self) -> None:
-        """Drop admin entries of worktrees under worktrees_dir whose directory is gone.
-
-        Otherwise git still considers their branches checked out, and refuses to create a
-        worktree at their path.
-        """
-        root = os.path.realpath(self.worktrees_dir)
-        for entry in _listdir(self._admin_root):
-            admin = self._admin_root / entry
-            try:
-                recorded = Path((admin / "gitdir").read_text(encoding="utf-8").strip())
-            except (OSError, UnicodeDecodeError):
-                continue
-            where = os.path.realpath(recorded.parent)
-            if not where.startswith(root + os.sep) or os.path.lexists(recorded.parent):
-                continue
-            if (admin / "locked").exists():
-                continue
-            log.info("worktree_registration_pruned", entry=entry, missing=str(recorded.parent))
-            shutil.rmtree(admin, ignore_errors=True)
-
-    def _clear_locks(self, admin: Path) -> list[Path]:
-        # Only this daemon (one call at a time) and the agent holding the lease run git in
-        # our worktrees, and we get here only when no lease is live for it. So a lock file
-        # here was left by a killed process, and git would refuse to touch the index (or
-        # HEAD) until someone deleted it by hand.
-        removed = []
-        for lock in ("index.lock", "HEAD.lock"):
-            with contextlib.suppress(FileNotFoundError):
-                (admin / lock).unlink()
-                removed.append(admin / lock)
-        return removed
-
-    def _clear_stale_state(self, admin: Path) -> None:
-        self._clear_locks(admin)
-        for name in _IN_PROGRESS_STATE:
-            target = admin / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    target.unlink()
-
-    def _remove_tree(self, path: Path) -> None:
-        if path.is_symlink() or not path.is_dir():
-            # Remove the link itself, wherever it points; only its location must be ours.
-            parent = path.parent.resolve()
-            if parent != self.worktrees_dir and self.worktrees_dir not in parent.parents:
-                raise GitError(f"refusing to remove {path}: outside {self.worktrees_dir}")
-            path.unlink(missing_ok=True)
-            return
-        self._assert_inside(path)
-        shutil.rmtree(path, onerror=_make_writable_and_retry)
-
-    def _wt_git(self, path: Path, admin: Path, *args: str) -> subprocess.CompletedProcess[str]:
-        # Name both directories explicitly: if the worktree's .git file were broken, plain
-        # `git -C path` would walk up and could find (and clean!) an enclosing repository,
-        # e.g. the main checkout when worktrees_dir lives inside it.
-        # Gate code (an agent's) writes in the gate worktree: untrusted.
-        return self._git(
-            f"--git-dir={admin}", f"--work-tree={path}", *args, cwd=path, untrusted=True
-        )
-
-    def _git(
-        self,
-        *args: str,
-        cwd: Path,
-        check: bool = True,
-        optional_locks: bool = True,
-        untrusted: bool = False,
-        index: Path | None = None,
-    ) -> subprocess.CompletedProcess[str]:
-        """Run git. ``untrusted``: the command reads a directory an agent can write, so it
-        runs with no hooks, no fsmonitor and no system or global config (see
-        orchestrator.git.untrusted), and a shorter time limit. The integration
-        repository's own hooks (its owner's) run as usual on commands that only touch it."""
-        limit = UNTRUSTED_GIT_TIMEOUT_S if untrusted else GIT_TIMEOUT_S
-        env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCATION_ENV}
-        if untrusted:
-            env = hardened_env(env)
-        env["LC_ALL"] = "C"
-        env["GIT_TERMINAL_PROMPT"] = "0"
-        if index is not None:
-            env["GIT_INDEX_FILE"] = str(index)
-        if not optional_locks:
-            # Reading someone else's checkout must not take its index.lock, or their own
-            # git commands could fail while we look.
-            env["GIT_OPTIONAL_LOCKS"] = "0"
-        try:
-            result = subprocess.run(
-                ["git", *(HARDENED_CONFIG if untrusted else ()), *args],
-                cwd=cwd,
-                env=env,
-                capture_output=True,
-                text=True,
-                errors="surrogateescape",
-                check=False,
-                timeout=limit,
-            )
-        except FileNotFoundError as exc:
-            raise GitError(
-                f"cannot run git in {cwd}: {exc}; install git or fix the daemon's PATH"
-            ) from exc
-        except subprocess.TimeoutExpired:
-            # Every lease and merge waits on the one git lane: a hung git must not stall
-            # the daemon for good.
-            raise GitError(
-                f"`git {' '.join(args)}` in {cwd} did not finish within {limit:g} s "
-                "(a stuck lock, a hook, or a network filesystem?)"
-            ) from None
-        if check and result.returncode != 0:
-            raise GitError(
-                f"`git {' '.join(args)}` failed in {cwd} (exit {result.returncode}): "
-                f"{result.stderr.strip() or result.stdout.strip()}"
-            )
-        return result
-
-
-def conflict_detail(integration_branch: str, commit: str, paths: Sequence[str]) -> str:
-    """What an agent is told when its branch conflicts with ``integration_branch`` at
-    ``commit``: that commit in full, the paths, and how to repair (its repository has the
-    branch as ``origin/<integration_branch>``; PROTOCOL.md, "integration-tip")."""
-    n = len(paths)
-    shown = ", ".join(paths[:20]) + (f", ... ({n} in all)" if n > 20 else "")
-    return (
-        f"{n} conflicting path{'s' * (n != 1)} with {integration_branch} at {commit}: {shown}; "
-        f"run `git fetch origin && git merge origin/{integration_branch}` (or rebase onto "
-        f"origin/{integration_branch}), resolve, commit, and report again"
-    )
-
-
-def _identity_section(repo: pygit2.Repository) -> str:
-    """``[user]`` with the integration repository's user.name / user.email, if set."""
-    lines = []
-    for key in ("name", "email"):
-        try:
-            value = str(repo.config[f"user.{key}"])
-        except (KeyError, pygit2.GitError):
-            continue
-        if value and not any(c in value for c in '\n\0"\\'):
-            lines.append(f'\t{key} = "{value}"\n')
-    return "[user]\n" + "".join(lines) if lines else ""
-
-
-_SPECIAL_FILE_TYPES = frozenset((stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK))
-
-
-def remove_special_files(root: Path) -> list[str]:
-    """Remove every FIFO, socket and device file under ``root`` (symlinks are not
-    followed; a linked worktree's ``.git`` file stays); their paths, relative to ``root``.
-
-    Left by code a gate or an agent ran, such a file where git reads (``.gitattributes``,
-    ``.gitignore``, ``.git/packed-refs``) makes git block forever on open."""
-    removed: list[str] = []
-    # By directory fd, never by path: an agent that swaps a directory for a symlink while
-    # we walk must not make us unlink a socket or FIFO elsewhere (the daemon's own socket).
-    for directory, _dirs, files, dir_fd in os.fwalk(root, follow_symlinks=False):
-        for name in files:
-            try:
-                mode = os.lstat(name, dir_fd=dir_fd).st_mode
-            except FileNotFoundError:
-                continue
-            if stat.S_IFMT(mode) in _SPECIAL_FILE_TYPES:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=dir_fd)
-                removed.append(os.path.relpath(os.path.join(directory, name), root))
-    return removed
-
-
-def _common_dir(git_dir: Path) -> Path:
-    try:
-        rel = (git_dir / "commondir").read_text(encoding="utf-8").strip()
-    except OSError:
-        return git_dir.resolve()
-    return (git_dir / rel).resolve()
-
-
-def _check_branch_name(branch: str) -> None:
-    if branch.startswith("-") or not pygit2.reference_is_valid_name(f"refs/heads/{branch}"):
-        raise GitError(f"{branch!r} is not a valid branch name")
-
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
-    except FileNotFoundError:
-        return []
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``. The temporary file has a random name and is
-    created with O_EXCL | O_NOFOLLOW: a symlink an agent planted under a name we might
-    use is never written through, and the rename replaces a symlink at ``path`` itself
-    rather than what it points to."""
-    dir_fd = open_dir_nofollow(path.parent)
-    try:
-        tmp = f".{path.name}.orchestrator-{secrets.token_hex(6)}"
-        write_new_nofollow(dir_fd, tmp, text.encode("utf-8"))
-        try:
-            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise
-    finally:
-        os.close(dir_fd)
-
-
-def _make_writable_and_retry(
-    func: Callable[..., Any], target: str, _exc: Any
-) -> None:  # pragma: no cover - only with read-only files (e.g. Go's module cache)
-    parent = os.path.dirname(target)
-    for p in (parent, target):
-        if os.path.islink(p):
-            continue  # chmod would follow it, to whatever file it names
-        with contextlib.suppress(OSError):
-            os.chmod(p, os.stat(p).st_mode | stat.S_IWUSR | stat.S_IRUSR | stat.S_IXUSR)
-    func(target)
-
-
-def _lease_key(name: str) -> str:
-    return f"L-{name}"
-
-
-def _pool_key(slot: str) -> str:
-    return f"P-{slot}"
+        self._gates.recover()
+        self._leases.recover()
