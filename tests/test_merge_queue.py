@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -341,7 +342,8 @@ if not marker.exists():
         assert states(daemon.socket)["survivor"] == "gating"
         daemon.kill()
         for pid in host_pids(slow):  # orphaned by SIGKILL, if it outlived the daemon
-            os.kill(pid, 9)
+            with contextlib.suppress(ProcessLookupError):  # or it died meanwhile
+                os.kill(pid, 9)
         daemon.start()
         wait_for(lambda: states(daemon.socket)["survivor"] == "merged", "the merge after restart")
         record = control(daemon.socket, "handoff.get", {"name": "survivor"})

@@ -18,6 +18,7 @@ import pygit2
 
 from orchestrator.git.command import GitError, run_git
 from orchestrator.git.integration import IntegrationRepository
+from orchestrator.git.strategy import MERGE_STRATEGIES, MergeStrategy
 from orchestrator.observe import logs
 
 __all__ = [
@@ -30,13 +31,7 @@ __all__ = [
 
 log = logs.get("git")
 
-MergeStrategy = Literal["merge", "squash", "ff-only"]
-
-
 MergeBackend = Literal["auto", "pygit2", "git"]
-
-
-_STRATEGIES: tuple[str, ...] = ("merge", "squash", "ff-only")
 
 
 # How many clean merges "auto" times with both backends before it keeps the faster one.
@@ -113,8 +108,10 @@ class Merger:
         the conflicting paths; ``ff-only`` on a diverged branch and unrelated histories
         give no candidate, no paths, and the reason in ``detail``.
         """
-        if strategy not in _STRATEGIES:
-            raise ValueError(f"unknown merge strategy {strategy!r}; use one of {_STRATEGIES}")
+        if strategy not in MERGE_STRATEGIES:
+            raise ValueError(
+                f"unknown merge strategy {strategy!r}; use one of {', '.join(MERGE_STRATEGIES)}"
+            )
         base = onto if onto is not None else self._integration.integration_tip()
         theirs = head if head is not None else self._integration.branch_tip(branch)
         if theirs is None:
@@ -125,7 +122,7 @@ class Merger:
         theirs_id = pygit2.Oid(hex=theirs)
         if theirs == base or self._repo.descendant_of(base_id, theirs_id):
             return MergeResult(None, (), base, "already merged")
-        if strategy == "ff-only":
+        if strategy == MergeStrategy.FF_ONLY:
             if self._repo.descendant_of(theirs_id, base_id):
                 return MergeResult(theirs, (), base)
             return MergeResult(
@@ -151,11 +148,11 @@ class Merger:
             return MergeResult(None, conflicts, base, detail)
         assert tree is not None
         base_commit = self._integration.commit(base)
-        if strategy == "squash" and tree == base_commit.tree_id:
+        if strategy == MergeStrategy.SQUASH and tree == base_commit.tree_id:
             # Its changes are all on the integration branch already (e.g. cherry-picked);
             # an empty squash commit would only add noise.
             return MergeResult(None, (), base, "already merged")
-        parents = [base_id, theirs_id] if strategy == "merge" else [base_id]
+        parents = [base_id, theirs_id] if strategy == MergeStrategy.MERGE else [base_id]
         sig = pygit2.Signature(author_name, author_email)
         if not message.endswith("\n"):
             message += "\n"

@@ -11,67 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
+from orchestrator.protocol import strict
 from orchestrator.protocol.jsonrpc import rfc3339
 from orchestrator.protocol.records import Feedback
 
 __all__ = ["LeaseGrant", "LeasePorts", "LeaseSetup", "LeasedHandoff", "MetricSpec", "PhaseSpec"]
-
-
-# ---- strict readers (the same wording as protocol.records') --------------------------------
-
-
-def _object(value: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{where} must be an object, not {type(value).__name__}")
-    return value
-
-
-def _field(obj: Mapping[str, Any], key: str, where: str) -> Any:
-    if key not in obj:
-        raise ValueError(f"{where}.{key} is missing")
-    return obj[key]
-
-
-def _str(obj: Mapping[str, Any], key: str, where: str) -> str:
-    value = _field(obj, key, where)
-    if not isinstance(value, str):
-        raise ValueError(f"{where}.{key} must be a string")
-    return value
-
-
-def _int(obj: Mapping[str, Any], key: str, where: str) -> int:
-    value = _field(obj, key, where)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{where}.{key} must be an integer")
-    return value
-
-
-def _strings(obj: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
-    value = _field(obj, key, where)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{where}.{key} must be a list of strings")
-    return tuple(value)
-
-
-def _objects(obj: Mapping[str, Any], key: str, where: str) -> list[Mapping[str, Any]]:
-    value = _field(obj, key, where)
-    if not isinstance(value, list):
-        raise ValueError(f"{where}.{key} must be a list")
-    return [_object(item, f"{where}.{key}[{i}]") for i, item in enumerate(value)]
-
-
-def _time(obj: Mapping[str, Any], key: str, where: str) -> float:
-    text = _str(obj, key, where)
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{where}.{key} must be an RFC 3339 time, not {text!r}") from None
-    if moment.tzinfo is None:
-        raise ValueError(f"{where}.{key} must be an RFC 3339 time with a zone, not {text!r}")
-    return moment.timestamp()
 
 
 # ---- the parts ---------------------------------------------------------------------------
@@ -91,8 +37,8 @@ class PhaseSpec:
     @classmethod
     def from_wire(cls, obj: Any, where: str = "phase") -> PhaseSpec:
         """Read back what :meth:`to_wire` made."""
-        obj = _object(obj, where)
-        return cls(_str(obj, "name", where), _strings(obj, "objectives", where))
+        obj = strict.mapping(obj, where)
+        return cls(strict.string(obj, "name", where), strict.strings(obj, "objectives", where))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +55,8 @@ class MetricSpec:
     @classmethod
     def from_wire(cls, obj: Any, where: str = "successMetric") -> MetricSpec:
         """Read back what :meth:`to_wire` made."""
-        obj = _object(obj, where)
-        return cls(_str(obj, "name", where), _str(obj, "criteria", where))
+        obj = strict.mapping(obj, where)
+        return cls(strict.string(obj, "name", where), strict.string(obj, "criteria", where))
 
 
 _HANDOFF_FIELDS = (
@@ -162,22 +108,22 @@ class LeasedHandoff:
     @classmethod
     def from_wire(cls, obj: Any, where: str = "handoff") -> LeasedHandoff:
         """Read back what :meth:`to_wire` made."""
-        obj = _object(obj, where)
-        feedback = _field(obj, "feedback", where)
+        obj = strict.mapping(obj, where)
+        feedback = strict.field(obj, "feedback", where)
         return cls(
-            name=_str(obj, "name", where),
-            title=_str(obj, "title", where),
-            priority=_str(obj, "priority", where),
-            dependencies=_strings(obj, "dependencies", where),
-            labels=_strings(obj, "labels", where),
-            body=_str(obj, "body", where),
+            name=strict.string(obj, "name", where),
+            title=strict.string(obj, "title", where),
+            priority=strict.string(obj, "priority", where),
+            dependencies=strict.strings(obj, "dependencies", where),
+            labels=strict.strings(obj, "labels", where),
+            body=strict.string(obj, "body", where),
             phases=tuple(
                 PhaseSpec.from_wire(p, f"{where}.phases[{i}]")
-                for i, p in enumerate(_objects(obj, "phases", where))
+                for i, p in enumerate(strict.mappings(obj, "phases", where))
             ),
             success_metrics=tuple(
                 MetricSpec.from_wire(m, f"{where}.successMetrics[{i}]")
-                for i, m in enumerate(_objects(obj, "successMetrics", where))
+                for i, m in enumerate(strict.mappings(obj, "successMetrics", where))
             ),
             feedback=None
             if feedback is None
@@ -216,17 +162,17 @@ class LeaseSetup:
     @classmethod
     def from_wire(cls, obj: Any, where: str = "setup") -> LeaseSetup:
         """Read back what :meth:`to_wire` made; the command must not be empty."""
-        obj = _object(obj, where)
-        command = _strings(obj, "command", where)
+        obj = strict.mapping(obj, where)
+        command = strict.strings(obj, "command", where)
         if not command:
             raise ValueError(f"{where}.command must not be empty")
-        needed = _field(obj, "needed", where)
+        needed = strict.field(obj, "needed", where)
         if not isinstance(needed, bool):
             raise ValueError(f"{where}.needed must be true or false")
-        timeout = _field(obj, "timeoutS", where)
+        timeout = strict.field(obj, "timeoutS", where)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
             raise ValueError(f"{where}.timeoutS must be a number")
-        return cls(command, needed, _strings(obj, "keep", where), timeout)
+        return cls(command, needed, strict.strings(obj, "keep", where), timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,24 +219,28 @@ class LeaseGrant:
     @classmethod
     def from_wire(cls, obj: Any, where: str = "lease") -> LeaseGrant:
         """Read back what :meth:`to_wire` made."""
-        obj = _object(obj, where)
+        obj = strict.mapping(obj, where)
         integration = obj.get("integrationCommit")
         if integration is not None and not isinstance(integration, str):
             raise ValueError(f"{where}.integrationCommit must be a string")
         ports = None
         if obj.get("portBase") is not None:
-            ports = LeasePorts(_int(obj, "portBase", where), _int(obj, "portCount", where))
+            ports = LeasePorts(
+                strict.integer(obj, "portBase", where), strict.integer(obj, "portCount", where)
+            )
         setup = obj.get("setup")
         return cls(
-            id=_str(obj, "id", where),
-            token=_int(obj, "token", where),
-            handoff=LeasedHandoff.from_wire(_field(obj, "handoff", where), f"{where}.handoff"),
-            worktree=_str(obj, "worktree", where),
-            branch=_str(obj, "branch", where),
-            base_commit=_str(obj, "baseCommit", where),
+            id=strict.string(obj, "id", where),
+            token=strict.integer(obj, "token", where),
+            handoff=LeasedHandoff.from_wire(
+                strict.field(obj, "handoff", where), f"{where}.handoff"
+            ),
+            worktree=strict.string(obj, "worktree", where),
+            branch=strict.string(obj, "branch", where),
+            base_commit=strict.string(obj, "baseCommit", where),
             integration_commit=integration,
-            attempt=_int(obj, "attempt", where),
-            expires_at=_time(obj, "expiresAt", where),
+            attempt=strict.integer(obj, "attempt", where),
+            expires_at=strict.time(obj, "expiresAt", where),
             ports=ports,
             setup=None if setup is None else LeaseSetup.from_wire(setup, f"{where}.setup"),
         )

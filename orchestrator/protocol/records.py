@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
+from orchestrator.protocol import strict
 from orchestrator.protocol.asking import OpenQuestion
 from orchestrator.protocol.jsonrpc import rfc3339
 from orchestrator.store.states import State
@@ -37,105 +37,8 @@ __all__ = [
 REPORT_STATUSES = ("completed", "failed", "blocked")
 
 
-# ---- strict readers: each failure names the field ---------------------------------------
-
-
-def _object(value: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{where} must be an object, not {type(value).__name__}")
-    return value
-
-
-def _field(obj: Mapping[str, Any], key: str, where: str) -> Any:
-    if key not in obj:
-        raise ValueError(f"{where}.{key} is missing")
-    return obj[key]
-
-
-def _str(obj: Mapping[str, Any], key: str, where: str) -> str:
-    value = _field(obj, key, where)
-    if not isinstance(value, str):
-        raise ValueError(f"{where}.{key} must be a string")
-    return value
-
-
-def _opt_str(obj: Mapping[str, Any], key: str, where: str) -> str | None:
-    value = _field(obj, key, where)
-    if value is not None and not isinstance(value, str):
-        raise ValueError(f"{where}.{key} must be a string or null")
-    return value
-
-
-def _int(obj: Mapping[str, Any], key: str, where: str) -> int:
-    value = _field(obj, key, where)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{where}.{key} must be an integer")
-    return value
-
-
-def _opt_int(obj: Mapping[str, Any], key: str, where: str) -> int | None:
-    value = _field(obj, key, where)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"{where}.{key} must be an integer or null")
-    return value
-
-
-def _number(obj: Mapping[str, Any], key: str, where: str) -> float:
-    value = _field(obj, key, where)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{where}.{key} must be a number")
-    return value
-
-
-def _opt_number(obj: Mapping[str, Any], key: str, where: str) -> float | None:
-    value = _field(obj, key, where)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-        raise ValueError(f"{where}.{key} must be a number or null")
-    return value
-
-
-def _bool(obj: Mapping[str, Any], key: str, where: str) -> bool:
-    value = _field(obj, key, where)
-    if not isinstance(value, bool):
-        raise ValueError(f"{where}.{key} must be true or false")
-    return value
-
-
-def _strings(obj: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
-    value = _field(obj, key, where)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{where}.{key} must be a list of strings")
-    return tuple(value)
-
-
-def _list(obj: Mapping[str, Any], key: str, where: str) -> list[Any]:
-    value = _field(obj, key, where)
-    if not isinstance(value, list):
-        raise ValueError(f"{where}.{key} must be a list")
-    return value
-
-
-def _epoch_of(text: str, where: str) -> float:
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{where} must be an RFC 3339 time, not {text!r}") from None
-    if moment.tzinfo is None:
-        raise ValueError(f"{where} must be an RFC 3339 time with a zone, not {text!r}")
-    return moment.timestamp()
-
-
-def _time(obj: Mapping[str, Any], key: str, where: str) -> float:
-    return _epoch_of(_str(obj, key, where), f"{where}.{key}")
-
-
-def _opt_time(obj: Mapping[str, Any], key: str, where: str) -> float | None:
-    text = _opt_str(obj, key, where)
-    return None if text is None else _epoch_of(text, f"{where}.{key}")
-
-
 def _state(obj: Mapping[str, Any], key: str, where: str) -> State:
-    text = _str(obj, key, where)
+    text = strict.string(obj, key, where)
     try:
         return State(text)
     except ValueError:
@@ -160,11 +63,11 @@ class Progress:
     @classmethod
     def from_wire(cls, obj: Any, where: str = "progress") -> Progress:
         """Read back what :meth:`to_wire` made."""
-        obj = _object(obj, where)
+        obj = strict.mapping(obj, where)
         return cls(
-            _opt_number(obj, "percent", where),
-            _opt_str(obj, "phase", where),
-            _opt_str(obj, "message", where),
+            strict.opt_number(obj, "percent", where),
+            strict.opt_string(obj, "phase", where),
+            strict.opt_string(obj, "message", where),
         )
 
 
@@ -194,9 +97,11 @@ class NeedsInput:
     @classmethod
     def from_wire(cls, obj: Any, where: str = "needsInput") -> NeedsInput:
         """Read back what :meth:`to_wire` made."""
-        obj = _object(obj, where)
-        choices = None if obj.get("choices", ...) is None else _strings(obj, "choices", where)
-        return cls(_str(obj, "question", where), choices, _time(obj, "askedAt", where))
+        obj = strict.mapping(obj, where)
+        choices = None if obj.get("choices", ...) is None else strict.strings(obj, "choices", where)
+        return cls(
+            strict.string(obj, "question", where), choices, strict.time(obj, "askedAt", where)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,12 +119,16 @@ class Feedback:
     @classmethod
     def from_wire(cls, obj: Any, where: str = "feedback") -> Feedback:
         """Read back what :meth:`to_wire` made."""
-        obj = _object(obj, where)
-        return cls(_str(obj, "reason", where), _str(obj, "detail", where), _str(obj, "log", where))
+        obj = strict.mapping(obj, where)
+        return cls(
+            strict.string(obj, "reason", where),
+            strict.string(obj, "detail", where),
+            strict.string(obj, "log", where),
+        )
 
 
 def _optional(cls: Any, obj: Mapping[str, Any], key: str, where: str) -> Any:
-    value = _field(obj, key, where)
+    value = strict.field(obj, key, where)
     return None if value is None else cls.from_wire(value, f"{where}.{key}")
 
 
@@ -257,16 +166,16 @@ class HandoffSummary:
     @classmethod
     def from_wire(cls, obj: Any, where: str = "handoff") -> HandoffSummary:
         """Read back what :meth:`to_wire` made (also the summary part of a detail)."""
-        obj = _object(obj, where)
+        obj = strict.mapping(obj, where)
         return cls(
-            name=_str(obj, "name", where),
-            title=_str(obj, "title", where),
-            priority=_str(obj, "priority", where),
+            name=strict.string(obj, "name", where),
+            title=strict.string(obj, "title", where),
+            priority=strict.string(obj, "priority", where),
             state=_state(obj, "state", where),
-            attempt=_int(obj, "attempt", where),
-            dependencies=_strings(obj, "dependencies", where),
+            attempt=strict.integer(obj, "attempt", where),
+            dependencies=strict.strings(obj, "dependencies", where),
             progress=_optional(Progress, obj, "progress", where),
-            updated_at=_time(obj, "updatedAt", where),
+            updated_at=strict.time(obj, "updatedAt", where),
             needs_input=_optional(NeedsInput, obj, "needsInput", where),
         )
 
@@ -327,21 +236,21 @@ class LeaseRecord:
     ) -> LeaseRecord:
         """Read back what :meth:`to_wire` made; ``handoff`` names the record it came from
         (a ``handoff.get`` lease has none of its own)."""
-        obj = _object(obj, where)
+        obj = strict.mapping(obj, where)
         if handoff is None:
-            handoff = _str(obj, "handoff", where)
+            handoff = strict.string(obj, "handoff", where)
         return cls(
-            id=_str(obj, "id", where),
+            id=strict.string(obj, "id", where),
             handoff=handoff,
-            worker=_str(obj, "worker", where),
-            attempt=_int(obj, "attempt", where),
-            granted_at=_time(obj, "grantedAt", where),
-            expires_at=_time(obj, "expiresAt", where),
-            base_commit=_opt_str(obj, "baseCommit", where),
-            worktree=_opt_str(obj, "worktree", where),
-            branch=_opt_str(obj, "branch", where),
-            ended_at=_opt_time(obj, "endedAt", where),
-            end_reason=_opt_str(obj, "endReason", where),
+            worker=strict.string(obj, "worker", where),
+            attempt=strict.integer(obj, "attempt", where),
+            granted_at=strict.time(obj, "grantedAt", where),
+            expires_at=strict.time(obj, "expiresAt", where),
+            base_commit=strict.opt_string(obj, "baseCommit", where),
+            worktree=strict.opt_string(obj, "worktree", where),
+            branch=strict.opt_string(obj, "branch", where),
+            ended_at=strict.opt_time(obj, "endedAt", where),
+            end_reason=strict.opt_string(obj, "endReason", where),
         )
 
 
@@ -436,10 +345,10 @@ class ReportRecord:
     @classmethod
     def from_wire(cls, obj: Any, where: str = "report") -> ReportRecord:
         """Read back what :meth:`to_wire` made."""
-        obj = _object(obj, where)
-        attempt = _int(obj, "attempt", where)
-        lease_id = _str(obj, "leaseId", where)
-        received_at = _time(obj, "receivedAt", where)
+        obj = strict.mapping(obj, where)
+        attempt = strict.integer(obj, "attempt", where)
+        lease_id = strict.string(obj, "leaseId", where)
+        received_at = strict.time(obj, "receivedAt", where)
         rest = {k: v for k, v in obj.items() if k not in ("attempt", "leaseId", "receivedAt")}
         try:
             report = Report.from_wire(rest)
@@ -482,16 +391,16 @@ class GateRunRecord:
     @classmethod
     def from_wire(cls, obj: Any, where: str = "gate") -> GateRunRecord:
         """Read back what :meth:`to_wire` made."""
-        obj = _object(obj, where)
+        obj = strict.mapping(obj, where)
         return cls(
-            gate=_str(obj, "gate", where),
-            attempt=_int(obj, "attempt", where),
-            candidate=_str(obj, "candidate", where),
-            exit_status=_opt_int(obj, "exitStatus", where),
-            timed_out=_bool(obj, "timedOut", where),
-            duration_s=_number(obj, "durationS", where),
-            output_tail=_str(obj, "outputTail", where),
-            started_at=_time(obj, "startedAt", where),
+            gate=strict.string(obj, "gate", where),
+            attempt=strict.integer(obj, "attempt", where),
+            candidate=strict.string(obj, "candidate", where),
+            exit_status=strict.opt_integer(obj, "exitStatus", where),
+            timed_out=strict.boolean(obj, "timedOut", where),
+            duration_s=strict.number(obj, "durationS", where),
+            output_tail=strict.string(obj, "outputTail", where),
+            started_at=strict.time(obj, "startedAt", where),
         )
 
 
@@ -520,14 +429,14 @@ class MergeRecord:
     @classmethod
     def from_wire(cls, obj: Any, where: str = "merge") -> MergeRecord:
         """Read back what :meth:`to_wire` made."""
-        obj = _object(obj, where)
+        obj = strict.mapping(obj, where)
         return cls(
-            attempt=_int(obj, "attempt", where),
-            result=_str(obj, "result", where),
-            base=_opt_str(obj, "base", where),
-            candidate=_opt_str(obj, "candidate", where),
-            detail=_str(obj, "detail", where),
-            at=_time(obj, "at", where),
+            attempt=strict.integer(obj, "attempt", where),
+            result=strict.string(obj, "result", where),
+            base=strict.opt_string(obj, "base", where),
+            candidate=strict.opt_string(obj, "candidate", where),
+            detail=strict.string(obj, "detail", where),
+            at=strict.time(obj, "at", where),
         )
 
 
@@ -583,29 +492,30 @@ class HandoffDetail:
     @classmethod
     def from_wire(cls, obj: Any, where: str = "handoff") -> HandoffDetail:
         """Read back what :meth:`to_wire` made."""
-        obj = _object(obj, where)
+        obj = strict.mapping(obj, where)
         summary = HandoffSummary.from_wire(obj, where)
 
         def each(key: str, read: Any) -> tuple[Any, ...]:
             return tuple(
-                read(item, f"{where}.{key}[{i}]") for i, item in enumerate(_list(obj, key, where))
+                read(item, f"{where}.{key}[{i}]")
+                for i, item in enumerate(strict.array(obj, key, where))
             )
 
         return cls(
             summary=summary,
-            body=_str(obj, "body", where),
-            labels=_strings(obj, "labels", where),
-            detail=_opt_str(obj, "detail", where),
+            body=strict.string(obj, "body", where),
+            labels=strict.strings(obj, "labels", where),
+            detail=strict.opt_string(obj, "detail", where),
             feedback=_optional(Feedback, obj, "feedback", where),
-            submitted_at=_time(obj, "submittedAt", where),
-            merged_at=_opt_time(obj, "mergedAt", where),
-            merge_commit=_opt_str(obj, "mergeCommit", where),
-            conflicts=_strings(obj, "conflicts", where),
+            submitted_at=strict.time(obj, "submittedAt", where),
+            merged_at=strict.opt_time(obj, "mergedAt", where),
+            merge_commit=strict.opt_string(obj, "mergeCommit", where),
+            conflicts=strict.strings(obj, "conflicts", where),
             leases=each("leases", lambda o, w: LeaseRecord.from_wire(o, w, handoff=summary.name)),
             reports=each("reports", ReportRecord.from_wire),
             gates=each("gates", GateRunRecord.from_wire),
             merges=each("merges", MergeRecord.from_wire),
-            eta_s=_opt_number(obj, "etaS", where) if "etaS" in obj else None,
+            eta_s=strict.opt_number(obj, "etaS", where) if "etaS" in obj else None,
         )
 
 
@@ -626,8 +536,11 @@ class EventRecord:
     @classmethod
     def from_wire(cls, obj: Any, where: str = "event") -> EventRecord:
         """Read back what :meth:`to_wire` made."""
-        obj = _object(obj, where)
+        obj = strict.mapping(obj, where)
         rest = {k: v for k, v in obj.items() if k not in ("at", "handoff", "kind")}
         return cls(
-            _time(obj, "at", where), _opt_str(obj, "handoff", where), _str(obj, "kind", where), rest
+            strict.time(obj, "at", where),
+            strict.opt_string(obj, "handoff", where),
+            strict.string(obj, "kind", where),
+            rest,
         )
