@@ -28,14 +28,15 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import anyio
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from orchestrator.blocking import Offload
-from orchestrator.observe.metrics import Metrics, StoreSnapshot, serve_http
+from orchestrator.observe.metrics import Metrics, serve_http
 from orchestrator.protocol.records import Report
+from orchestrator.store.events import StoreSnapshot
 from orchestrator.store.sqlite import NewHandoff, Store
 
 from . import BenchConfig, BenchResult
@@ -163,11 +164,11 @@ class _Side:
         # What the daemon does before each scrape (orchestrator/service.py).
         cursor = self.metrics.state_cursor or 0
 
-        def read() -> tuple[dict[str, Any], list[tuple[int, float, str, str]]]:
+        def read() -> tuple[StoreSnapshot, list[tuple[int, float, str, str]]]:
             return self.store.metrics_snapshot(now=time.time()), self.store.state_changes(cursor)
 
         snapshot, changes = await self.offload.db(read)
-        self.metrics.set_store_snapshot(StoreSnapshot(**snapshot))
+        self.metrics.set_store_snapshot(snapshot)
         self.metrics.state_changes(changes)
 
 

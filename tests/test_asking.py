@@ -209,7 +209,7 @@ def test_a_store_from_before_questions_gains_the_table(tmp_path: Path) -> None:
 
 
 def test_the_metrics_count_who_waits_and_for_how_long(tmp_path: Path) -> None:
-    from orchestrator.observe.metrics import Metrics, StoreSnapshot
+    from orchestrator.observe.metrics import Metrics
     from orchestrator.store.sqlite import NewHandoff
 
     store = Store.open(tmp_path / "state.db")
@@ -222,15 +222,15 @@ def test_the_metrics_count_who_waits_and_for_how_long(tmp_path: Path) -> None:
         store.ask(grant.lease_id, grant.token, Question("Which?", ("a", "b")), now=1100.0,
                   worker="w")
         snapshot = store.metrics_snapshot(now=1400.0)
-        assert (snapshot["needing_input"], snapshot["oldest_question_s"]) == (1, 300.0)
+        assert (snapshot.needing_input, snapshot.oldest_question_s) == (1, 300.0)
         metrics = Metrics("test")
-        metrics.set_store_snapshot(StoreSnapshot(**snapshot))
+        metrics.set_store_snapshot(snapshot)
         text = metrics.render().decode()
         assert "orchestrator_handoffs_needing_input 1.0" in text
         assert "orchestrator_question_oldest_age_seconds 300.0" in text
         store.answer("h", "a", now=1500.0)
         after = store.metrics_snapshot(now=1600.0)
-        assert (after["needing_input"], after["oldest_question_s"]) == (0, 0.0)
+        assert (after.needing_input, after.oldest_question_s) == (0, 0.0)
     finally:
         store.close()
 

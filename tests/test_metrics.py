@@ -41,13 +41,13 @@ from orchestrator.observe.metrics import (
     METHODS,
     Metrics,
     Readiness,
-    StoreSnapshot,
     gate_outcome,
     method_label,
     parse_listen,
     serve_http,
     wants_openmetrics,
 )
+from orchestrator.store.events import StoreSnapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "config" / "prometheus" / "orchestrator-rules.yml"

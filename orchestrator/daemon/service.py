@@ -39,11 +39,12 @@ from orchestrator.observe.board import (
     RecentRecords,
     build_board,
 )
-from orchestrator.observe.metrics import Metrics, StoreSnapshot, parse_listen, serve_http
+from orchestrator.observe.metrics import Metrics, parse_listen, serve_http
 from orchestrator.observe.page import PageRoutes
 from orchestrator.protocol.jsonrpc import Request
+from orchestrator.store.events import StoreSnapshot
 from orchestrator.store.sqlite import Store, lock_state_dir
-from orchestrator.store.states import LIVE_STATES
+from orchestrator.store.states import LIVE_STATES, State
 
 log = logs.get("service")
 
@@ -313,15 +314,15 @@ class Daemon:
             snapshot = await self.offload.db(self.store.metrics_snapshot, now=self.clock.now())
             self._announce(snapshot)
 
-    def _announce(self, snapshot: dict[str, Any]) -> None:
+    def _announce(self, snapshot: StoreSnapshot) -> None:
         """Keep systemd's one-line ``STATUS=`` (``systemctl status``) current."""
         if not self.ready:
             return
-        counts = snapshot["counts"]
+        counts = snapshot.counts
         status = (
-            f"{self._workers_attached()} workers, {snapshot['leases_active']} leases, "
-            f"{counts['queued']} queued, {snapshot['merge_queue_depth']} to merge, "
-            f"{counts['merged']} merged"
+            f"{self._workers_attached()} workers, {snapshot.leases_active} leases, "
+            f"{counts[State.QUEUED]} queued, {snapshot.merge_queue_depth} to merge, "
+            f"{counts[State.MERGED]} merged"
         )
         if self.merges.blocked_reason:
             status += f"; blocked: {self.merges.blocked_reason}"
@@ -333,12 +334,12 @@ class Daemon:
         """Before each scrape: gauges from the store's truth, read off the event loop."""
         cursor = self.metrics.state_cursor or 0
 
-        def read() -> tuple[dict[str, Any], list[tuple[int, float, str, str]]]:
+        def read() -> tuple[StoreSnapshot, list[tuple[int, float, str, str]]]:
             now = self.clock.now()
             return self.store.metrics_snapshot(now=now), self.store.state_changes(cursor)
 
         snapshot, changes = await self.offload.db(read)
-        self.metrics.set_store_snapshot(StoreSnapshot(**snapshot))
+        self.metrics.set_store_snapshot(snapshot)
         self.metrics.state_changes(changes)
         self.metrics.set_merge_blocked(self.merges.blocked_reason is not None)
         queue = await self.offload.db(self.store.merge_queue)

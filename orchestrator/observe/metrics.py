@@ -15,7 +15,6 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
@@ -28,6 +27,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 
 from orchestrator.observe import http, logs
 from orchestrator.protocol.jsonrpc import CONTROL_METHODS, WORKER_METHODS
+from orchestrator.store.events import StoreSnapshot
 from orchestrator.store.states import LIVE_STATES, STATES, State
 
 try:
@@ -47,7 +47,6 @@ __all__ = [
     "METRICS_CONTENT_TYPE",
     "OPENMETRICS_CONTENT_TYPE",
     "Metrics",
-    "StoreSnapshot",
     "gate_outcome",
     "parse_listen",
     "serve_http",
@@ -227,23 +226,6 @@ def method_label(method: str | None) -> str:
     if method is None:
         return "none"
     return method if method in _KNOWN_METHODS else "other"
-
-
-@dataclass(frozen=True)
-class StoreSnapshot:
-    """What the gauges mirror from the store, read in one go at scrape time."""
-
-    counts: Mapping[str, int]
-    """Handoffs by state."""
-    leases_active: int
-    merge_queue_depth: int
-    """Handoffs ``reported`` or ``gating``."""
-    oldest_s: Mapping[str, float] = field(default_factory=dict)
-    """Per live state: how long its longest-waiting handoff has been in it."""
-    needing_input: int = 0
-    """Handoffs whose agent waits for a person's answer (``lease.ask``)."""
-    oldest_question_s: float = 0.0
-    """How long the longest-waiting of those questions has waited; 0 when none does."""
 
 
 class _Registry(CollectorRegistry):

@@ -23,7 +23,7 @@ from orchestrator.store.errors import (
     StoreFull,
     UnknownHandoff,
 )
-from orchestrator.store.schema import QUESTIONS_SCHEMA, SCHEMA, SCHEMA_VERSION, _add_lease_uid
+from orchestrator.store.schema import QUESTIONS_SCHEMA, SCHEMA, SCHEMA_VERSION, add_lease_uid
 from orchestrator.store.states import State
 
 # How a lease's end reason reads in a -32001 message.
@@ -34,7 +34,7 @@ END_REASONS = {
 
 
 # The detail of a pending landing while the merge queue moves the branch to it.
-_MOVING = "moving the integration branch to this candidate"
+MOVING_DETAIL = "moving the integration branch to this candidate"
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -105,11 +105,11 @@ def _cannot_write(exc: sqlite3.DatabaseError) -> bool:
     return "database or disk is full" in text or "disk I/O error" in text
 
 
-def _loads(value: str | None) -> Any:
+def from_json(value: str | None) -> Any:
     return None if value is None else json.loads(value)
 
 
-def _dumps(value: Any) -> str | None:
+def to_json(value: Any) -> str | None:
     return None if value is None else json.dumps(value, allow_nan=False, sort_keys=True)
 
 
@@ -175,7 +175,7 @@ class StoreConnection:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.executescript(SCHEMA)
-        _add_lease_uid(conn)
+        add_lease_uid(conn)
         conn.executescript(QUESTIONS_SCHEMA)
         store = cls(conn, path, lock_wait_s)
         with store._tx() as c:
@@ -350,7 +350,7 @@ class StoreConnection:
                 State.FAILED,
                 now,
                 detail=f"{detail}; gave up after {row['attempt']} attempt(s)",
-                feedback=_dumps(feedback),
+                feedback=to_json(feedback),
             )
             return State.FAILED
         self._set_state(
@@ -359,7 +359,7 @@ class StoreConnection:
             State.QUEUED,
             now,
             attempt=row["attempt"] + 1,
-            feedback=_dumps(feedback),
+            feedback=to_json(feedback),
             detail=detail,
         )
         return State.QUEUED
@@ -375,7 +375,7 @@ class StoreConnection:
         if row_id is None:
             return False
         row = c.execute("SELECT detail FROM merges WHERE id = ?", (row_id,)).fetchone()
-        return bool(row["detail"] == _MOVING)
+        return bool(row["detail"] == MOVING_DETAIL)
 
     def _open_questions(
         self, c: sqlite3.Connection, name: str | None = None

@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.protocol.records import EventRecord
 from orchestrator.store.connection import StoreConnection
 from orchestrator.store.states import LIVE_STATES, STATES, State
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """What the gauges mirror from the store, read in one go at scrape time."""
+
+    counts: Mapping[str, int]
+    """Handoffs by state."""
+    leases_active: int
+    merge_queue_depth: int
+    """Handoffs ``reported`` or ``gating``."""
+    oldest_s: Mapping[str, float] = field(default_factory=dict)
+    """Per live state: how long its longest-waiting handoff has been in it."""
+    needing_input: int = 0
+    """Handoffs whose agent waits for a person's answer (``lease.ask``)."""
+    oldest_question_s: float = 0.0
+    """How long the longest-waiting of those questions has waited; 0 when none does."""
 
 
 class EventLog(StoreConnection):
@@ -28,7 +47,7 @@ class EventLog(StoreConnection):
             for r in reversed(rows)
         ]
 
-    def metrics_snapshot(self, *, now: float) -> dict[str, Any]:
+    def metrics_snapshot(self, *, now: float) -> StoreSnapshot:
         """What the store-backed gauges show, read in one transaction for a scrape.
 
         ``counts`` (handoffs by state), ``leases_active``, ``merge_queue_depth`` and
@@ -71,14 +90,14 @@ class EventLog(StoreConnection):
             ).fetchone()
         finally:
             c.execute("COMMIT")
-        return {
-            "counts": counts,
-            "leases_active": int(active),
-            "merge_queue_depth": counts[State.REPORTED] + counts[State.GATING],
-            "oldest_s": oldest,
-            "needing_input": int(asking),
-            "oldest_question_s": now - asked_at if asked_at is not None else 0.0,
-        }
+        return StoreSnapshot(
+            counts={str(state): n for state, n in counts.items()},
+            leases_active=int(active),
+            merge_queue_depth=counts[State.REPORTED] + counts[State.GATING],
+            oldest_s=oldest,
+            needing_input=int(asking),
+            oldest_question_s=now - asked_at if asked_at is not None else 0.0,
+        )
 
     def state_clock_start(self) -> tuple[int, list[tuple[str, str, float]]]:
         """Where :meth:`state_changes` should start reading (the last event's id), and the

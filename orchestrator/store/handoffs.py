@@ -22,9 +22,9 @@ from orchestrator.protocol.records import (
     Report,
     ReportRecord,
 )
-from orchestrator.store.connection import StoreConnection, _loads
+from orchestrator.store.connection import StoreConnection, from_json
 from orchestrator.store.errors import DuplicateHandoff, InvalidSubmission, InvalidTransition
-from orchestrator.store.leases import _lease
+from orchestrator.store.leases import lease_of_row
 from orchestrator.store.states import RETRYABLE_STATES, STATES, State
 
 
@@ -42,7 +42,7 @@ class NewHandoff:
 
 
 def _summary(row: sqlite3.Row, asked: OpenQuestion | None) -> HandoffSummary:
-    progress = _loads(row["progress"])
+    progress = from_json(row["progress"])
     return HandoffSummary(
         name=row["name"],
         title=row["title"],
@@ -247,7 +247,7 @@ class HandoffTable(StoreConnection):
         c = self._conn
         row = self._row(c, name)
         asked = self._open_questions(c, name)
-        feedback = _loads(row["feedback"])
+        feedback = from_json(row["feedback"])
         return HandoffDetail(
             summary=_summary(row, asked[0][1] if asked else None),
             body=row["body"],
@@ -257,9 +257,9 @@ class HandoffTable(StoreConnection):
             submitted_at=row["submitted_at"],
             merged_at=row["merged_at"],
             merge_commit=row["merge_commit"],
-            conflicts=tuple(_loads(row["conflicts"]) or ()),
+            conflicts=tuple(from_json(row["conflicts"]) or ()),
             leases=tuple(
-                _lease(r)
+                lease_of_row(r)
                 for r in c.execute("SELECT * FROM leases WHERE handoff = ? ORDER BY token", (name,))
             ),
             reports=tuple(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.protocol.records import LeaseRecord, Progress, Report
-from orchestrator.store.connection import StoreConnection, _dumps, _loads
+from orchestrator.store.connection import StoreConnection, from_json, to_json
 from orchestrator.store.errors import LeaseNotHeld
 from orchestrator.store.states import BLOCKED_DETAIL, State
 
@@ -47,7 +47,7 @@ def new_lease_id() -> str:
     return f"l-{int(time.time() * 1000):x}{secrets.token_hex(6)}"
 
 
-def _lease(row: sqlite3.Row) -> LeaseRecord:
+def lease_of_row(row: sqlite3.Row) -> LeaseRecord:
     return LeaseRecord(
         id=row["id"],
         handoff=row["handoff"],
@@ -114,7 +114,7 @@ class LeaseTable(StoreConnection):
                     attempt=row["attempt"],
                     expires_at=expires,
                     wire=json.loads(row["wire"]),
-                    feedback=_loads(row["feedback"]),
+                    feedback=from_json(row["feedback"]),
                 )
         return None
 
@@ -146,7 +146,7 @@ class LeaseTable(StoreConnection):
     def lease(self, lease_id: str, token: int, *, now: float) -> LeaseRecord:
         """The lease if it is held with this token; raises :class:`LeaseNotHeld`."""
         with self._tx() as c:
-            return _lease(self._held(c, lease_id, token, now))
+            return lease_of_row(self._held(c, lease_id, token, now))
 
     def renew(
         self,
@@ -168,7 +168,7 @@ class LeaseTable(StoreConnection):
             if progress is not None:
                 c.execute(
                     "UPDATE handoffs SET progress = ?, updated_at = ? WHERE name = ?",
-                    (_dumps(progress.to_wire()), now, row["handoff"]),
+                    (to_json(progress.to_wire()), now, row["handoff"]),
                 )
             return expires
 
@@ -201,7 +201,7 @@ class LeaseTable(StoreConnection):
                     )
                     # Keep whatever feedback the attempt had: the next agent still needs it.
                     state = self._requeue(
-                        c, row, now, feedback=_loads(row["feedback"]), detail=detail
+                        c, row, now, feedback=from_json(row["feedback"]), detail=detail
                     )
                 out.append(Expired(lease["id"], row["name"], state, reason))
         return out
@@ -226,7 +226,7 @@ class LeaseTable(StoreConnection):
                 c,
                 row,
                 now,
-                feedback=_loads(row["feedback"]),
+                feedback=from_json(row["feedback"]),
                 detail=f"released by the worker: {reason}" if reason else "released by the worker",
             )
 
@@ -347,7 +347,7 @@ class LeaseTable(StoreConnection):
     def open_leases(self) -> list[LeaseRecord]:
         """Every lease not ended yet, expired or not (for start-up reconciliation)."""
         rows = self._conn.execute("SELECT * FROM leases WHERE ended_at IS NULL ORDER BY token")
-        return [_lease(r) for r in rows.fetchall()]
+        return [lease_of_row(r) for r in rows.fetchall()]
 
     def end_lease_fault(
         self, lease_id: str, *, reason: str, detail: str, now: float
@@ -364,11 +364,11 @@ class LeaseTable(StoreConnection):
             self._event(c, now, row["name"], "lease_" + reason, lease=lease_id, detail=detail)
             if row["state"] != State.LEASED:
                 return State(row["state"])
-            return self._requeue(c, row, now, feedback=_loads(row["feedback"]), detail=detail)
+            return self._requeue(c, row, now, feedback=from_json(row["feedback"]), detail=detail)
 
     def active_leases(self, *, now: float) -> list[LeaseRecord]:
         """Leases held and not expired at ``now``, in grant order."""
         rows = self._conn.execute(
             "SELECT * FROM leases WHERE ended_at IS NULL AND expires_at > ? ORDER BY token", (now,)
         ).fetchall()
-        return [_lease(r) for r in rows]
+        return [lease_of_row(r) for r in rows]

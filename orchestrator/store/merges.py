@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orchestrator.protocol.records import Feedback
-from orchestrator.store.connection import _MOVING, StoreConnection, _dumps
+from orchestrator.store.connection import MOVING_DETAIL, StoreConnection, to_json
 from orchestrator.store.errors import InvalidTransition
 from orchestrator.store.states import MERGE_QUEUE_STATES, State
 
@@ -158,7 +158,7 @@ class MergeTable(StoreConnection):
             row_id = self._pending_landing(c, name)
             if self._row(c, name)["state"] != State.GATING or row_id is None:
                 return False
-            c.execute("UPDATE merges SET detail = ? WHERE id = ?", (_MOVING, row_id))
+            c.execute("UPDATE merges SET detail = ? WHERE id = ?", (MOVING_DETAIL, row_id))
             return True
 
     def end_ref_move(self, name: str) -> None:
@@ -168,7 +168,8 @@ class MergeTable(StoreConnection):
             row_id = self._pending_landing(c, name)
             if row_id is not None:
                 c.execute(
-                    "UPDATE merges SET detail = '' WHERE id = ? AND detail = ?", (row_id, _MOVING)
+                    "UPDATE merges SET detail = '' WHERE id = ? AND detail = ?",
+                    (row_id, MOVING_DETAIL),
                 )
 
     def landing_superseded(self, name: str, *, detail: str, now: float) -> None:
@@ -260,8 +261,8 @@ class MergeTable(StoreConnection):
                 held_state,
                 now,
                 detail=detail,
-                conflicts=_dumps(list(conflicts)) if conflicts else None,
-                feedback=_dumps(feedback.to_wire()),
+                conflicts=to_json(list(conflicts)) if conflicts else None,
+                feedback=to_json(feedback.to_wire()),
             )
             if hold:
                 return held_state

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from orchestrator.protocol.asking import Question
-from orchestrator.store.connection import StoreConnection, _dumps
+from orchestrator.store.connection import StoreConnection, to_json
 from orchestrator.store.errors import NothingAsked
 
 
@@ -34,7 +34,7 @@ class QuestionTable(StoreConnection):
                     row["handoff"],
                     lease_id,
                     question.question,
-                    _dumps(list(question.choices)) if question.choices is not None else None,
+                    to_json(list(question.choices)) if question.choices is not None else None,
                     now,
                 ),
             )

@@ -127,7 +127,7 @@ CREATE INDEX IF NOT EXISTS questions_lease ON questions(lease_id, delivered_at);
 """
 
 
-def _add_lease_uid(conn: sqlite3.Connection) -> None:
+def add_lease_uid(conn: sqlite3.Connection) -> None:
     # A lease is bound to the uid that acquired it as well as to its worker name; stores
     # made before that get the column (NULL: bound by name only, as they were).
     columns = {row[1] for row in conn.execute("PRAGMA table_info(leases)")}
