@@ -23,6 +23,8 @@ from typing import Any
 
 import anyio
 
+from orchestrator import deathsig
+
 # How much of a failed setup's output the release reason quotes.
 TAIL_BYTES = 2000
 TERM_GRACE_S = 5.0
@@ -71,7 +73,7 @@ async def run_setup(spec: SetupSpec, worktree: Path, env: dict[str, str]) -> Set
     """Run ``spec.command`` in ``worktree``; on failure remove the kept paths."""
     try:
         process = await anyio.open_process(
-            [sys.executable, "-m", "orchestrator.deathsig", *spec.command],
+            deathsig.wrapper_argv(spec.command),
             cwd=worktree,
             env=env,
             stdin=-1,
