@@ -670,6 +670,12 @@ class Store:
                 )
         return None
 
+    def queued_label_sets(self) -> set[frozenset[str]]:
+        """The label sets of the queued handoffs: a worker whose labels hold none of them
+        would find nothing to lease (a read, no write lock)."""
+        rows = self._conn.execute("SELECT DISTINCT labels FROM handoffs WHERE state = 'queued'")
+        return {frozenset(json.loads(r[0])) for r in rows.fetchall()}
+
     def set_lease_workspace(
         self, lease_id: str, *, base_commit: str, worktree: str, branch: str, expires_at: float
     ) -> None:
