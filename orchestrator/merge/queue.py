@@ -225,6 +225,7 @@ class MergeQueue:
                 self.blocked_reason = None
             self._focus = None
             self._busy_since = time.monotonic()
+            took = False
             try:
                 took = await self.integrate()
             except StoreFull:
@@ -262,7 +263,11 @@ class MergeQueue:
                 with anyio.CancelScope(shield=True):
                     for name in owned:
                         await self.offload.db(self.store.return_to_queue, name, now=time.time())
-                    self.on_change()
+                    # Only after a pass that did something: on_change wakes this queue
+                    # too, so an unconditional one made an idle queue spin (~100 passes
+                    # a second, each waking every long-polling acquire).
+                    if owned or took:
+                        self.on_change()
             if not took:
                 with anyio.move_on_after(5.0):  # also a safety net against a missed wake-up
                     await self._wakeup.wait()
