@@ -169,8 +169,8 @@ def _breakdown(
     steps["the bench sees it merged (poll)"] = []
     for name in names:
         last = submits[name]
-        for event, label in STEPS:
-            at = seen.get((name, event))
+        for step, label in STEPS:
+            at = seen.get((name, step))
             if at is None:
                 continue
             steps[label].append((at - last) * 1000)

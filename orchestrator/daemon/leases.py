@@ -36,7 +36,6 @@ class _QueuedProbe:
         self.labels: set[frozenset[str]] | None = None  # None: the read failed
 
 
-
 class LeaseManager:
     """Owns the dispatch wake-ups and the map of which session holds which lease."""
 
