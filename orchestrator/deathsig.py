@@ -17,10 +17,21 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from types import FrameType
 
 PR_SET_PDEATHSIG = 1
 PARENT_DIED = signal.SIGUSR2
+
+
+def wrapper_argv(command: Sequence[str]) -> list[str]:
+    """The argv that runs ``command`` under this supervisor.
+
+    By file, isolated and without ``site`` (``-I -S``): it needs only the standard
+    library, and skipping site-packages (an editable install's finder, and
+    ``importlib.metadata`` for the package's version) makes it start in ~10 ms instead of
+    ~120 ms, which every agent run and workspace setup paid."""
+    return [sys.executable, "-I", "-S", __file__, *command]
 
 
 def _kill_group(signum: int, frame: FrameType | None) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 
+from orchestrator import deathsig
 from orchestrator.protocol.lease_grant import LeaseGrant
 
 # How much of a failed setup's output the release reason quotes.
@@ -61,7 +62,7 @@ async def run_setup(spec: SetupSpec, worktree: Path, env: dict[str, str]) -> Set
     """Run ``spec.command`` in ``worktree``; on failure remove the kept paths."""
     try:
         process = await anyio.open_process(
-            [sys.executable, "-m", "orchestrator.deathsig", *spec.command],
+            deathsig.wrapper_argv(spec.command),
             cwd=worktree,
             env=env,
             stdin=-1,

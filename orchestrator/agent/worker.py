@@ -24,6 +24,7 @@ import pygit2
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from orchestrator import deathsig
 from orchestrator.agent.asking import Asking, watch_question_file
 from orchestrator.agent.channel import LeaseChannel
 from orchestrator.agent.client import Client, ConnectionLost
@@ -481,7 +482,7 @@ async def _run_agent(options: WorkerOptions, run: _Run, env: dict[str, str], bou
         # this worker even on SIGKILL (orchestrator.deathsig), so it never keeps writing
         # into a worktree that a later attempt owns.
         process = await anyio.open_process(
-            [sys.executable, "-m", "orchestrator.deathsig", *command],
+            deathsig.wrapper_argv(command),
             cwd=lease.worktree,
             env=env,
             stdin=-1,

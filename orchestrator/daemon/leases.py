@@ -43,6 +43,14 @@ class Renewal:
     answer: str | None
 
 
+class _QueuedProbe:
+    """The queued handoffs' label sets, read once after a wake-up for every long-poll."""
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.labels: set[frozenset[str]] | None = None  # None: the read failed
+
+
 class LeaseManager:
     """The one owner of a lease's lifecycle (grant, renew, ask, report, release, expire,
     revoke), of the dispatch wake-ups and of the map of which session holds which lease.
@@ -64,6 +72,7 @@ class LeaseManager:
         self.offload = offload
         self.metrics = metrics
         self._changed = anyio.Event()
+        self._probe: _QueuedProbe | None = None
         self._holders: dict[str, Session] = {}
         self.stopping = False
         self.ports = PortLedger(config.state_dir)
@@ -88,6 +97,7 @@ class LeaseManager:
         """Something may have become dispatchable: wake every long-polling acquire."""
         self._changed.set()
         self._changed = anyio.Event()
+        self._probe = None  # what is queued is read afresh after every change
 
     def track(self, lease_id: str, session: Session) -> None:
         """Remember which connection to notify if this lease is revoked."""
@@ -100,20 +110,27 @@ class LeaseManager:
         """Long-poll up to ``wait_s`` for a handoff; returns the protocol's lease object."""
         # The event loop's clock: the wait below is measured on it.
         deadline = anyio.current_time() + wait_s
+        woken = False
         while True:
             if self.stopping:
                 return None
             changed = self._changed
-            grant = await self.offload.db(
-                self.store.grant,
-                worker=session.worker_name,
-                uid=session.uid,
-                labels=session.labels,
-                ttl_s=self.ttl_s,
-                now=self.clock.now(),
-            )
-            if grant is not None:
-                break
+            # After a wake-up, every long-poll looks at one shared read of what is queued
+            # and tries a grant (a write transaction) only when something may fit it:
+            # a report or a landing wakes all of them, and 500 idle workers each taking
+            # the store's one lane queued every heartbeat behind them.
+            if not woken or await self._may_grant(session):
+                grant = await self.offload.db(
+                    self.store.grant,
+                    worker=session.worker_name,
+                    uid=session.uid,
+                    labels=session.labels,
+                    ttl_s=self.ttl_s,
+                    now=self.clock.now(),
+                )
+                if grant is not None:
+                    break
+            woken = True
             remaining = deadline - anyio.current_time()
             if remaining <= 0:
                 return None
@@ -141,6 +158,22 @@ class LeaseManager:
                     f"could not prepare the worktree for {grant.handoff}: {exc}",
                 ) from exc
             raise
+
+    async def _may_grant(self, session: Session) -> bool:
+        """Whether a handoff queued since the last wake-up may be leased to ``session``."""
+        probe = self._probe
+        if probe is None:
+            probe = self._probe = _QueuedProbe()
+            try:
+                probe.labels = await self.offload.db(self.store.queued_label_sets)
+            finally:
+                probe.done.set()
+        else:
+            await probe.done.wait()
+        if probe.labels is None:
+            return True  # no answer: let the grant itself decide
+        mine = set(session.labels)
+        return any(labels <= mine for labels in probe.labels)
 
     async def _prepare(self, session: Session, grant: Grant) -> LeaseGrant:
         branch = handoff_model.branch_name(grant.handoff)

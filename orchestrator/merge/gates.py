@@ -313,9 +313,10 @@ async def run_gate(
     )
     try:
         process = await anyio.open_process(
-            # By file and isolated (-I): it needs only the standard library, and runs the
-            # same whatever PYTHONPATH or site-packages the daemon or a gate's env has.
-            [sys.executable, "-I", gate_supervisor.__file__, *confined],
+            # By file, isolated and without site (-I -S): it needs only the standard
+            # library, runs the same whatever PYTHONPATH or site-packages the daemon or a
+            # gate's env has, and skips site's ~25 ms (an editable install's finder).
+            [sys.executable, "-I", "-S", gate_supervisor.__file__, *confined],
             cwd=checkout,
             env=full_env,
             stdin=None,

@@ -235,6 +235,7 @@ class MergeQueue:
                 self.blocked_reason = None
             self._focus = None
             self._busy_since = self.clock.monotonic()
+            took = False
             try:
                 took = await self.integrate()
             except StoreFull:
@@ -274,7 +275,11 @@ class MergeQueue:
                         await self.offload.db(
                             self.store.return_to_queue, name, now=self.clock.now()
                         )
-                    self.on_change()
+                    # Only after a pass that did something: on_change wakes this queue
+                    # too, so an unconditional one made an idle queue spin (~100 passes
+                    # a second, each waking every long-polling acquire).
+                    if owned or took:
+                        self.on_change()
             if not took:
                 with anyio.move_on_after(5.0):  # also a safety net against a missed wake-up
                     await self._wakeup.wait()
