@@ -1,27 +1,28 @@
-"""The rolling merge train with failures: issue 14's scenario, scaled down.
+"""The rolling merge train with failures: issue 14's scenario at its scale.
 
 A real ``orchestrator serve`` on a generated repository (``min(--files, 500)`` files), set
-up as in ``bench_merge_queue`` (untimed, once): with merging paused, a real ``orchestrator
-worker`` reports **20 handoffs**, of which **2 (a tenth: the 6th and the 15th) break the
-gate**; a warm-up train has already created the gate worktrees. Each timed run restores
-that template, starts the daemon with merging on and ``on_gate_failure = "hold"``, and
-times from starting the process until ``handoff.list`` shows every handoff decided
-(``merged`` or ``failed``). The gate (``sh -c "sleep T; test ! -d broken"``) sleeps T
-using no CPU, like a remote CI runner, then fails if the candidate holds a ``broken/``
-directory, which only the breaking agents write: a candidate built on a breaking one fails
-too, as it would in real life.
+up as in ``bench_merge_queue`` (untimed, once): a warm-up train creates the 8 gate
+worktrees, then, with merging paused, a real ``orchestrator worker`` reports **50
+handoffs** (20 with ``--quick``). The repository and state are copied aside as the
+template; every timed run restores it.
 
-- baseline: ``speculative_window = 1``, one candidate gated at a time;
-- ours: ``speculative_window = 8``, the rolling train (the head lands and the next one
-  joins at once; a failure rebuilds only those built on it; adaptive length);
-- ours with batches: the same and ``max_batch = 20`` (one batch, bisected on failure).
+Each timed run starts the daemon with ``merge.paused = true`` and ``on_gate_failure =
+"hold"``, waits until ``status`` says the queue is paused, rewrites the config with
+merging on and sends SIGHUP (what ``systemctl reload`` does), and times **from that
+resume to the moment ``handoff.list`` shows every handoff decided** (issue 14's "from
+the first report to the last decision", with all of them reported at once; the daemon's
+start-up is not in it). Two gates on the same template:
 
-A second template, the same but with **none** of the 20 breaking the gate, is run with
-the baseline and with batches (issue 14's "none failing, ``max_batch`` on" case).
+- failing: ``sh -c "sleep T; test ! -d broken"``, T = 2 s (0.5 s with ``--quick``): the
+  5 agents of a tenth (the 6th, 16th, 26th, 36th, 46th) write ``broken/``, so their
+  candidates fail, and so does any candidate built on one of them, as in real life;
+- passing: ``sh -c "sleep T"``: none fails.
 
-All sides run in the same process on copies of the same template, interleaved. Each run
-checks that every decision was right (the two breaking ones refused, the 18 others
-merged, once each, in queue order on the first-parent history) and counts gate runs.
+Sides: the baseline ``speculative_window = 1`` (about 50 gate times: run once per
+scenario), ``speculative_window = 8`` (failing only) and ``speculative_window = 8,
+max_batch = 50`` (both), 2 runs each, interleaved. Each run checks every decision (the
+breaking ones refused, all others merged, once each, in queue order on the first-parent
+history, each merge commit the candidate that landed) and counts gate runs.
 """
 
 from __future__ import annotations

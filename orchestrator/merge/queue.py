@@ -355,9 +355,9 @@ class MergeQueue:
         those built on it are stopped and rebuilt without it (at no cost to their
         attempts); it is refused once everything ahead of it has landed (a failure ahead
         of it would mean it is rebuilt too). The train's length adapts as Zuul's window
-        does: one longer after each landing, halved after each refusal, between 1 and
-        ``merge.speculative_window``. Whatever is undecided when the train stops goes back
-        to the queue (``run`` puts it there).
+        does: one longer after each landing, halved after a refusal that follows another,
+        between 1 and ``merge.speculative_window``. Whatever is undecided when the train
+        stops goes back to the queue (``run`` puts it there).
         """
         train: list[_Entry] = []
         self._train = train
@@ -686,8 +686,9 @@ class MergeQueue:
             )
 
     async def _bisect(self, entry: _Entry, result: GateResult) -> None:
-        """A batch failed its gate: send it back to the queue split in halves, each to be
-        gated as a batch of its own (the halves in the same rolling train), until the
+        """A batch failed its gate: send it back to the queue split in parts (as many as
+        gate slots, at least two), each gated as a batch of its own (the parts in the same
+        rolling train), until the
         handoff that breaks the gate is gated alone and refused with its log; the others
         land. Nobody is charged an attempt for a batch's failure."""
         jobs = entry.jobs
