@@ -859,3 +859,36 @@ def test_a_failed_batch_is_bisected_the_culprit_refused_the_rest_landed(
         assert any(e["event"] == "batch_failed" for e in daemon.logs())
     finally:
         daemon.stop()
+
+
+def test_a_failed_batch_is_split_in_as_many_parts_as_gate_slots(
+    tmp_path: Path, repo: Path
+) -> None:
+    # 8 in one batch, 4 slots: the failed batch comes back as 4 parts of 2, gated side by
+    # side (not halves, then quarters); the culprit is still refused alone, the rest land,
+    # and every landed tip was gated.
+    counter = tmp_path / "gate-runs"
+    order = ["q1", "q2", "q3", "q4", "q5", "bad", "q6", "q7"]
+    docs = [handoff_doc(n, priority="HIGH" if n != "bad" else "LOW",
+                        labels="breaks" if n == "bad" else "good") for n in order]
+    daemon = _report_all_then_merge(
+        tmp_path, repo, docs, {"breaks": "breaks_tests.py", "good": "good.py"},
+        gates=gate([sys.executable, _counting_check(tmp_path, counter)]),
+        merge='max_batch = 8\nspeculative_window = 4\non_gate_failure = "hold"',
+    )
+    try:
+        want = {n: "failed" if n == "bad" else "merged" for n in order}
+        wait_for(lambda: states(daemon.socket) == want, "the culprit found and refused")
+        failed = [e for e in daemon.logs() if e["event"] == "batch_failed"]
+        assert failed and len(failed[0]["batch"]) == 8
+        assert failed[0]["detail"] == "bisecting: batches of 2 next"
+        gated = {line.split()[0]: line.split()[1:] for line in counter.read_text().splitlines()}
+        assert [b for b in gated.values() if len(b) == 2]  # the parts of 2 were gated
+        history = first_parents(repo)
+        for commit in history:
+            assert passes_gate(repo, commit, tmp_path), commit
+        goods = [n for n in order if n != "bad"]
+        tips = {control(daemon.socket, "handoff.get", {"name": n})["mergeCommit"] for n in goods}
+        assert history[0] in gated and history[0] in tips
+    finally:
+        daemon.stop()

@@ -134,6 +134,8 @@ class MergeQueue:
         self._train: list[_Entry] = []  # the train in flight, head first (for ETAs)
         # handoff -> the batch size to take it in next (bisection after a batch failed).
         self._batch_hint: dict[str, int] = {}
+        # Merged handoffs whose directories go back to the pool when the git lane is idle.
+        self._to_release: list[str] = []
         # When the step in progress began (monotonic), for the systemd watchdog.
         self._busy_since: float | None = None
         # How gates are confined here; decided by the first run() (a probe of bwrap).
@@ -370,9 +372,9 @@ class MergeQueue:
         those built on it are stopped and rebuilt without it (at no cost to their
         attempts); it is refused once everything ahead of it has landed (a failure ahead
         of it would mean it is rebuilt too). The train's length adapts as Zuul's window
-        does: one longer after each landing, halved after each refusal, between 1 and
-        ``merge.speculative_window``. Whatever is undecided when the train stops goes back
-        to the queue (``run`` puts it there).
+        does: one longer after each landing, halved after a refusal that follows another,
+        between 1 and ``merge.speculative_window``. Whatever is undecided when the train
+        stops goes back to the queue (``run`` puts it there).
         """
         train: list[_Entry] = []
         self._train = train
@@ -426,6 +428,9 @@ class MergeQueue:
         # Set after a candidate could not be built on the speculative base: nothing more
         # joins until the train has emptied, so it is next, built on the real tip.
         hold_fill = False
+        # A refusal right after a refusal (no landing between) halves the window; an
+        # isolated one does not, as the candidates behind it are rebuilt at once anyway.
+        refused_last = False
         while True:
             self._progress = anyio.Event()
             self._busy_since = self.clock.monotonic()
@@ -448,7 +453,9 @@ class MergeQueue:
                         await self._gate_failed(
                             head.job, head.result.base, head.candidate, head.outcome, head.bound
                         )
-                        self._window = max(1, self._window // 2)
+                        if refused_last:
+                            self._window = max(1, self._window // 2)
+                        refused_last = True
                     self.current.discard(head.job.name)
                     continue
                 landed = await self._land(head, expected)
@@ -460,7 +467,11 @@ class MergeQueue:
                     await self._discard(behind, f"{head.job.name} did not land")
                     break
                 expected = head.candidate
+                refused_last = False
                 self._window = min(self._window + 1, self.config.speculative_window)
+                # The next candidate joins (and its gate starts) before the next landing:
+                # a landing's fsyncs must not keep a slot idle.
+                break
             if not train:
                 hold_fill = False
             # Fill the train up to the window, each candidate on the last one.
@@ -520,8 +531,25 @@ class MergeQueue:
                 start_gating(built)
             self._focus = None
             if not train:
+                await self._release_worktrees(lambda: False)
                 return took
+            if train[0].done:
+                continue  # the next head waits to land (or be refused)
+            # Gates are running and nothing is to land: the idle git lane puts merged
+            # handoffs' directories back in the pool, one at a time, until a gate ends.
+            await self._release_worktrees(self._progress.is_set)
             await self._progress.wait()
+
+    async def _release_worktrees(self, stop: Callable[[], bool]) -> None:
+        """Put merged handoffs' directories back in the pool (``_merged`` leaves them
+        here so that a landing never waits behind a rename), until ``stop()``."""
+        while self._to_release and not stop():
+            name = self._to_release.pop(0)
+            try:
+                if not await self.offload.db(self.store.has_open_lease, name):
+                    await self.offload.git(self.workspace.release_worktree, name)
+            except Exception:  # the pool is an optimisation; a stuck worktree is not an error
+                log.bind(handoff=name).exception("worktree_release_failed")
 
     async def _settle_failures(self, train: list[_Entry]) -> None:
         """Stop the candidates built on a failed one and put them back in the queue: they
@@ -687,12 +715,17 @@ class MergeQueue:
             )
 
     async def _bisect(self, entry: _Entry, result: GateResult) -> None:
-        """A batch failed its gate: send it back to the queue split in halves, each to be
-        gated as a batch of its own (the halves in the same rolling train), until the
+        """A batch failed its gate: send it back to the queue split in parts (as many as
+        gate slots, at least two), each gated as a batch of its own (the parts in the same
+        rolling train), until the
         handoff that breaks the gate is gated alone and refused with its log; the others
         land. Nobody is charged an attempt for a batch's failure."""
         jobs = entry.jobs
-        half = max(1, len(jobs) // 2)
+        # Split in as many parts as there are gate slots (halves with one or two): the
+        # parts are gated side by side, so the culprit's part is found in one gate time,
+        # not one per halving.
+        parts = max(2, min(self.config.speculative_window, len(jobs)))
+        half = max(1, -(-len(jobs) // parts))
         entry.bound.warning(
             "batch_failed",
             batch=[j.name for j in jobs],
@@ -965,11 +998,7 @@ class MergeQueue:
             metric="orchestrator_merges_total",
             result="merged",
         )
-        try:
-            if not await self.offload.db(self.store.has_open_lease, job.name):
-                await self.offload.git(self.workspace.release_worktree, job.name)
-        except Exception:  # the pool is an optimisation; a stuck worktree is not an error
-            bound.exception("worktree_release_failed")
+        self._to_release.append(job.name)  # once the git lane is idle (_release_worktrees)
         self.on_change()
 
     async def _conflict(
