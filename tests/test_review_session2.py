@@ -159,3 +159,30 @@ async def test_copy_error_in_a_batch_gate_is_charged_to_an_innocent_member(
         states = await _settle(parts, ["alpha", "beta"])
         # beta did nothing wrong: it must not be the one held for a person.
         assert states["beta"] == "merged", (states, parts.store.detail("beta").detail)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: a live lease keeps the range the ledger gave it under the old "
+    "[workspace] ports settings, while gate slots' ranges are recomputed from the new "
+    "ones (SIGHUP reload or restart): a gate then listens on a live lease's ports",
+)
+def test_changed_port_settings_give_a_gate_slot_a_live_leases_ports(tmp_path: Path) -> None:
+    from orchestrator.config import MAX_SPECULATIVE_WINDOW, WorkspaceConfig
+    from orchestrator.daemon.ports import PortLedger, gate_range
+
+    before = WorkspaceConfig(ports_per_lease=10, port_base=20000)
+    held = PortLedger(tmp_path).assign("l-old", before, ["l-old"])
+    assert held is not None
+    after = WorkspaceConfig(ports_per_lease=20, port_base=20000)
+    # The lease is still live (its worker outlives reloads and restarts); a new lease
+    # is assigned under the new settings, and the gate slots use them.
+    PortLedger(tmp_path).assign("l-new", after, ["l-old", "l-new"])
+    mine = PortLedger(tmp_path).assign("l-old", after, ["l-old", "l-new"])
+    assert mine is not None
+    clashing = [
+        slot
+        for slot in range(MAX_SPECULATIVE_WINDOW)
+        if (gate := gate_range(after, slot)) is not None and gate.overlaps(mine)
+    ]
+    assert clashing == [], f"gate slots {clashing} share ports with live lease {mine}"
