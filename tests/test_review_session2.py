@@ -186,3 +186,53 @@ def test_changed_port_settings_give_a_gate_slot_a_live_leases_ports(tmp_path: Pa
         if (gate := gate_range(after, slot)) is not None and gate.overlaps(mine)
     ]
     assert clashing == [], f"gate slots {clashing} share ports with live lease {mine}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: an agent force-adds a file at a copy_files path (.env); its gate "
+    "never sees it (copy_untracked puts the operator's copy on top in the gate "
+    "checkout) and at landing advance_integration's read-tree -m -u overwrites the "
+    "operator's ignored .env in repository.path with the agent's: every later lease "
+    "and gate gets the agent's .env, and the operator's secret file is gone",
+)
+async def test_agent_commit_at_a_copy_files_path_overwrites_the_operators_file(
+    tmp_path: Path, repo: Path
+) -> None:
+    _ignore_and_place(repo, ".env", "SECRET=operator\n")
+    gates = (
+        '[workspace]\ncopy_files = [".env"]\n'
+        '[[gates]]\nname = "ok"\nrun = ["true"]\ntimeout_s = 60\n'
+    )
+    async with daemon_parts(tmp_path, repo, gates=gates) as parts:
+        await parts.submit("alpha", "beta")
+        held = {}
+        for n in ("w-a", "w-b"):
+            one = await acquire(parts, peer(name=n))
+            held[one.handoff] = one
+        wa = Path(held["alpha"].lease["worktree"])
+        (wa / ".env").write_text("SECRET=agent\n")
+        git(wa, "add", "-f", ".env")
+        git(wa, "commit", "-q", "-m", "track .env")
+        wb = Path(held["beta"].lease["worktree"])
+        (wb / "beta.txt").write_text("beta\n")
+        git(wb, "add", "beta.txt")
+        git(wb, "commit", "-q", "-m", "beta")
+        for name in ("alpha", "beta"):
+            one = held[name]
+            head = git(Path(one.lease["worktree"]), "rev-parse", "HEAD")
+            report = {"status": "completed", "head": head, "summary": "done"}
+            assert await parts.call(one.who, "handoff.report", one.ids(report=report)) == {
+                "accepted": True
+            }
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(parts.merges.run)
+            with anyio.fail_after(60):
+                while parts.state_of("beta") != "merged" and not parts.merges.blocked_reason:
+                    await anyio.sleep(0.1)  # noqa: ASYNC110 - state lives in SQLite
+            tg.cancel_scope.cancel()
+        # The operator's file is not the agent's to write, merged or not ...
+        assert (repo / ".env").read_text() == "SECRET=operator\n"
+        # ... and refusing to overwrite it must not stop the queue for everyone.
+        assert parts.merges.blocked_reason is None, parts.merges.blocked_reason
+        assert parts.state_of("beta") == "merged"
