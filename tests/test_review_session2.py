@@ -228,8 +228,10 @@ async def test_agent_commit_at_a_copy_files_path_overwrites_the_operators_file(
         async with anyio.create_task_group() as tg:
             tg.start_soon(parts.merges.run)
             with anyio.fail_after(60):
-                while parts.state_of("beta") != "merged" and not parts.merges.blocked_reason:
-                    await anyio.sleep(0.1)  # noqa: ASYNC110 - state lives in SQLite
+                while True:
+                    if parts.state_of("beta") == "merged" or parts.merges.blocked_reason:
+                        break
+                    await anyio.sleep(0.1)
             tg.cancel_scope.cancel()
         # The operator's file is not the agent's to write, merged or not ...
         assert (repo / ".env").read_text() == "SECRET=operator\n"
