@@ -238,3 +238,24 @@ async def test_agent_commit_at_a_copy_files_path_overwrites_the_operators_file(
         # ... and refusing to overwrite it must not stop the queue for everyone.
         assert parts.merges.blocked_reason is None, parts.merges.blocked_reason
         assert parts.state_of("beta") == "merged"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open hole: the worker's _read_progress keeps any float the agent's progress "
+    "file holds, NaN and 1e999 (inf) too; the heartbeat's frame (allow_nan=False) then "
+    "raises ValueError, not RpcError, out of _heartbeat: the agent takes its worker down",
+)
+@pytest.mark.parametrize("number", ["NaN", "1e999"])
+def test_agent_progress_file_with_a_non_finite_number_breaks_the_heartbeat(
+    tmp_path: Path, number: str
+) -> None:
+    from orchestrator.agent.worker import _read_progress
+    from orchestrator.protocol.jsonrpc import encode
+
+    progress_file = tmp_path / "progress"
+    progress_file.write_text(f'{{"percent": {number}, "message": "half way"}}\n')
+    progress = _read_progress(progress_file)
+    assert progress is not None
+    params = {"leaseId": "l-1", "token": 1, "progress": progress.to_wire()}
+    encode({"jsonrpc": "2.0", "id": 1, "method": "lease.heartbeat", "params": params})
