@@ -244,13 +244,16 @@ async def test_agent_commit_at_a_copy_files_path_overwrites_the_operators_file(
     strict=True,
     reason="open hole: the worker's _read_progress keeps any float the agent's progress "
     "file holds, NaN and 1e999 (inf) too; the heartbeat's frame (allow_nan=False) then "
-    "raises ValueError, not RpcError, out of _heartbeat: the agent takes its worker down",
+    "raises ValueError, not RpcError, out of _heartbeat: the agent takes its worker "
+    "down; 150 is sent, and the daemon refuses every heartbeat (percent 0-100) until "
+    "the lease lapses and an attempt is spent",
 )
-@pytest.mark.parametrize("number", ["NaN", "1e999"])
-def test_agent_progress_file_with_a_non_finite_number_breaks_the_heartbeat(
+@pytest.mark.parametrize("number", ["NaN", "1e999", "150"])
+def test_agent_progress_file_with_a_bad_percent_breaks_the_heartbeat(
     tmp_path: Path, number: str
 ) -> None:
     from orchestrator.agent.worker import _read_progress
+    from orchestrator.daemon.handlers import _progress
     from orchestrator.protocol.jsonrpc import encode
 
     progress_file = tmp_path / "progress"
@@ -259,3 +262,4 @@ def test_agent_progress_file_with_a_non_finite_number_breaks_the_heartbeat(
     assert progress is not None
     params = {"leaseId": "l-1", "token": 1, "progress": progress.to_wire()}
     encode({"jsonrpc": "2.0", "id": 1, "method": "lease.heartbeat", "params": params})
+    _progress(params["progress"])  # what the daemon's heartbeat handler accepts
