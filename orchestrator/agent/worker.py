@@ -9,6 +9,7 @@ restarting) is re-established and the lease carries on: leases outlive connectio
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -649,9 +650,7 @@ def _read_progress(path: Path) -> Progress | None:
             # A field of the wrong type is left out: the daemon would refuse the whole
             # heartbeat for it, and the lease would lapse.
             return Progress(
-                percent=percent
-                if isinstance(percent, int | float) and not isinstance(percent, bool)
-                else None,
+                percent=_percent(percent),
                 phase=phase if isinstance(phase, str) else None,
                 message=message if isinstance(message, str) else None,
             )
@@ -659,10 +658,24 @@ def _read_progress(path: Path) -> Progress | None:
         pass
     head, _, rest = last.partition(" ")
     try:
-        percent = max(0, min(100, int(float(head.rstrip("%")))))
-        return Progress(percent=percent, phase=None, message=rest.strip() or None)
+        number = float(head.rstrip("%"))
     except ValueError:
         return Progress(percent=None, phase=None, message=last[:500])
+    percent = _percent(number)
+    if percent is None:  # nan or inf: no percent, the line is a message
+        return Progress(percent=None, phase=None, message=last[:500])
+    return Progress(percent=int(percent), phase=None, message=rest.strip() or None)
+
+
+def _percent(value: object) -> float | None:
+    """A percent the daemon accepts (a finite number, clamped to 0-100), or None: the
+    daemon refuses a whole heartbeat for a bad one (and the lease would lapse), and NaN
+    or infinity cannot even be framed as JSON."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not math.isfinite(value):
+        return None
+    return max(0, min(100, value))
 
 
 def open_worktree(worktree: Path, branch: str) -> pygit2.Repository:

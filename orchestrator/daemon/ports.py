@@ -11,6 +11,11 @@ A lease's range is recorded in a small file in the state directory, so that a re
 daemon does not hand a range to a new lease while the worker of an old one (which
 outlives connections, and daemons) still uses it. Entries of leases that are no longer
 open in the store are dropped whenever a range is assigned.
+
+The ledger also records the settings (``port_base``, ``ports_per_lease``) its ranges were
+laid out by. Changed settings (a reload, or a restart) take effect only once no lease of
+the old layout is live: until then new leases and the gate slots keep the recorded
+layout, so a gate never lands on the range of a lease whose worker still listens there.
 """
 
 from __future__ import annotations
@@ -40,13 +45,30 @@ class PortRange:
         return self.base < other.base + other.count and other.base < self.base + self.count
 
 
+@dataclass(frozen=True)
+class PortLayout:
+    """Where the ranges are: gate slot *s* at ``base + s * per``, leases above them."""
+
+    base: int
+    per: int
+
+    @classmethod
+    def of(cls, workspace: WorkspaceConfig) -> PortLayout:
+        """The layout ``[workspace]`` asks for."""
+        return cls(workspace.port_base, workspace.ports_per_lease)
+
+    def gate(self, slot: int) -> PortRange:
+        """The range of gate slot ``slot``."""
+        return PortRange(self.base + slot * self.per, self.per)
+
+
 def gate_range(workspace: WorkspaceConfig, slot: int) -> PortRange | None:
-    """The range of gate slot ``slot``; None when ports are off."""
+    """The range of gate slot ``slot`` as ``[workspace]`` lays them out; None when ports
+    are off. A running daemon asks :meth:`PortLedger.gate_range`, which keeps the layout
+    of leases still live."""
     if workspace.ports_per_lease <= 0:
         return None
-    return PortRange(
-        workspace.port_base + slot * workspace.ports_per_lease, workspace.ports_per_lease
-    )
+    return PortLayout.of(workspace).gate(slot)
 
 
 class PortLedger:
@@ -55,22 +77,33 @@ class PortLedger:
     def __init__(self, state_dir: Path) -> None:
         self.path = Path(state_dir) / LEDGER_NAME
 
+    def gate_range(self, workspace: WorkspaceConfig, slot: int) -> PortRange | None:
+        """The range of gate slot ``slot`` in the layout the live leases were given;
+        None when ports are off."""
+        if workspace.ports_per_lease <= 0:
+            return None
+        layout, _ = self._load()
+        return (layout or PortLayout.of(workspace)).gate(slot)
+
     def assign(
         self, lease_id: str, workspace: WorkspaceConfig, live: Iterable[str]
     ) -> PortRange | None:
         """The range of ``lease_id`` (the one it has, or the lowest free one); ``live``:
         the ids of every lease still open (``lease_id`` among them). None when ports are
         off or every range is taken."""
-        per = workspace.ports_per_lease
-        if per <= 0:
+        if workspace.ports_per_lease <= 0:
             return None
         keep = set(live) | {lease_id}
-        held = {k: v for k, v in self._load().items() if k in keep}
+        recorded, ranges = self._load()
+        held = {k: v for k, v in ranges.items() if k in keep}
         mine = held.get(lease_id)
         if mine is not None:
             return mine
+        # The configured layout once no live lease holds a range of the recorded one.
+        layout = recorded if recorded is not None and held else PortLayout.of(workspace)
+        per = layout.per
         taken = list(held.values())
-        start = workspace.port_base + MAX_SPECULATIVE_WINDOW * per
+        start = layout.base + MAX_SPECULATIVE_WINDOW * per
         chosen: PortRange | None = None
         base = start
         while base + per - 1 <= HIGHEST_PORT:
@@ -81,27 +114,39 @@ class PortLedger:
             base += per
         if chosen is not None:
             held[lease_id] = chosen
-        self._save(held)
+        self._save(layout, held)
         return chosen
 
-    def _load(self) -> dict[str, PortRange]:
+    def _load(self) -> tuple[PortLayout | None, dict[str, PortRange]]:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return {}
+            return None, {}
         ranges: dict[str, PortRange] = {}
+        layout: PortLayout | None = None
         if isinstance(data, dict):
-            for lease_id, value in data.items():
+            shape = data.get("layout")
+            if (
+                isinstance(shape, list)
+                and len(shape) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in shape)
+            ):
+                layout = PortLayout(shape[0], shape[1])
+            leases = data.get("leases", data)  # a ledger from before the layout was kept
+            for lease_id, value in (leases if isinstance(leases, dict) else {}).items():
                 if (
                     isinstance(value, list)
                     and len(value) == 2
                     and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
                 ):
                     ranges[str(lease_id)] = PortRange(value[0], value[1])
-        return ranges
+        return layout, ranges
 
-    def _save(self, ranges: dict[str, PortRange]) -> None:
-        data = {k: [v.base, v.count] for k, v in sorted(ranges.items())}
+    def _save(self, layout: PortLayout, ranges: dict[str, PortRange]) -> None:
+        data = {
+            "layout": [layout.base, layout.per],
+            "leases": {k: [v.base, v.count] for k, v in sorted(ranges.items())},
+        }
         partial = self.path.with_name(LEDGER_NAME + ".partial")
         partial.write_text(json.dumps(data) + "\n", encoding="utf-8")
         with open(partial, "rb") as f:

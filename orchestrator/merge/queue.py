@@ -18,7 +18,7 @@ import anyio
 from orchestrator.blocking import Offload
 from orchestrator.clock import SYSTEM_CLOCK, Clock
 from orchestrator.config import Config, GateConfig
-from orchestrator.daemon.ports import gate_range
+from orchestrator.daemon.ports import PortLedger
 from orchestrator.git.copy_files import copy_untracked
 from orchestrator.git.workspace import (
     GIT_TIMEOUT_S,
@@ -779,7 +779,7 @@ class MergeQueue:
         batch = batch or [job]
         if len(batch) > 1:
             env["ORCHESTRATOR_BATCH"] = " ".join(j.name for j in batch)
-        ports = gate_range(workspace, slot)
+        ports = PortLedger(self.config.state_dir).gate_range(workspace, slot)
         if ports is not None:
             # Gates of parallel slots (and the agents) never share a port.
             env["ORCHESTRATOR_PORT_BASE"] = str(ports.base)
