@@ -4,6 +4,7 @@ of it fails (``pytest -m fast``)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import anyio
@@ -149,3 +150,54 @@ async def test_a_speculative_candidate_is_discarded_when_the_one_ahead_fails(
         assert rebuilt == git(repo, "rev-parse", "main")
         assert parts.metric("orchestrator_merges_total", result="merged") == 1
         assert parts.metric("orchestrator_merges_total", result="gate_failed") == 1
+
+
+
+async def test_an_error_gating_a_batch_is_charged_to_its_culprit_alone(
+    tmp_path: Path, repo: Path
+) -> None:
+    # beta, the middle of a batch of three, commits a file where a copy_files parent
+    # directory goes: the batch's gate checkout raises (CopyError); no gate fails.
+    (repo / ".gitignore").write_text("/config/local.env\n")
+    git(repo, "add", ".gitignore")
+    git(repo, "commit", "-q", "-m", "ignore local files")
+    (repo / "config").mkdir()
+    (repo / "config" / "local.env").write_text("SECRET=1\n")
+    gates = '[workspace]\ncopy_files = ["config/local.env"]\n' + gate(tmp_path)
+    async with daemon_parts(tmp_path, repo, gates=gates, merge="max_batch = 3") as parts:
+        before = git(repo, "rev-parse", "main")
+        names = ["alpha", "beta", "gamma"]
+        await parts.submit(*names)
+        held = {h.handoff: h for h in [await acquire(parts, peer(name=f"w{i}")) for i in range(3)]}
+        for name in names:
+            worktree = Path(held[name].lease["worktree"])
+            if name == "beta":
+                shutil.rmtree(worktree / "config")
+                (worktree / "config").write_text("mine\n")
+                git(worktree, "add", "-f", "config")
+                git(worktree, "commit", "-q", "-m", "config is a file now")
+                head = git(worktree, "rev-parse", "HEAD")
+                report = {"status": "completed", "head": head, "summary": "done"}
+                answer = await parts.call(
+                    held[name].who, "handoff.report", held[name].ids(report=report)
+                )
+            else:
+                answer = await work_and_report(parts, held[name], {f"{name}.txt": f"{name}\n"})
+            assert answer == {"accepted": True}
+        states: dict[str, str] = {}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(parts.merges.run)  # run() holds a lone candidate's error
+            with anyio.fail_after(PASS_BOUND_S):
+                while True:
+                    states = {n: parts.state_of(n) for n in names}
+                    if not any(s in ("reported", "gating") for s in states.values()):
+                        break
+                    await anyio.sleep(0.1)
+            tg.cancel_scope.cancel()
+        assert states == {"alpha": "merged", "beta": "failed", "gamma": "merged"}, states
+        assert "CopyError" in str(parts.store.detail("beta").detail)
+        # Each innocent landed gated alone, on the tip: nothing ungated reached main.
+        landed = git(repo, "rev-list", "--first-parent", f"{before}..main").split()
+        gated = {candidate: name for name, candidate in gate_runs(tmp_path)}
+        assert sorted(gated.get(c, "ungated") for c in landed) == ["alpha", "gamma"]
+        assert git(repo, "ls-tree", "main", "config") == ""  # beta's file never landed

@@ -123,13 +123,6 @@ def _commit_file_at_config(worktree: Path) -> str:
     return git(worktree, "rev-parse", "HEAD")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: an exception in a batch's gate run (here CopyError from the gate "
-    "checkout) is raised as the head entry's outcome with _focus = head.job, the "
-    "batch's LAST member; run() holds that innocent handoff (merge_error, failed) "
-    "while the culprit goes back to the queue",
-)
 async def test_copy_error_in_a_batch_gate_is_charged_to_an_innocent_member(
     tmp_path: Path, repo: Path
 ) -> None:

@@ -443,6 +443,11 @@ class MergeQueue:
                 self._focus = head.job
                 if head.failed:
                     if isinstance(head.outcome, Exception):
+                        if head.members and not isinstance(head.outcome, StoreFull):
+                            # Which member's tree broke the gating is unknown: each is
+                            # gated alone next, where only its own error is charged to it.
+                            await self._split_after_error(head, head.outcome)
+                            continue
                         raise head.outcome  # held by run(), charged to this job only
                     assert isinstance(head.outcome, GateResult)
                     if head.members:
@@ -735,6 +740,23 @@ class MergeQueue:
         )
         for job in jobs:
             self._batch_hint[job.name] = half
+            await self.offload.db(self.store.return_to_queue, job.name, now=self.clock.now())
+            self.current.discard(job.name)
+
+    async def _split_after_error(self, entry: _Entry, exc: Exception) -> None:
+        """A batch's gating raised (its gate checkout could not be made, say): send every
+        member back to the queue to be gated alone, at no cost to its attempts. Raising
+        it would hold the batch's last member for a person, whoever's tree caused it."""
+        jobs = entry.jobs
+        entry.bound.warning(
+            "batch_gate_error",
+            batch=[j.name for j in jobs],
+            candidate=entry.candidate,
+            error=f"{type(exc).__name__}: {exc}",
+            detail="gating each handoff of the batch alone next",
+        )
+        for job in jobs:
+            self._batch_hint[job.name] = 1
             await self.offload.db(self.store.return_to_queue, job.name, now=self.clock.now())
             self.current.discard(job.name)
 
