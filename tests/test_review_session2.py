@@ -14,7 +14,7 @@ import pytest
 from conftest import git
 from inprocess import acquire, daemon_parts, peer
 
-from orchestrator.protocol.jsonrpc import RpcError
+from orchestrator.protocol.jsonrpc import REPORT_REJECTED, RpcError
 
 pytestmark = [pytest.mark.anyio]
 
@@ -188,14 +188,10 @@ def test_changed_port_settings_give_a_gate_slot_a_live_leases_ports(tmp_path: Pa
     assert clashing == [], f"gate slots {clashing} share ports with live lease {mine}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: an agent force-adds a file at a copy_files path (.env); its gate "
-    "never sees it (copy_untracked puts the operator's copy on top in the gate "
-    "checkout) and at landing advance_integration's read-tree -m -u overwrites the "
-    "operator's ignored .env in repository.path with the agent's: every later lease "
-    "and gate gets the agent's .env, and the operator's secret file is gone",
-)
+# Was an open hole: an agent force-adds a file at a copy_files path (.env); its gate
+# never sees it (copy_untracked puts the operator's copy on top in the gate checkout)
+# and at landing advance_integration's read-tree -m -u overwrote the operator's ignored
+# .env in repository.path with the agent's. Now such a report is refused.
 async def test_agent_commit_at_a_copy_files_path_overwrites_the_operators_file(
     tmp_path: Path, repo: Path
 ) -> None:
@@ -218,13 +214,20 @@ async def test_agent_commit_at_a_copy_files_path_overwrites_the_operators_file(
         (wb / "beta.txt").write_text("beta\n")
         git(wb, "add", "beta.txt")
         git(wb, "commit", "-q", "-m", "beta")
+        reports = {}
         for name in ("alpha", "beta"):
             one = held[name]
             head = git(Path(one.lease["worktree"]), "rev-parse", "HEAD")
-            report = {"status": "completed", "head": head, "summary": "done"}
-            assert await parts.call(one.who, "handoff.report", one.ids(report=report)) == {
-                "accepted": True
-            }
+            reports[name] = {"status": "completed", "head": head, "summary": "done"}
+        one = held["alpha"]
+        with pytest.raises(RpcError) as refused:
+            await parts.call(one.who, "handoff.report", one.ids(report=reports["alpha"]))
+        assert refused.value.code == REPORT_REJECTED
+        assert "git rm -r --cached .env" in str(refused.value), refused.value
+        one = held["beta"]
+        assert await parts.call(one.who, "handoff.report", one.ids(report=reports["beta"])) == {
+            "accepted": True
+        }
         async with anyio.create_task_group() as tg:
             tg.start_soon(parts.merges.run)
             with anyio.fail_after(60):

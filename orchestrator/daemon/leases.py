@@ -427,7 +427,12 @@ class LeaseManager:
             return "the lease has no branch"
         ws = self.config.workspace
         return self.workspace.import_lease_head(
-            lease.handoff, lease.branch, head, untracked_ok=(*ws.keep, *ws.copy_files)
+            lease.handoff,
+            lease.branch,
+            head,
+            untracked_ok=(*ws.keep, *ws.copy_files),
+            copy_files=ws.copy_files,
+            keep=ws.keep,
         )
 
     async def cancelled(self, lease_id: str) -> None:

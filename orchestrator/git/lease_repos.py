@@ -29,6 +29,7 @@ from orchestrator.config import WorkspaceConfig
 from orchestrator.git import lease_access, warm
 from orchestrator.git.command import GitError, run_git
 from orchestrator.git.integration import IntegrationRepository, check_branch_name
+from orchestrator.git.untracked_only import tracked_untracked_only
 from orchestrator.git.untrusted import is_plain_dir, open_dir_nofollow, read_regular_nofollow
 from orchestrator.git.worktrees_dir import (
     BUILD_DIR,
@@ -337,7 +338,14 @@ class LeaseRepositories:
         return self._integration.has_commit(head)
 
     def import_lease_head(
-        self, name: str, branch: str, head: str, *, untracked_ok: Sequence[str] = ()
+        self,
+        name: str,
+        branch: str,
+        head: str,
+        *,
+        untracked_ok: Sequence[str] = (),
+        copy_files: Sequence[str] = (),
+        keep: Sequence[str] = (),
     ) -> str:
         """Take the reported ``head`` from the lease repository ``name`` into ours.
 
@@ -347,7 +355,8 @@ class LeaseRepositories:
         tree must have no uncommitted changes. Then our ``refs/heads/<branch>`` is moved to
         ``head``: it is where the next attempt starts. Returns why the report does not
         match, or "" when it does. ``untracked_ok``: paths (``[workspace] keep`` and
-        ``copy_files``) whose files do not count as uncommitted changes.
+        ``copy_files``) whose files do not count as uncommitted changes. ``copy_files``
+        and ``keep``: paths ``head`` must not track (see orchestrator.git.untracked_only).
         """
         path = self._lease_path(name)
         check_branch_name(branch)
@@ -370,6 +379,9 @@ class LeaseRepositories:
                 f"head {head[:12]} is not the tip of {branch} ({tip[:12]}); "
                 "commit your work on the branch and report its tip"
             )
+        tracked = tracked_untracked_only(self._repo, head, copy_files=copy_files, keep=keep)
+        if tracked:
+            return tracked
         try:
             dirty = self._lease_dirty(path, head, untracked_ok)
         except GitError as exc:

@@ -214,11 +214,21 @@ class Workspace:
         return self._leases.peek_lease_head(name, branch, head)
 
     def import_lease_head(
-        self, name: str, branch: str, head: str, *, untracked_ok: Sequence[str] = ()
+        self,
+        name: str,
+        branch: str,
+        head: str,
+        *,
+        untracked_ok: Sequence[str] = (),
+        copy_files: Sequence[str] = (),
+        keep: Sequence[str] = (),
     ) -> str:
         """Take the reported ``head`` from the lease repository ``name`` into ours; returns
-        why the report does not match, or "" when it does."""
-        return self._leases.import_lease_head(name, branch, head, untracked_ok=untracked_ok)
+        why the report does not match, or "" when it does (``copy_files`` and ``keep``:
+        paths it must not track)."""
+        return self._leases.import_lease_head(
+            name, branch, head, untracked_ok=untracked_ok, copy_files=copy_files, keep=keep
+        )
 
     def lease_worktree_names(self) -> list[str]:
         """Names of the worktrees currently laid out for leases (``worktrees_dir/<name>``)."""
