@@ -4,6 +4,7 @@ fixed. In-process parts on a fake clock, real git, real SQLite."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,8 @@ import pytest
 from conftest import git
 from inprocess import acquire, daemon_parts, peer
 
+from orchestrator.daemon import leases as daemon_leases
+from orchestrator.git.copy_files import CopyError
 from orchestrator.protocol.jsonrpc import REPORT_REJECTED, RpcError
 
 pytestmark = [pytest.mark.anyio]
@@ -63,6 +66,32 @@ async def test_agent_committed_file_at_copy_files_parent_wedges_dispatch(
         # Either the broken handoff is charged for it, or the next one gets through.
         assert "beta" in got, got
 
+
+
+async def test_a_handoff_whose_worktree_cannot_be_prepared_spends_its_attempts(
+    tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Preparation failing grant after grant (a fake: the disk refuses the copy) is the
+    handoff's: it spends an attempt per PREPARE_FAILURES_CHARGED failures and fails at
+    the end, naming the error, instead of staying first in line for ever."""
+    _ignore_and_place(repo, ".env", "SECRET=1\n")
+
+    def refuse(*_args: object) -> None:
+        raise CopyError(errno.EIO, "cannot copy .env: Input/output error")
+
+    monkeypatch.setattr(daemon_leases, "copy_untracked", refuse)
+    gates = '[workspace]\ncopy_files = [".env"]\n'
+    async with daemon_parts(tmp_path, repo, gates=gates, ttl_s=TTL_S) as parts:
+        await parts.submit("alpha")
+        limit = parts.config.max_attempts
+        for n in range(daemon_leases.PREPARE_FAILURES_CHARGED * limit):
+            assert parts.state_of("alpha") == "queued", n
+            with pytest.raises(RpcError):
+                await parts.call(peer(name=f"w{n}"), "lease.acquire", {"waitS": 0})
+        assert parts.state_of("alpha") == "failed"
+        detail = parts.store.detail("alpha").detail or ""
+        assert "Input/output error" in detail, detail
+        assert f"gave up after {limit} attempt(s)" in detail, detail
 
 
 @pytest.mark.xfail(
