@@ -94,13 +94,9 @@ async def test_a_handoff_whose_worktree_cannot_be_prepared_spends_its_attempts(
         assert f"gave up after {limit} attempt(s)" in detail, detail
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: lease_warm_up records the cache key at grant time, before the "
-    "worker ran setup; a worker killed mid-setup (or whose lease expired) never "
-    "removes the half-built kept paths, so the next lease of the directory is told "
-    "setup is not needed and works on them",
-)
+# Was an open hole: lease_warm_up recorded the cache key at grant time, before the
+# worker ran setup; a worker killed mid-setup (or whose lease expired) never removes the
+# half-built kept paths, so the next lease of the directory was told setup is not needed.
 async def test_setup_interrupted_by_an_expiry_is_not_needed_on_the_retry(
     tmp_path: Path, repo: Path
 ) -> None:

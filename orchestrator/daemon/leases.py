@@ -447,6 +447,10 @@ class LeaseManager:
         if not lease.branch:
             return "the lease has no branch"
         ws = self.config.workspace
+        if ws.setup:
+            # A worker reports only after its setup succeeded (it releases the lease when
+            # setup fails): the kept paths are now built for the key left pending.
+            self.workspace.confirm_lease_warm_up(lease.handoff)
         return self.workspace.import_lease_head(
             lease.handoff,
             lease.branch,

@@ -221,9 +221,10 @@ class LeaseRepositories:
     def lease_warm_up(self, name: str, workspace: WorkspaceConfig) -> bool:
         """Whether ``[workspace] setup`` must run in the lease directory ``name`` (just
         checked out): its kept paths were not built for the key of what is checked out
-        there, or one is missing. The key is recorded now: the worker runs setup before
-        the agent (as the agent's uid, never the daemon), and removes the kept paths
-        when setup fails, so the next lease of the directory builds them again."""
+        there, or one is missing. When it must, the key is only pending (see
+        warm.write_pending) until :meth:`confirm_warm_up`: the worker runs setup before
+        the agent (as the agent's uid, never the daemon), and a worker killed mid-setup
+        leaves half-built kept paths the next lease must build again."""
         key = _lease_key(name)
         at = self._checked_out.get(key)
         if at is None:
@@ -234,8 +235,19 @@ class LeaseRepositories:
         needed = warm.read_stamp(state) != want or not all(
             os.path.lexists(path / kept) for kept in workspace.keep
         )
-        warm.write_stamp(state, want)
+        if needed and workspace.setup:
+            warm.write_pending(state, want)
+        else:
+            # Without setup, what the agent builds in the kept paths is what they hold.
+            warm.forget_pending(state)
+            warm.write_stamp(state, want)
         return needed
+
+    def confirm_warm_up(self, name: str) -> bool:
+        """The lease of directory ``name`` shows its setup finished (the worker reports
+        only after a setup that succeeded): the key :meth:`lease_warm_up` left pending is
+        recorded. False when none was pending."""
+        return warm.confirm_pending(self._state_dir / _lease_key(name))
 
     def release_worktree(self, name: str) -> None:
         """Put the directory of the lease ``name`` back in the pool.

@@ -194,6 +194,10 @@ class Workspace:
         """Whether ``[workspace] setup`` must run in the lease directory ``name``."""
         return self._leases.lease_warm_up(name, workspace)
 
+    def confirm_lease_warm_up(self, name: str) -> bool:
+        """Setup finished in the lease directory ``name``: record the key it built for."""
+        return self._leases.confirm_warm_up(name)
+
     def release_worktree(self, name: str) -> None:
         """Put the directory of the lease ``name`` back in the pool."""
         self._leases.release_worktree(name)
