@@ -393,3 +393,17 @@ def test_a_report_tracking_a_copied_or_kept_path_is_refused(
         )
         == ""
     )
+
+
+def test_a_path_the_integration_branch_tracks_is_the_projects_own(
+    repo: Path, ws: Workspace
+) -> None:
+    """copy_files naming a file the project itself commits refuses no report changing it:
+    landing it writes no untracked file of the operator's."""
+    (repo / "settings.env").write_text("A=1\n")
+    git(repo, "add", "settings.env")
+    git(repo, "commit", "-q", "-m", "project settings")
+    ws.ensure_branch("handoff/a", "main")
+    path = ws.checkout_for_lease("a", "handoff/a")
+    head = commit_in(path, "settings.env", "A=2\n", "change settings")
+    assert ws.import_lease_head("a", "handoff/a", head, copy_files=["settings.env"]) == ""

@@ -4,6 +4,7 @@ fixed. In-process parts on a fake clock, real git, real SQLite."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -13,8 +14,10 @@ from typing import Any
 import anyio
 import pytest
 from conftest import git
+from harness import write_config
 from inprocess import acquire, daemon_parts, peer
 
+from orchestrator import config as config_file
 from orchestrator.daemon import leases as daemon_leases
 from orchestrator.git.copy_files import CopyError
 from orchestrator.protocol.jsonrpc import REPORT_REJECTED, RpcError
@@ -263,6 +266,48 @@ async def test_agent_commit_at_a_copy_files_path_overwrites_the_operators_file(
         # ... and refusing to overwrite it must not stop the queue for everyone.
         assert parts.merges.blocked_reason is None, parts.merges.blocked_reason
         assert parts.state_of("beta") == "merged"
+
+
+async def test_a_queued_candidate_tracking_a_path_copy_files_gained_never_lands(
+    tmp_path: Path, repo: Path
+) -> None:
+    """The merge queue's own fence: a report accepted before .env was in copy_files (a
+    reload added it) is refused at the queue, with feedback, and the queue goes on."""
+    _ignore_and_place(repo, ".env", "SECRET=operator\n")
+    ok_gate = '[[gates]]\nname = "ok"\nrun = ["true"]\ntimeout_s = 60\n'
+    async with daemon_parts(tmp_path, repo, gates=ok_gate) as parts:
+        await parts.submit("alpha", "beta")
+        held = {}
+        for n in ("w-a", "w-b"):
+            one = await acquire(parts, peer(name=n))
+            held[one.handoff] = one
+        wa = Path(held["alpha"].lease["worktree"])
+        (wa / ".env").write_text("SECRET=agent\n")
+        git(wa, "add", "-f", ".env")
+        git(wa, "commit", "-q", "-m", "track .env")
+        wb = Path(held["beta"].lease["worktree"])
+        (wb / "beta.txt").write_text("beta\n")
+        git(wb, "add", "beta.txt")
+        git(wb, "commit", "-q", "-m", "beta")
+        for name in ("alpha", "beta"):
+            one = held[name]
+            head = git(Path(one.lease["worktree"]), "rev-parse", "HEAD")
+            report = {"status": "completed", "head": head, "summary": "done"}
+            assert await parts.call(one.who, "handoff.report", one.ids(report=report)) == {
+                "accepted": True
+            }
+        reloaded = tmp_path / "reloaded"
+        reloaded.mkdir()
+        gates = '[workspace]\ncopy_files = [".env"]\n' + ok_gate
+        new = config_file.load(write_config(reloaded, repo, gates=gates))
+        parts.merges.reconfigure(dataclasses.replace(parts.config, workspace=new.workspace))
+        states = await _settle(parts, ["alpha", "beta"])
+        assert (repo / ".env").read_text() == "SECRET=operator\n"
+        assert parts.merges.blocked_reason is None, parts.merges.blocked_reason
+        assert states["beta"] == "merged", states
+        assert states["alpha"] == "queued", states
+        feedback = parts.store.detail("alpha").feedback
+        assert feedback is not None and "git rm -r --cached .env" in feedback.detail, feedback
 
 
 @pytest.mark.xfail(

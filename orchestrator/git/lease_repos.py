@@ -391,7 +391,13 @@ class LeaseRepositories:
                 f"head {head[:12]} is not the tip of {branch} ({tip[:12]}); "
                 "commit your work on the branch and report its tip"
             )
-        tracked = tracked_untracked_only(self._repo, head, copy_files=copy_files, keep=keep)
+        tracked = tracked_untracked_only(
+            self._repo,
+            head,
+            copy_files=copy_files,
+            keep=keep,
+            tracked_by=self._integration.integration_tip(),
+        )
         if tracked:
             return tracked
         try:

@@ -24,13 +24,19 @@ def tracked_untracked_only(
     *,
     copy_files: Sequence[str] = (),
     keep: Sequence[str] = (),
+    tracked_by: str | None = None,
 ) -> str:
     """Why ``commit`` may not be taken (it tracks a path ``copy_files`` or ``keep``
-    names, or blocks one), or "" when it tracks none of them."""
+    names, or blocks one), or "" when it tracks none of them. ``tracked_by``: a commit
+    (the integration tip) whose tracking the same path makes it the project's own file,
+    changed like any other."""
     tree = repo.revparse_single(commit).peel(pygit2.Tree)
+    theirs = repo.revparse_single(tracked_by).peel(pygit2.Tree) if tracked_by else None
     for setting, paths in (("copy_files", copy_files), ("keep", keep)):
         for rel in paths:
             found = _tracked_at(tree, rel)
+            if found and theirs is not None and _tracked_at(theirs, rel) == found:
+                continue
             if found:
                 return (
                     f"the branch tracks {found}, where [workspace] {setting} puts {rel} in "

@@ -60,6 +60,7 @@ from orchestrator.git.merging import (
     MergeStrategy,
     conflict_detail,
 )
+from orchestrator.git.untracked_only import tracked_untracked_only
 from orchestrator.git.worktrees_dir import (
     is_inside,
     remove_special_files,
@@ -232,6 +233,15 @@ class Workspace:
         paths it must not track)."""
         return self._leases.import_lease_head(
             name, branch, head, untracked_ok=untracked_ok, copy_files=copy_files, keep=keep
+        )
+
+    def tracked_untracked_only(
+        self, commit: str, base: str, *, copy_files: Sequence[str], keep: Sequence[str]
+    ) -> str:
+        """Why ``commit`` tracks a path ``[workspace] copy_files`` or ``keep`` puts in
+        place untracked (and ``base`` does not), or "" (see git/untracked_only.py)."""
+        return tracked_untracked_only(
+            self._integration.repo, commit, copy_files=copy_files, keep=keep, tracked_by=base
         )
 
     def lease_worktree_names(self) -> list[str]:
