@@ -182,8 +182,10 @@ def test_copy_never_follows_a_symlink_on_either_side(tmp_path: Path) -> None:
     victim_dir.mkdir()
     os.symlink(victim_dir, dest / "conf")
 
-    with pytest.raises(OSError):
-        copy_untracked(source, dest, ["conf/local.env"])
+    # The checkout's own content in the way is skipped, said so, and never followed.
+    blocked = copy_untracked(source, dest, ["conf/local.env"])
+    assert blocked.copied == ()
+    assert [path for path, _ in blocked.skipped] == ["conf/local.env"]
     assert list(victim_dir.iterdir()) == []
 
     result = copy_untracked(source, dest, [".env", "link.env", "up/secret", "gone.env"])
@@ -193,6 +195,25 @@ def test_copy_never_follows_a_symlink_on_either_side(tmp_path: Path) -> None:
     assert not (dest / ".env").is_symlink()
     assert (dest / ".env").read_text() == "A=1\n"
     assert not os.path.lexists(dest / "link.env")
+
+
+def test_a_copy_the_checkouts_own_content_blocks_is_skipped(tmp_path: Path) -> None:
+    """A committed file where a copy's directory goes, or a directory where the copy goes,
+    skips that copy (with why) instead of failing the checkout, and with it every later
+    lease of the handoff; the report check refuses such a branch anyway."""
+    source, dest = tmp_path / "source", tmp_path / "dest"
+    (source / "config").mkdir(parents=True)
+    (source / "config" / "local.env").write_text("SECRET=1\n")
+    (source / ".env").write_text("A=1\n")
+    (dest / ".env" / "inner").mkdir(parents=True)  # a directory where the file goes
+    (dest / "config").write_text("mine\n")  # a file where the directory goes
+    result = copy_untracked(source, dest, ["config/local.env", ".env"])
+    assert result.copied == ()
+    why = dict(result.skipped)
+    assert set(why) == {"config/local.env", ".env"}
+    assert "in the way" in why["config/local.env"]
+    assert (dest / "config").read_text() == "mine\n"
+    assert (dest / ".env" / "inner").is_dir()
 
 
 def test_workspace_config_errors_for_copy_files_and_ports(tmp_path: Path) -> None:

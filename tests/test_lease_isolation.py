@@ -351,3 +351,59 @@ def test_gate_checkouts_run_no_fsmonitor_or_hook_gate_code_could_set(
     marker.unlink(missing_ok=True)
     ws.gate_checkout("main")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("rel", "tracked", "setting"),
+    [
+        (".venv/bin/python", ".venv", "keep"),  # under a kept path
+        ("config", "config", "copy_files"),  # a file where copy_files needs a directory
+        ("config/local.env", "config/local.env", "copy_files"),  # the copied file itself
+    ],
+)
+def test_a_report_tracking_a_copied_or_kept_path_is_refused(
+    repo: Path, ws: Workspace, rel: str, tracked: str, setting: str
+) -> None:
+    """A branch that commits what the daemon puts in place untracked would land over the
+    operator's file in repository.path (and its gates never saw it)."""
+    ws.ensure_branch("handoff/a", "main")
+    path = ws.checkout_for_lease("a", "handoff/a")
+    (path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (path / rel).write_text("agent\n")
+    git(path, "add", "-f", rel)
+    git(path, "commit", "-q", "-m", "track it")
+    head = git(path, "rev-parse", "HEAD")
+    reason = ws.import_lease_head(
+        "a", "handoff/a", head, copy_files=["config/local.env"], keep=[".venv"]
+    )
+    assert f"the branch tracks {tracked}, where [workspace] {setting}" in reason
+    assert f"git rm -r --cached {tracked}" in reason
+    assert git(repo, "rev-parse", "handoff/a") != head  # nothing moved
+    git(path, "rm", "-q", "-r", "--cached", tracked)
+    git(path, "commit", "-q", "-m", "untrack it")
+    fixed = git(path, "rev-parse", "HEAD")
+    assert (
+        ws.import_lease_head(
+            "a",
+            "handoff/a",
+            fixed,
+            untracked_ok=["config/local.env", ".venv", "config"],
+            copy_files=["config/local.env"],
+            keep=[".venv"],
+        )
+        == ""
+    )
+
+
+def test_a_path_the_integration_branch_tracks_is_the_projects_own(
+    repo: Path, ws: Workspace
+) -> None:
+    """copy_files naming a file the project itself commits refuses no report changing it:
+    landing it writes no untracked file of the operator's."""
+    (repo / "settings.env").write_text("A=1\n")
+    git(repo, "add", "settings.env")
+    git(repo, "commit", "-q", "-m", "project settings")
+    ws.ensure_branch("handoff/a", "main")
+    path = ws.checkout_for_lease("a", "handoff/a")
+    head = commit_in(path, "settings.env", "A=2\n", "change settings")
+    assert ws.import_lease_head("a", "handoff/a", head, copy_files=["settings.env"]) == ""

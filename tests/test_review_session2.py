@@ -4,6 +4,8 @@ fixed. In-process parts on a fake clock, real git, real SQLite."""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -12,9 +14,13 @@ from typing import Any
 import anyio
 import pytest
 from conftest import git
+from harness import write_config
 from inprocess import acquire, daemon_parts, peer
 
-from orchestrator.protocol.jsonrpc import RpcError
+from orchestrator import config as config_file
+from orchestrator.daemon import leases as daemon_leases
+from orchestrator.git.copy_files import CopyError
+from orchestrator.protocol.jsonrpc import REPORT_REJECTED, RpcError
 
 pytestmark = [pytest.mark.anyio]
 
@@ -30,12 +36,9 @@ def _ignore_and_place(repo: Path, rel: str, text: str) -> None:
     target.write_text(text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: a committed file where a copy_files parent directory goes makes "
-    "every grant of the handoff fail in copy_untracked; abandon_grant re-queues it at "
-    "no cost to its attempts, first in line, so nothing behind it is ever leased",
-)
+# Was an open hole: a committed file where a copy_files parent directory goes made every
+# grant of the handoff fail in copy_untracked; abandon_grant re-queued it at no cost to
+# its attempts, first in line, so nothing behind it was ever leased.
 async def test_agent_committed_file_at_copy_files_parent_wedges_dispatch(
     tmp_path: Path, repo: Path
 ) -> None:
@@ -68,13 +71,35 @@ async def test_agent_committed_file_at_copy_files_parent_wedges_dispatch(
 
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: lease_warm_up records the cache key at grant time, before the "
-    "worker ran setup; a worker killed mid-setup (or whose lease expired) never "
-    "removes the half-built kept paths, so the next lease of the directory is told "
-    "setup is not needed and works on them",
-)
+async def test_a_handoff_whose_worktree_cannot_be_prepared_spends_its_attempts(
+    tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Preparation failing grant after grant (a fake: the disk refuses the copy) is the
+    handoff's: it spends an attempt per PREPARE_FAILURES_CHARGED failures and fails at
+    the end, naming the error, instead of staying first in line for ever."""
+    _ignore_and_place(repo, ".env", "SECRET=1\n")
+
+    def refuse(*_args: object) -> None:
+        raise CopyError(errno.EIO, "cannot copy .env: Input/output error")
+
+    monkeypatch.setattr(daemon_leases, "copy_untracked", refuse)
+    gates = '[workspace]\ncopy_files = [".env"]\n'
+    async with daemon_parts(tmp_path, repo, gates=gates, ttl_s=TTL_S) as parts:
+        await parts.submit("alpha")
+        limit = parts.config.max_attempts
+        for n in range(daemon_leases.PREPARE_FAILURES_CHARGED * limit):
+            assert parts.state_of("alpha") == "queued", n
+            with pytest.raises(RpcError):
+                await parts.call(peer(name=f"w{n}"), "lease.acquire", {"waitS": 0})
+        assert parts.state_of("alpha") == "failed"
+        detail = parts.store.detail("alpha").detail or ""
+        assert "Input/output error" in detail, detail
+        assert f"gave up after {limit} attempt(s)" in detail, detail
+
+
+# Was an open hole: lease_warm_up recorded the cache key at grant time, before the
+# worker ran setup; a worker killed mid-setup (or whose lease expired) never removes the
+# half-built kept paths, so the next lease of the directory was told setup is not needed.
 async def test_setup_interrupted_by_an_expiry_is_not_needed_on_the_retry(
     tmp_path: Path, repo: Path
 ) -> None:
@@ -180,14 +205,10 @@ def test_changed_port_settings_give_a_gate_slot_a_live_leases_ports(tmp_path: Pa
     assert PortLedger(tmp_path).gate_range(after, 1) == PortRange(20020, 20)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open hole: an agent force-adds a file at a copy_files path (.env); its gate "
-    "never sees it (copy_untracked puts the operator's copy on top in the gate "
-    "checkout) and at landing advance_integration's read-tree -m -u overwrites the "
-    "operator's ignored .env in repository.path with the agent's: every later lease "
-    "and gate gets the agent's .env, and the operator's secret file is gone",
-)
+# Was an open hole: an agent force-adds a file at a copy_files path (.env); its gate
+# never sees it (copy_untracked puts the operator's copy on top in the gate checkout)
+# and at landing advance_integration's read-tree -m -u overwrote the operator's ignored
+# .env in repository.path with the agent's. Now such a report is refused.
 async def test_agent_commit_at_a_copy_files_path_overwrites_the_operators_file(
     tmp_path: Path, repo: Path
 ) -> None:
@@ -210,13 +231,20 @@ async def test_agent_commit_at_a_copy_files_path_overwrites_the_operators_file(
         (wb / "beta.txt").write_text("beta\n")
         git(wb, "add", "beta.txt")
         git(wb, "commit", "-q", "-m", "beta")
+        reports = {}
         for name in ("alpha", "beta"):
             one = held[name]
             head = git(Path(one.lease["worktree"]), "rev-parse", "HEAD")
-            report = {"status": "completed", "head": head, "summary": "done"}
-            assert await parts.call(one.who, "handoff.report", one.ids(report=report)) == {
-                "accepted": True
-            }
+            reports[name] = {"status": "completed", "head": head, "summary": "done"}
+        one = held["alpha"]
+        with pytest.raises(RpcError) as refused:
+            await parts.call(one.who, "handoff.report", one.ids(report=reports["alpha"]))
+        assert refused.value.code == REPORT_REJECTED
+        assert "git rm -r --cached .env" in str(refused.value), refused.value
+        one = held["beta"]
+        assert await parts.call(one.who, "handoff.report", one.ids(report=reports["beta"])) == {
+            "accepted": True
+        }
         async with anyio.create_task_group() as tg:
             tg.start_soon(parts.merges.run)
             with anyio.fail_after(60):
@@ -230,6 +258,48 @@ async def test_agent_commit_at_a_copy_files_path_overwrites_the_operators_file(
         # ... and refusing to overwrite it must not stop the queue for everyone.
         assert parts.merges.blocked_reason is None, parts.merges.blocked_reason
         assert parts.state_of("beta") == "merged"
+
+
+async def test_a_queued_candidate_tracking_a_path_copy_files_gained_never_lands(
+    tmp_path: Path, repo: Path
+) -> None:
+    """The merge queue's own fence: a report accepted before .env was in copy_files (a
+    reload added it) is refused at the queue, with feedback, and the queue goes on."""
+    _ignore_and_place(repo, ".env", "SECRET=operator\n")
+    ok_gate = '[[gates]]\nname = "ok"\nrun = ["true"]\ntimeout_s = 60\n'
+    async with daemon_parts(tmp_path, repo, gates=ok_gate) as parts:
+        await parts.submit("alpha", "beta")
+        held = {}
+        for n in ("w-a", "w-b"):
+            one = await acquire(parts, peer(name=n))
+            held[one.handoff] = one
+        wa = Path(held["alpha"].lease["worktree"])
+        (wa / ".env").write_text("SECRET=agent\n")
+        git(wa, "add", "-f", ".env")
+        git(wa, "commit", "-q", "-m", "track .env")
+        wb = Path(held["beta"].lease["worktree"])
+        (wb / "beta.txt").write_text("beta\n")
+        git(wb, "add", "beta.txt")
+        git(wb, "commit", "-q", "-m", "beta")
+        for name in ("alpha", "beta"):
+            one = held[name]
+            head = git(Path(one.lease["worktree"]), "rev-parse", "HEAD")
+            report = {"status": "completed", "head": head, "summary": "done"}
+            assert await parts.call(one.who, "handoff.report", one.ids(report=report)) == {
+                "accepted": True
+            }
+        reloaded = tmp_path / "reloaded"
+        reloaded.mkdir()
+        gates = '[workspace]\ncopy_files = [".env"]\n' + ok_gate
+        new = config_file.load(write_config(reloaded, repo, gates=gates))
+        parts.merges.reconfigure(dataclasses.replace(parts.config, workspace=new.workspace))
+        states = await _settle(parts, ["alpha", "beta"])
+        assert (repo / ".env").read_text() == "SECRET=operator\n"
+        assert parts.merges.blocked_reason is None, parts.merges.blocked_reason
+        assert states["beta"] == "merged", states
+        assert states["alpha"] == "queued", states
+        feedback = parts.store.detail("alpha").feedback
+        assert feedback is not None and "git rm -r --cached .env" in feedback.detail, feedback
 
 
 @pytest.mark.parametrize("number", ["NaN", "1e999", "150", "-5"])

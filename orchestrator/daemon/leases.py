@@ -34,6 +34,10 @@ from orchestrator.store.states import State
 
 log = logs.get("leases")
 
+# After this many grants in a row of one handoff whose worktree could not be prepared, the
+# failure is the handoff's (what its branch holds), not a passing one: it spends an attempt.
+PREPARE_FAILURES_CHARGED = 3
+
 
 @dataclass(frozen=True)
 class Renewal:
@@ -74,6 +78,8 @@ class LeaseManager:
         self._changed = anyio.Event()
         self._probe: _QueuedProbe | None = None
         self._holders: dict[str, Session] = {}
+        # Handoff -> grants in a row whose preparation failed (see PREPARE_FAILURES_CHARGED).
+        self._prepare_failures: dict[str, int] = {}
         self.stopping = False
         self.ports = PortLedger(config.state_dir)
         # Set while the store cannot be written: expiry waits for the spell to end.
@@ -137,16 +143,29 @@ class LeaseManager:
             with anyio.move_on_after(remaining):
                 await changed.wait()
         try:
-            return (await self._prepare(session, grant)).to_wire()
+            granted = (await self._prepare(session, grant)).to_wire()
         except BaseException as exc:
             # The worker will never hear of this lease (its connection went away, or git
             # failed): give the handoff straight back rather than waiting out the TTL.
+            # Failing again and again is the handoff's own doing (what its branch holds):
+            # then it spends an attempt, or it would stay first in line for ever.
+            failures = 0
+            if isinstance(exc, Exception):
+                failures = self._prepare_failures.get(grant.handoff, 0) + 1
+                self._prepare_failures[grant.handoff] = failures
+            charge = failures >= PREPARE_FAILURES_CHARGED
+            if charge:
+                self._prepare_failures.pop(grant.handoff, None)
             with anyio.CancelScope(shield=True):
                 await self.offload.db(
                     self.store.abandon_grant,
                     grant.lease_id,
-                    reason=f"lease could not be handed over ({type(exc).__name__}: {exc})",
+                    reason=(
+                        f"lease could not be handed over ({type(exc).__name__}: {exc})"
+                        + (f"; failed {failures} times in a row" if charge else "")
+                    ),
                     now=self.clock.now(),
+                    charge=charge,
                 )
                 self.wake()
             if isinstance(exc, Exception) and not isinstance(exc, RpcError):
@@ -158,6 +177,8 @@ class LeaseManager:
                     f"could not prepare the worktree for {grant.handoff}: {exc}",
                 ) from exc
             raise
+        self._prepare_failures.pop(grant.handoff, None)
+        return granted
 
     async def _may_grant(self, session: Session) -> bool:
         """Whether a handoff queued since the last wake-up may be leased to ``session``."""
@@ -426,8 +447,17 @@ class LeaseManager:
         if not lease.branch:
             return "the lease has no branch"
         ws = self.config.workspace
+        if ws.setup:
+            # A worker reports only after its setup succeeded (it releases the lease when
+            # setup fails): the kept paths are now built for the key left pending.
+            self.workspace.confirm_lease_warm_up(lease.handoff)
         return self.workspace.import_lease_head(
-            lease.handoff, lease.branch, head, untracked_ok=(*ws.keep, *ws.copy_files)
+            lease.handoff,
+            lease.branch,
+            head,
+            untracked_ok=(*ws.keep, *ws.copy_files),
+            copy_files=ws.copy_files,
+            keep=ws.keep,
         )
 
     async def cancelled(self, lease_id: str) -> None:

@@ -14,6 +14,7 @@ which replaces whatever was there (a symlink itself, never its target).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -22,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from orchestrator.git.untrusted import open_dir_nofollow, read_regular_nofollow, write_new_nofollow
+
+# What the destination's own content in the way gives (a file or symlink where a directory
+# goes, a directory where the file goes): the copy is skipped, not the checkout failed.
+_BLOCKED_BY_CHECKOUT = frozenset({errno.ENOTDIR, errno.ELOOP, errno.EISDIR, errno.ENOTEMPTY})
 
 # A file bigger than this is no .env: it is not copied.
 MAX_COPY_BYTES = 16 << 20
@@ -41,7 +46,8 @@ class CopyResult:
 
 def copy_untracked(source_root: Path, dest_root: Path, paths: Sequence[str]) -> CopyResult:
     """Copy each of ``paths`` (relative, as config.py validated them) from
-    ``source_root`` to ``dest_root``; :class:`CopyError` when one cannot be written."""
+    ``source_root`` to ``dest_root``; one the checkout's own content is in the way of is
+    skipped; :class:`CopyError` when one cannot be written otherwise."""
     copied: list[str] = []
     skipped: list[tuple[str, str]] = []
     for rel in paths:
@@ -57,6 +63,12 @@ def copy_untracked(source_root: Path, dest_root: Path, paths: Sequence[str]) -> 
         try:
             _write_dest(dest_root, parts, data, mode)
         except OSError as exc:
+            if exc.errno in _BLOCKED_BY_CHECKOUT:
+                # The checkout's own content (a committed file where a directory goes, a
+                # directory where the file goes) is in the way: the report check refuses
+                # such a branch; failing the checkout would fail every lease of it.
+                skipped.append((rel, f"the checkout's own content is in the way ({exc.strerror})"))
+                continue
             raise CopyError(
                 exc.errno,
                 f"cannot copy {rel} (workspace.copy_files) into {dest_root}: {exc.strerror}",

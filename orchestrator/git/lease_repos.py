@@ -29,6 +29,7 @@ from orchestrator.config import WorkspaceConfig
 from orchestrator.git import lease_access, warm
 from orchestrator.git.command import GitError, run_git
 from orchestrator.git.integration import IntegrationRepository, check_branch_name
+from orchestrator.git.untracked_only import tracked_untracked_only
 from orchestrator.git.untrusted import is_plain_dir, open_dir_nofollow, read_regular_nofollow
 from orchestrator.git.worktrees_dir import (
     BUILD_DIR,
@@ -220,9 +221,10 @@ class LeaseRepositories:
     def lease_warm_up(self, name: str, workspace: WorkspaceConfig) -> bool:
         """Whether ``[workspace] setup`` must run in the lease directory ``name`` (just
         checked out): its kept paths were not built for the key of what is checked out
-        there, or one is missing. The key is recorded now: the worker runs setup before
-        the agent (as the agent's uid, never the daemon), and removes the kept paths
-        when setup fails, so the next lease of the directory builds them again."""
+        there, or one is missing. When it must, the key is only pending (see
+        warm.write_pending) until :meth:`confirm_warm_up`: the worker runs setup before
+        the agent (as the agent's uid, never the daemon), and a worker killed mid-setup
+        leaves half-built kept paths the next lease must build again."""
         key = _lease_key(name)
         at = self._checked_out.get(key)
         if at is None:
@@ -233,8 +235,19 @@ class LeaseRepositories:
         needed = warm.read_stamp(state) != want or not all(
             os.path.lexists(path / kept) for kept in workspace.keep
         )
-        warm.write_stamp(state, want)
+        if needed and workspace.setup:
+            warm.write_pending(state, want)
+        else:
+            # Without setup, what the agent builds in the kept paths is what they hold.
+            warm.forget_pending(state)
+            warm.write_stamp(state, want)
         return needed
+
+    def confirm_warm_up(self, name: str) -> bool:
+        """The lease of directory ``name`` shows its setup finished (the worker reports
+        only after a setup that succeeded): the key :meth:`lease_warm_up` left pending is
+        recorded. False when none was pending."""
+        return warm.confirm_pending(self._state_dir / _lease_key(name))
 
     def release_worktree(self, name: str) -> None:
         """Put the directory of the lease ``name`` back in the pool.
@@ -337,7 +350,14 @@ class LeaseRepositories:
         return self._integration.has_commit(head)
 
     def import_lease_head(
-        self, name: str, branch: str, head: str, *, untracked_ok: Sequence[str] = ()
+        self,
+        name: str,
+        branch: str,
+        head: str,
+        *,
+        untracked_ok: Sequence[str] = (),
+        copy_files: Sequence[str] = (),
+        keep: Sequence[str] = (),
     ) -> str:
         """Take the reported ``head`` from the lease repository ``name`` into ours.
 
@@ -347,7 +367,8 @@ class LeaseRepositories:
         tree must have no uncommitted changes. Then our ``refs/heads/<branch>`` is moved to
         ``head``: it is where the next attempt starts. Returns why the report does not
         match, or "" when it does. ``untracked_ok``: paths (``[workspace] keep`` and
-        ``copy_files``) whose files do not count as uncommitted changes.
+        ``copy_files``) whose files do not count as uncommitted changes. ``copy_files``
+        and ``keep``: paths ``head`` must not track (see orchestrator.git.untracked_only).
         """
         path = self._lease_path(name)
         check_branch_name(branch)
@@ -370,6 +391,15 @@ class LeaseRepositories:
                 f"head {head[:12]} is not the tip of {branch} ({tip[:12]}); "
                 "commit your work on the branch and report its tip"
             )
+        tracked = tracked_untracked_only(
+            self._repo,
+            head,
+            copy_files=copy_files,
+            keep=keep,
+            tracked_by=self._integration.integration_tip(),
+        )
+        if tracked:
+            return tracked
         try:
             dirty = self._lease_dirty(path, head, untracked_ok)
         except GitError as exc:

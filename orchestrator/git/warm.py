@@ -24,6 +24,10 @@ from orchestrator.config import WorkspaceConfig
 
 STAMP_NAME = "orchestrator-warm-key"
 
+# Beside the stamp: the key a setup under way builds for, recorded as the stamp once the
+# lease shows setup finished (see write_pending).
+PENDING_NAME = "orchestrator-warm-key.pending"
+
 
 def cache_key(repo: pygit2.Repository, commit: str, workspace: WorkspaceConfig) -> str:
     """The key of the kept paths for ``commit``: what they were built from."""
@@ -65,3 +69,27 @@ def write_stamp(admin: Path, key: str | None) -> None:
     partial = stamp.with_name(STAMP_NAME + ".partial")
     partial.write_text(key + "\n", encoding="utf-8")
     partial.replace(stamp)
+
+
+def write_pending(admin: Path, key: str) -> None:
+    """Forget the stamp and remember ``key`` as the one a setup now under way builds for:
+    a setup killed half-way (its worker SIGKILLed, its lease expired) leaves kept paths
+    no later lease may trust. On disk, so that it survives a restart of the daemon."""
+    write_stamp(admin, None)
+    partial = admin / (PENDING_NAME + ".partial")
+    partial.write_text(key + "\n", encoding="utf-8")
+    partial.replace(admin / PENDING_NAME)
+
+
+def forget_pending(admin: Path) -> None:
+    """No setup is under way for this checkout."""
+    (admin / PENDING_NAME).unlink(missing_ok=True)
+
+
+def confirm_pending(admin: Path) -> bool:
+    """Setup finished: the pending key becomes the stamp. False when none was pending."""
+    try:
+        (admin / PENDING_NAME).replace(admin / STAMP_NAME)
+    except FileNotFoundError:
+        return False
+    return True

@@ -60,6 +60,7 @@ from orchestrator.git.merging import (
     MergeStrategy,
     conflict_detail,
 )
+from orchestrator.git.untracked_only import tracked_untracked_only
 from orchestrator.git.worktrees_dir import (
     is_inside,
     remove_special_files,
@@ -194,6 +195,10 @@ class Workspace:
         """Whether ``[workspace] setup`` must run in the lease directory ``name``."""
         return self._leases.lease_warm_up(name, workspace)
 
+    def confirm_lease_warm_up(self, name: str) -> bool:
+        """Setup finished in the lease directory ``name``: record the key it built for."""
+        return self._leases.confirm_warm_up(name)
+
     def release_worktree(self, name: str) -> None:
         """Put the directory of the lease ``name`` back in the pool."""
         self._leases.release_worktree(name)
@@ -214,11 +219,30 @@ class Workspace:
         return self._leases.peek_lease_head(name, branch, head)
 
     def import_lease_head(
-        self, name: str, branch: str, head: str, *, untracked_ok: Sequence[str] = ()
+        self,
+        name: str,
+        branch: str,
+        head: str,
+        *,
+        untracked_ok: Sequence[str] = (),
+        copy_files: Sequence[str] = (),
+        keep: Sequence[str] = (),
     ) -> str:
         """Take the reported ``head`` from the lease repository ``name`` into ours; returns
-        why the report does not match, or "" when it does."""
-        return self._leases.import_lease_head(name, branch, head, untracked_ok=untracked_ok)
+        why the report does not match, or "" when it does (``copy_files`` and ``keep``:
+        paths it must not track)."""
+        return self._leases.import_lease_head(
+            name, branch, head, untracked_ok=untracked_ok, copy_files=copy_files, keep=keep
+        )
+
+    def tracked_untracked_only(
+        self, commit: str, base: str, *, copy_files: Sequence[str], keep: Sequence[str]
+    ) -> str:
+        """Why ``commit`` tracks a path ``[workspace] copy_files`` or ``keep`` puts in
+        place untracked (and ``base`` does not), or "" (see git/untracked_only.py)."""
+        return tracked_untracked_only(
+            self._integration.repo, commit, copy_files=copy_files, keep=keep, tracked_by=base
+        )
 
     def lease_worktree_names(self) -> list[str]:
         """Names of the worktrees currently laid out for leases (``worktrees_dir/<name>``)."""

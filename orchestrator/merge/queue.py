@@ -613,6 +613,22 @@ class MergeQueue:
         job was decided here (a conflict, or nothing left to merge); ``_STOPPED`` when it
         could not be built on a speculative base (it waits for the train to land)."""
         bound = log.bind(handoff=job.name, attempt=job.attempt)
+        if job.head:
+            # The report check refuses this too, but [workspace] may have changed since
+            # (a reload): landing it would write over the operator's untracked file.
+            ws = self.config.workspace
+            tracked = await self.offload.git(
+                self.workspace.tracked_untracked_only,
+                job.head,
+                base,
+                copy_files=ws.copy_files,
+                keep=ws.keep,
+            )
+            if tracked:
+                if speculative:
+                    return _STOPPED  # refused once built on the real tip
+                await self._refuse_tracked(job, base, tracked, bound)
+                return None
         result = await self.offload.git(
             self.workspace.merge_candidate,
             handoff_model.branch_name(job.name),
@@ -1046,6 +1062,14 @@ class MergeQueue:
             metric="orchestrator_merges_total",
             result="conflict",
         )
+
+    async def _refuse_tracked(self, job: MergeJob, base: str, detail: str, bound: Any) -> None:
+        """``job``'s head tracks what [workspace] puts in place untracked: it never lands
+        and the next attempt is told what to fix; the queue goes on."""
+        state = await self._failed(
+            job, "gate_failed", base, None, detail, log="", conflicts=[], hold=False
+        )
+        bound.warning("tracked_untracked_path", detail=detail, new_state=state)
 
     async def _gate_failed(
         self, job: MergeJob, base: str, candidate: str, result: GateResult, bound: Any

@@ -139,16 +139,26 @@ class LeaseTable(StoreConnection):
             if updated != 1:
                 raise LeaseNotHeld(f"lease {lease_id} ended while its worktree was prepared")
 
-    def abandon_grant(self, lease_id: str, *, reason: str, now: float) -> None:
+    def abandon_grant(
+        self, lease_id: str, *, reason: str, now: float, charge: bool = False
+    ) -> None:
         """A lease the worker never received: end it and put the handoff back in the queue
-        without spending an attempt (it was the daemon's failure, not the agent's)."""
+        without spending an attempt (it was the daemon's failure, not the agent's). With
+        ``charge`` (its preparation keeps failing, say on what its branch holds), an
+        attempt is spent, and the handoff fails once none is left: first in line, it
+        would otherwise stop every handoff behind it."""
         with self._tx() as c:
             lease = c.execute("SELECT * FROM leases WHERE id = ?", (lease_id,)).fetchone()
             if lease is None or lease["ended_at"] is not None:
                 return
             self._end_lease(c, lease_id, "abandoned", now)
             self._event(c, now, lease["handoff"], "lease_abandoned", lease=lease_id, reason=reason)
-            if self._row(c, lease["handoff"])["state"] == State.LEASED:
+            row = self._row(c, lease["handoff"])
+            if row["state"] != State.LEASED:
+                return
+            if charge:
+                self._requeue(c, row, now, feedback=from_json(row["feedback"]), detail=reason)
+            else:
                 self._set_state(c, lease["handoff"], State.QUEUED, now, detail=reason)
 
     def lease(self, lease_id: str, token: int, *, now: float) -> LeaseRecord:
