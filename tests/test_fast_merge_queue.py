@@ -4,13 +4,17 @@ of it fails (``pytest -m fast``)."""
 
 from __future__ import annotations
 
-import shutil
+import errno
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
 import pytest
 from conftest import git
 from inprocess import Parts, acquire, daemon_parts, peer, work_and_report
+
+from orchestrator.git.copy_files import CopyError, CopyResult
+from orchestrator.merge import queue as queue_module
 
 pytestmark = [pytest.mark.fast, pytest.mark.anyio]
 
@@ -154,35 +158,31 @@ async def test_a_speculative_candidate_is_discarded_when_the_one_ahead_fails(
 
 
 async def test_an_error_gating_a_batch_is_charged_to_its_culprit_alone(
-    tmp_path: Path, repo: Path
+    tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # beta, the middle of a batch of three, commits a file where a copy_files parent
-    # directory goes: the batch's gate checkout raises (CopyError); no gate fails.
-    (repo / ".gitignore").write_text("/config/local.env\n")
+    # Preparing the gate checkout of any candidate holding beta's file fails (a disk
+    # error copying copy_files, faked: the one outside failure here): beta, the middle
+    # of a batch of three, is the culprit; no gate fails.
+    (repo / ".gitignore").write_text("/local.env\n")
     git(repo, "add", ".gitignore")
     git(repo, "commit", "-q", "-m", "ignore local files")
-    (repo / "config").mkdir()
-    (repo / "config" / "local.env").write_text("SECRET=1\n")
-    gates = '[workspace]\ncopy_files = ["config/local.env"]\n' + gate(tmp_path)
+    (repo / "local.env").write_text("SECRET=1\n")
+    from orchestrator.git.copy_files import copy_untracked as real_copy
+
+    def failing_copy(source: Path, dest: Path, paths: Sequence[str]) -> CopyResult:
+        if (dest / "beta.txt").exists():
+            raise CopyError(errno.EIO, f"cannot copy local.env into {dest}: I/O error")
+        return real_copy(source, dest, paths)
+
+    monkeypatch.setattr(queue_module, "copy_untracked", failing_copy)
+    gates = '[workspace]\ncopy_files = ["local.env"]\n' + gate(tmp_path)
     async with daemon_parts(tmp_path, repo, gates=gates, merge="max_batch = 3") as parts:
         before = git(repo, "rev-parse", "main")
         names = ["alpha", "beta", "gamma"]
         await parts.submit(*names)
         held = {h.handoff: h for h in [await acquire(parts, peer(name=f"w{i}")) for i in range(3)]}
         for name in names:
-            worktree = Path(held[name].lease["worktree"])
-            if name == "beta":
-                shutil.rmtree(worktree / "config")
-                (worktree / "config").write_text("mine\n")
-                git(worktree, "add", "-f", "config")
-                git(worktree, "commit", "-q", "-m", "config is a file now")
-                head = git(worktree, "rev-parse", "HEAD")
-                report = {"status": "completed", "head": head, "summary": "done"}
-                answer = await parts.call(
-                    held[name].who, "handoff.report", held[name].ids(report=report)
-                )
-            else:
-                answer = await work_and_report(parts, held[name], {f"{name}.txt": f"{name}\n"})
+            answer = await work_and_report(parts, held[name], {f"{name}.txt": f"{name}\n"})
             assert answer == {"accepted": True}
         states: dict[str, str] = {}
         async with anyio.create_task_group() as tg:
@@ -200,4 +200,4 @@ async def test_an_error_gating_a_batch_is_charged_to_its_culprit_alone(
         landed = git(repo, "rev-list", "--first-parent", f"{before}..main").split()
         gated = {candidate: name for name, candidate in gate_runs(tmp_path)}
         assert sorted(gated.get(c, "ungated") for c in landed) == ["alpha", "gamma"]
-        assert git(repo, "ls-tree", "main", "config") == ""  # beta's file never landed
+        assert git(repo, "ls-tree", "main", "beta.txt") == ""  # beta's file never landed

@@ -140,45 +140,6 @@ async def _settle(parts: Any, names: list[str], bound_s: float = 60) -> dict[str
     return states
 
 
-def _commit_file_at_config(worktree: Path) -> str:
-    shutil.rmtree(worktree / "config")
-    (worktree / "config").write_text("mine\n")
-    git(worktree, "add", "-f", "config")
-    git(worktree, "commit", "-q", "-m", "config is a file now")
-    return git(worktree, "rev-parse", "HEAD")
-
-
-async def test_copy_error_in_a_batch_gate_is_charged_to_an_innocent_member(
-    tmp_path: Path, repo: Path
-) -> None:
-    _ignore_and_place(repo, "config/local.env", "SECRET=1\n")
-    gates = (
-        '[workspace]\ncopy_files = ["config/local.env"]\n'
-        '[[gates]]\nname = "ok"\nrun = ["true"]\ntimeout_s = 60\n'
-    )
-    async with daemon_parts(tmp_path, repo, gates=gates, merge="max_batch = 2\n") as parts:
-        await parts.submit("alpha", "beta")
-        first = await acquire(parts, peer(name="w-a"))
-        second = await acquire(parts, peer(name="w-b"))
-        by_name = {first.handoff: first, second.handoff: second}
-        alpha, beta = by_name["alpha"], by_name["beta"]
-        # alpha (first in the batch) is the culprit; beta does honest work.
-        head_a = _commit_file_at_config(Path(alpha.lease["worktree"]))
-        wb = Path(beta.lease["worktree"])
-        (wb / "beta.txt").write_text("beta\n")
-        git(wb, "add", "beta.txt")
-        git(wb, "commit", "-q", "-m", "beta")
-        head_b = git(wb, "rev-parse", "HEAD")
-        for held, head in ((alpha, head_a), (beta, head_b)):
-            report = {"status": "completed", "head": head, "summary": "done"}
-            assert await parts.call(held.who, "handoff.report", held.ids(report=report)) == {
-                "accepted": True
-            }
-        states = await _settle(parts, ["alpha", "beta"])
-        # beta did nothing wrong: it must not be the one held for a person.
-        assert states["beta"] == "merged", (states, parts.store.detail("beta").detail)
-
-
 def test_changed_port_settings_give_a_gate_slot_a_live_leases_ports(tmp_path: Path) -> None:
     from orchestrator.config import MAX_SPECULATIVE_WINDOW, WorkspaceConfig
     from orchestrator.daemon.ports import PortLedger, PortRange
