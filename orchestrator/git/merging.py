@@ -22,6 +22,7 @@ from orchestrator.git.strategy import MERGE_STRATEGIES, MergeStrategy
 from orchestrator.observe import logs
 
 __all__ = [
+    "ALREADY_MERGED",
     "MergeBackend",
     "MergeResult",
     "MergeStrategy",
@@ -30,6 +31,9 @@ __all__ = [
 ]
 
 log = logs.get("git")
+
+# A MergeResult's detail when the branch holds nothing the base does not.
+ALREADY_MERGED = "already merged"
 
 MergeBackend = Literal["auto", "pygit2", "git"]
 
@@ -121,7 +125,7 @@ class Merger:
         base_id = pygit2.Oid(hex=base)
         theirs_id = pygit2.Oid(hex=theirs)
         if theirs == base or self._repo.descendant_of(base_id, theirs_id):
-            return MergeResult(None, (), base, "already merged")
+            return MergeResult(None, (), base, ALREADY_MERGED)
         if strategy == MergeStrategy.FF_ONLY:
             if self._repo.descendant_of(theirs_id, base_id):
                 return MergeResult(theirs, (), base)
@@ -151,7 +155,7 @@ class Merger:
         if strategy == MergeStrategy.SQUASH and tree == base_commit.tree_id:
             # Its changes are all on the integration branch already (e.g. cherry-picked);
             # an empty squash commit would only add noise.
-            return MergeResult(None, (), base, "already merged")
+            return MergeResult(None, (), base, ALREADY_MERGED)
         parents = [base_id, theirs_id] if strategy == MergeStrategy.MERGE else [base_id]
         sig = pygit2.Signature(author_name, author_email)
         if not message.endswith("\n"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from orchestrator.clock import SYSTEM_CLOCK, Clock
 from orchestrator.config import Config, GateConfig
 from orchestrator.daemon.ports import PortLedger
 from orchestrator.git.copy_files import copy_untracked
+from orchestrator.git.merging import ALREADY_MERGED
 from orchestrator.git.workspace import (
     GIT_TIMEOUT_S,
     GitError,
@@ -51,8 +53,25 @@ log = logs.get("merge")
 # How often a merge held back by a dirty integration checkout is tried again.
 BLOCKED_RETRY_S = 2.0
 PAUSED = "merging is paused (merge.paused = true in the config)"
-# A candidate that could not be built on a speculative base: it waits for the train.
-_STOPPED = object()
+
+
+class _Stopped(Enum):
+    """A candidate that could not be built on a speculative base: it waits for the train."""
+
+    STOPPED = "stopped"
+
+
+_STOPPED = _Stopped.STOPPED
+
+
+class Landing(Enum):
+    """How a compare-and-swap of the integration branch to a gated candidate ended."""
+
+    MOVED = "moved"  # the branch is the candidate now
+    RACED = "raced"  # someone else moved the branch first: rebuild on the new tip
+    ABANDONED = "abandoned"  # the handoff stopped being ours to land (a person cancelled)
+
+
 # How much of a gate log goes into an agent's feedback.
 FEEDBACK_LOG_BYTES = 8 * 1024
 
@@ -581,7 +600,7 @@ class MergeQueue:
 
     async def _build_batch(
         self, jobs: list[MergeJob], base: str, *, speculative: bool
-    ) -> tuple[_Entry | object | None, list[MergeJob]]:
+    ) -> tuple[_Entry | _Stopped | None, list[MergeJob]]:
         """Build ``jobs`` as one batch on ``base``, each on the one before: what
         :meth:`_build` gives for the first (an entry whose ``members`` are the others,
         ahead of its ``job``), and the jobs left out because they did not merge onto the
@@ -608,7 +627,7 @@ class MergeQueue:
 
     async def _build(
         self, job: MergeJob, base: str, *, speculative: bool, batch: list[str] | None = None
-    ) -> _Entry | object | None:
+    ) -> _Entry | _Stopped | None:
         """Build ``job``'s candidate on ``base``: an entry for the train; None when the
         job was decided here (a conflict, or nothing left to merge); ``_STOPPED`` when it
         could not be built on a speculative base (it waits for the train to land)."""
@@ -643,7 +662,7 @@ class MergeQueue:
                 # fail: decide once the ones ahead have landed.
                 bound.info("speculation_stopped", reason=result.detail or "conflict")
                 return _STOPPED
-            if result.detail != "already merged":
+            if result.detail != ALREADY_MERGED:
                 await self._conflict(job, result.base, list(result.conflicts), result.detail, bound)
                 return None
             # Its commit reached the branch by someone else's move (an agent's update-ref,
@@ -690,12 +709,12 @@ class MergeQueue:
             bound.warning("merge_abandoned", reason=str(exc))
             await self._supersede(recorded, "a handoff of its batch left gating")
             return False
-        moved = await self._advance(expected, entry.candidate, job, bound)
-        if moved is None:
+        landing = await self._advance(expected, entry.candidate, job, bound)
+        if landing is Landing.ABANDONED:
             await self._supersede(recorded, "no longer gating when it could land (cancelled?)")
             bound.warning("merge_abandoned", reason="the handoff left gating")
             return False
-        if not moved:
+        if landing is Landing.RACED:
             detail = "the integration branch moved while gating; rebuilding the candidate"
             await self._supersede(recorded, detail)
             bound.warning("integration_moved", expected=expected, detail=detail)
@@ -976,17 +995,14 @@ class MergeQueue:
         )
         return result
 
-    async def _advance(self, base: str, candidate: str, job: MergeJob, bound: Any) -> bool | None:
-        """Compare-and-swap the branch; waits (and says so) while a checkout is dirty.
-
-        True when it moved, False when someone else moved it first, None when the handoff
-        stopped being ours to land while we waited (a person cancelled it)."""
+    async def _advance(self, base: str, candidate: str, job: MergeJob, bound: Any) -> Landing:
+        """Compare-and-swap the branch; waits (and says so) while a checkout is dirty."""
         reflog = f"orchestrator: merge handoff {job.name} (attempt {job.attempt})"
         while True:
             # Atomically "still gating" and "no cancel from now until the move is done".
             if not await self.offload.db(self.store.begin_ref_move, job.name):
                 self.blocked_reason = None
-                return None
+                return Landing.ABANDONED
             try:
                 moved = await self.offload.git(
                     self.workspace.advance_integration, base, candidate, reflog
@@ -1015,7 +1031,7 @@ class MergeQueue:
             if self.blocked_reason is not None:
                 bound.info("merge_unblocked")
             self.blocked_reason = None
-            return moved
+            return Landing.MOVED if moved else Landing.RACED
 
     async def _merged(self, job: MergeJob, base: str, commit: str, bound: Any) -> None:
         cycle = await self.offload.db(
