@@ -224,8 +224,11 @@ def test_gates_run_behind_the_configured_sandbox_prefix(
         # What the sandbox refuses fails the gate: nothing lands around it.
         Path(f"{record}.deny").write_text("")
         control(daemon.socket, "handoff.submit", {"markdown": [handoff_doc("escape")]})
-        wait_for(lambda: states(daemon.socket)["escape"] in ("queued", "failed"),
-                 "the denied gate to fail")
+        # A new handoff starts out queued too, so wait for its gate run, not its state.
+        def denied() -> bool:
+            gates_ = control(daemon.socket, "handoff.get", {"name": "escape"})["gates"]
+            return bool(gates_) and gates_[0]["exitStatus"] is not None
+        wait_for(denied, "the denied gate to fail")
     finally:
         kill_group(worker)
     record_ = control(daemon.socket, "handoff.get", {"name": "escape"})
